@@ -1,0 +1,136 @@
+"""Every knob Shoal has, with a default that works on one machine and a SHOAL_* variable.
+
+Settings are read once per process from the environment (`load()`); nothing else in the code
+reads `os.environ` for configuration. The table in README.md is generated from `FIELDS` below
+(`shoal settings`), so the docs and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_home() -> str:
+    return str(REPO_ROOT / ".shoal")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where things live -------------------------------------------------------------------
+    home: str = field(default_factory=_default_home, metadata={"doc": "pid files, logs, dev key"})
+    cache: str = field(default="/var/cache/shoal", metadata={"doc": "built guest images"})
+    vm_dir: str = field(
+        default="/var/lib/shoal", metadata={"doc": "overlays, sockets, console logs, templates"}
+    )
+    pools_file: str = field(default="", metadata={"doc": "pools TOML (default: pools.toml)"})
+    # --- network endpoints -------------------------------------------------------------------
+    bind: str = field(default="127.0.0.1", metadata={"doc": "address the API listens on"})
+    port: int = field(default=8080, metadata={"doc": "HTTP port"})
+    tls_port: int = field(default=8443, metadata={"doc": "HTTPS port (0 disables)"})
+    tls_cert: str = field(default="", metadata={"doc": "PEM certificate (default: self-signed)"})
+    tls_key: str = field(default="", metadata={"doc": "PEM key for SHOAL_TLS_CERT"})
+    redis_url: str = field(default="", metadata={"doc": "Redis URL (unset: a private one)"})
+    api_workers: int = field(default=2, metadata={"doc": "WSGI worker processes"})
+    api_threads: int = field(default=16, metadata={"doc": "threads per WSGI worker"})
+    # --- identity ----------------------------------------------------------------------------
+    instance: str = field(default="", metadata={"doc": "instance id (default: hash of home)"})
+    host_name: str = field(
+        default_factory=socket.gethostname, metadata={"doc": "this worker's host name"}
+    )
+    # --- guests ------------------------------------------------------------------------------
+    accel: str = field(default="auto", metadata={"doc": "auto, kvm or tcg"})
+    debian_mirror: str = field(default="", metadata={"doc": "mirror for debootstrap"})
+    default_image: str = field(default="python", metadata={"doc": "image of the default pool"})
+    vcpus: int = field(default=1, metadata={"doc": "vCPUs of the default pool"})
+    memory_mib: int = field(default=512, metadata={"doc": "memory of the default pool"})
+    data_disk_mib: int = field(default=1024, metadata={"doc": "/mnt/data size"})
+    tmp_mib: int = field(default=256, metadata={"doc": "/tmp size in the guest"})
+    tb_cache_mib: int = field(default=64, metadata={"doc": "TCG translation cache per VM"})
+    console_log_max_bytes: int = field(
+        default=1 << 20, metadata={"doc": "cap on a VM's console log"}
+    )
+    agent_ready_timeout_s: float = field(
+        default=120.0, metadata={"doc": "boot or restore to agent ready"}
+    )
+    interrupt_grace_s: float = field(
+        default=5.0, metadata={"doc": "wait after an interrupt before killing"}
+    )
+    # --- sessions and executions -------------------------------------------------------------
+    max_timeout_s: int = field(default=220, metadata={"doc": "longest execution allowed"})
+    default_timeout_s: int = field(default=60, metadata={"doc": "execution timeout default"})
+    max_output_cap: int = field(
+        default=1 << 20, metadata={"doc": "hard cap on max_output (characters)"}
+    )
+    max_upload_bytes: int = field(default=128 << 20, metadata={"doc": "largest file upload"})
+    execution_ttl_s: int = field(default=86400, metadata={"doc": "how long records are kept"})
+    tenant_max_sessions: int = field(
+        default=100, metadata={"doc": "concurrent sessions per tenant"}
+    )
+    cooldown_s: int = field(default=300, metadata={"doc": "idle timeout of the default pool"})
+    heartbeat_s: float = field(default=3.0, metadata={"doc": "worker heartbeat period"})
+    heartbeat_ttl_s: float = field(
+        default=15.0, metadata={"doc": "a host is down after this long silent"}
+    )
+    worker_concurrency: int = field(default=32, metadata={"doc": "worker threads per host"})
+
+    @property
+    def instance_id(self) -> str:
+        """Short id carried by every VM name, so two instances on a host never touch each other."""
+        if self.instance:
+            return self.instance
+        return hashlib.sha256(os.path.realpath(self.home).encode()).hexdigest()[:8]
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.home) / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.home) / "run"
+
+    @property
+    def instance_vm_dir(self) -> Path:
+        """This instance's VM runtime files: overlays, sockets, console logs, templates."""
+        return Path(self.vm_dir) / self.instance_id
+
+    @property
+    def pools_path(self) -> Path:
+        return Path(self.pools_file) if self.pools_file else REPO_ROOT / "pools.toml"
+
+
+FIELDS = fields(Settings)
+
+
+def env_name(name: str) -> str:
+    return "SHOAL_" + name.upper()
+
+
+def _convert(raw: str, kind: type) -> object:
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    """Build settings from SHOAL_* variables; a malformed number is an error naming the variable."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    types = {"int": int, "float": float, "str": str}
+    for f in FIELDS:
+        raw = environ.get(env_name(f.name))
+        if raw is None or raw == "":
+            continue
+        kind = types[f.type] if isinstance(f.type, str) else f.type
+        try:
+            values[f.name] = _convert(raw, kind)
+        except ValueError:
+            raise SystemExit(f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from None
+    return Settings(**values)
