@@ -27,6 +27,8 @@ HEADER = struct.Struct(">4sII")
 
 # The virtio-serial port name the guest agent listens on.
 CHANNEL_NAME = "org.shoal.agent.0"
+# Where user files live inside the guest; file paths may be given relative to it or under it.
+DATA_DIR = "/mnt/data"
 
 # Limits. The guest is hostile: the host refuses anything larger from it and kills the VM.
 MAX_JSON_TO_GUEST = 2 << 20  # code up to 1 MiB plus envelope
@@ -76,6 +78,9 @@ E_IS_DIRECTORY = "is_a_directory"
 E_NOT_DIRECTORY = "not_a_directory"
 E_NO_SPACE = "no_space"
 E_BUSY = "busy"
+E_NOT_EMPTY = "directory_not_empty"
+E_PERMISSION = "permission_denied"
+E_NOT_REGULAR = "not_a_regular_file"  # a FIFO, socket or device: never opened by the agent
 E_INTERNAL = "internal"
 
 # Execution outcomes ("status" of an execute answer).

@@ -1,0 +1,37 @@
+"""The Flask app factory: nothing happens at import time."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from api import errors, health, v1_sessions
+from api.context import Context
+from shoal import redis_conn
+from shoal.settings import Settings, load
+from workers.celery_app import make_celery
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load()
+    app = Flask("shoal")
+    app.config.update(
+        API_TITLE="Shoal",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes + (1 << 20),
+    )
+    app.extensions["shoal"] = Context(
+        settings=settings, redis=redis_conn.client(settings), celery=make_celery(settings)
+    )
+    api = errors.ShoalApi(app)
+    errors.register(app)
+    app.register_blueprint(health.blp)
+    api.register_blueprint(v1_sessions.blp)
+    logging.getLogger("shoal").setLevel(logging.INFO)
+    return app

@@ -1,0 +1,87 @@
+"""Every error response, on every route: {"error": {"code", "message"}} plus x-ms-error-code.
+
+Shoal's own errors (shoal/errors.py) carry their code and status; HTTP errors from Flask and
+webargs (bad JSON, validation, 404 routes, 405) get the same shape. The dynamic-sessions routes
+speak the reference service's codes, mapped here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify, request
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException
+
+from shoal.errors import ShoalError
+
+log = logging.getLogger("shoal.api")
+
+# Native codes as the dynamic-sessions clients know them.
+DYNAMIC_SESSIONS_CODES = {
+    "ValidationFailed": "SessionRequestValidationFailed",
+    "SessionNotFound": "SessionWithIdentifierNotFound",
+    "SessionExpired": "SessionWithIdentifierNotFound",
+}
+
+HTTP_CODES = {
+    400: "ValidationFailed",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "PayloadTooLarge",
+    415: "UnsupportedMediaType",
+    422: "ValidationFailed",
+    500: "InternalError",
+}
+
+
+def error_response(code: str, message: str, status: int, headers: dict | None = None):
+    if request.path.startswith("/pools/"):
+        code = DYNAMIC_SESSIONS_CODES.get(code, code)
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    response.headers["x-ms-error-code"] = code
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _flatten(messages: object, prefix: str = "") -> list[str]:
+    """webargs' nested {"json": {"field": ["msg"]}} as "field: msg" lines."""
+    if isinstance(messages, dict):
+        out = []
+        for key, value in messages.items():
+            name = "" if key in ("json", "query", "form", "files", "headers") else str(key)
+            out += _flatten(value, f"{prefix}.{name}" if prefix and name else prefix or name)
+        return out
+    if isinstance(messages, list):
+        return [f"{prefix}: {m}" if prefix else str(m) for m in messages if not isinstance(m, dict)]
+    return [f"{prefix}: {messages}" if prefix else str(messages)]
+
+
+class ShoalApi(Api):
+    def handle_http_exception(self, error: HTTPException):
+        data = getattr(error, "data", None) or {}
+        status = 400 if error.code == 422 else (error.code or 500)
+        if "messages" in data:
+            message = "; ".join(_flatten(data["messages"])) or "invalid request"
+        else:
+            message = data.get("message") or error.description or error.name
+        if status >= 500:
+            log.error("HTTP %s on %s %s: %s", status, request.method, request.path, message)
+        code = HTTP_CODES.get(status, error.name.replace(" ", ""))
+        return error_response(code, message, status, data.get("headers"))
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(ShoalError)
+    def _shoal_error(exc: ShoalError):
+        if exc.status >= 500:
+            log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
+        return error_response(exc.code, exc.message, exc.status)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response("InternalError", "internal error; see the API log", 500)

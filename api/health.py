@@ -1,0 +1,57 @@
+"""GET /healthz: the state of every part, 200 when all are up, 503 naming what is down."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from flask import Blueprint, jsonify
+
+from api.context import ctx
+from shoal import keys, liveness
+
+blp = Blueprint("health", __name__)
+
+
+def health_report() -> tuple[dict, bool]:
+    c = ctx()
+    report: dict = {"redis": {"up": False}, "workers": {}, "beat": {"up": False}}
+    try:
+        c.redis.ping()
+        report["redis"]["up"] = True
+    except redis.RedisError as exc:
+        report["redis"]["error"] = str(exc)
+        return report, False
+    down: list[str] = []
+    for host, beat in liveness.heartbeats(c.redis).items():
+        if beat is None:
+            report["workers"][host] = {"up": False}
+            down.append(f"worker {host}")
+            continue
+        driver = beat.get("driver", {})
+        report["workers"][host] = {
+            "up": True,
+            "age_s": round(time.time() - beat["at"], 1),
+            "sessions": beat.get("sessions", 0),
+            "libvirt": driver,
+        }
+        if not driver.get("libvirt_ok", False):
+            down.append(f"libvirt on {host}")
+    if not report["workers"]:
+        down.append("workers (none registered)")
+    beat_at = c.redis.get(keys.beat_heartbeat())
+    if beat_at:
+        report["beat"] = {"up": True, "age_s": round(time.time() - float(beat_at), 1)}
+    else:
+        down.append("beat")
+    report["down"] = down
+    return report, not down
+
+
+@blp.get("/healthz")
+def healthz():
+    report, ok = health_report()
+    report["status"] = "ok" if ok else "degraded"
+    response = jsonify(report)
+    response.status_code = 200 if ok else 503
+    return response

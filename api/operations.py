@@ -1,0 +1,137 @@
+"""What the views ask of Shoal: one function per operation, shared by the native (/v1) and the
+dynamic-sessions (/pools/...) routes. Each looks up the registry, then sends one task to the
+queue of the session's host; nothing here touches a VM.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from api.context import Context
+from pool.placement import choose_host
+from pool.pools import get_pool
+from shoal import executions, keys, liveness, replies, sessions
+from shoal.errors import HostTimeout, SessionLost, TenantSessionLimit
+
+# A host's backlog older than this is dropped rather than run long after the client gave up.
+TASK_EXPIRY_S = 600
+# Sessions are made synchronously: allow the host this long beyond the agent's own deadline.
+CREATE_MARGIN_S = 30
+# How often a request waiting on an execution checks that the session's host is still alive.
+LIVENESS_POLL_S = 5.0
+
+
+def create_session(c: Context, tenant: str, pool_name: str, identifier: str = "") -> dict:
+    pool = get_pool(c.settings, pool_name)
+    if sessions.count_for_tenant(c.redis, tenant) >= c.settings.tenant_max_sessions:
+        raise TenantSessionLimit(
+            f"tenant {tenant!r} already has {c.settings.tenant_max_sessions} live sessions "
+            "(SHOAL_TENANT_MAX_SESSIONS); delete one first"
+        )
+    host = choose_host(c.redis)
+    entry = sessions.create(c.redis, tenant, pool.name, host, pool.cooldown_s, identifier)
+    reply_key = replies.new_key()
+    timeout = c.settings.agent_ready_timeout_s + CREATE_MARGIN_S
+    c.celery.send_task(
+        "shoal.create_session",
+        args=[entry["id"], pool.to_dict(), reply_key],
+        queue=keys.host_queue(host),
+        expires=timeout,
+    )
+    try:
+        replies.wait(c.redis, reply_key, timeout)
+    except Exception:
+        sessions.end(c.redis, entry, sessions.DELETED)
+        raise
+    entry["state"] = sessions.ACTIVE
+    return entry
+
+
+def delete_session(c: Context, entry: dict) -> None:
+    sessions.end(c.redis, entry, sessions.DELETED)
+    c.celery.send_task(
+        "shoal.destroy_session",
+        args=[entry["id"]],
+        queue=keys.host_queue(entry["host"]),
+        expires=TASK_EXPIRY_S,
+    )
+
+
+def submit_execution(
+    c: Context, entry: dict, params: dict[str, Any], idempotency_key: str = ""
+) -> dict:
+    """Queue an execution on the session's host and return its record (status `queued`)."""
+    if entry["state"] == sessions.LOST:
+        raise SessionLost(
+            f"session {entry['id']} was lost ({entry.get('reason') or 'its VM died'}); "
+            "create a new session"
+        )
+    r = c.redis
+    if idempotency_key:
+        earlier = _idempotent_earlier(c, entry["tenant"], idempotency_key)
+        if earlier is not None:
+            return earlier
+    seq = r.incr(keys.session_seq(entry["id"]))
+    record = executions.new_record(
+        entry, params["code"], params["language"], params["timeout_s"], params["max_output"], seq
+    )
+    pipe = r.pipeline()
+    executions.save(pipe, record, c.settings.execution_ttl_s)
+    pipe.zadd(keys.session_executions(entry["id"]), {record["id"]: seq})
+    pipe.hset(keys.session(entry["id"]), "last_used_at", f"{time.time():.6f}")
+    if idempotency_key:
+        pipe.set(
+            keys.idempotency(entry["tenant"], idempotency_key),
+            record["id"],
+            ex=86400,
+        )
+    pipe.execute()
+    pool = get_pool(c.settings, entry["pool"])
+    c.celery.send_task(
+        "shoal.execute",
+        args=[record["id"], pool.to_dict()],
+        queue=keys.host_queue(entry["host"]),
+        expires=TASK_EXPIRY_S,
+    )
+    return record
+
+
+def _idempotent_earlier(c: Context, tenant: str, idempotency_key: str) -> dict | None:
+    execution_id = c.redis.get(keys.idempotency(tenant, idempotency_key))
+    if execution_id is None:
+        return None
+    return executions.load(c.redis, execution_id)
+
+
+def wait_execution(c: Context, record: dict, timeout_s: float) -> dict:
+    """Block until the execution ends (or `timeout_s`), noticing a dead host on the way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HostTimeout(
+                f"execution {record['id']} did not finish within {timeout_s:.0f} s; "
+                f"poll GET /v1/executions/{record['id']}"
+            )
+        if executions.wait_done(c.redis, record["id"], min(remaining, LIVENESS_POLL_S)):
+            break
+        latest = executions.load(c.redis, record["id"])
+        if latest is None or latest["status"] in executions.FINAL:
+            break
+        if record["host"] not in liveness.live_hosts(c.redis):
+            liveness.check_hosts(c.redis, c.settings.execution_ttl_s)
+    return executions.load(c.redis, record["id"]) or record
+
+
+def cancel_execution(c: Context, record: dict) -> dict:
+    if record["status"] in executions.FINAL:
+        return record
+    c.redis.set(keys.execution_cancel(record["id"]), "1", ex=c.settings.execution_ttl_s)
+    c.celery.send_task(
+        "shoal.cancel",
+        args=[record["id"]],
+        queue=keys.host_queue(record["host"]),
+        expires=TASK_EXPIRY_S,
+    )
+    return record

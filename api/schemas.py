@@ -1,0 +1,91 @@
+"""Request and response schemas of the native API (/v1); the OpenAPI document is built from them."""
+
+from __future__ import annotations
+
+from flask import current_app
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+
+from shoal.protocol import MAX_CODE_BYTES
+
+
+def _settings():
+    return current_app.extensions["shoal"].settings
+
+
+class StrictSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class SessionCreate(StrictSchema):
+    pool = fields.String(load_default="default", validate=validate.Length(1, 64))
+
+
+class SessionOut(Schema):
+    id = fields.String()
+    pool = fields.String()
+    state = fields.String(metadata={"description": "active | lost"})
+    identifier = fields.String(allow_none=True)
+    created_at = fields.String()
+    last_used_at = fields.String()
+    expires_at = fields.String()
+    reason = fields.String(metadata={"description": "why a lost session was lost"})
+
+
+class SessionList(Schema):
+    sessions = fields.List(fields.Nested(SessionOut))
+
+
+class ExecutionCreate(StrictSchema):
+    code = fields.String(required=True)
+    language = fields.String(load_default="python", validate=validate.OneOf(["python", "shell"]))
+    timeout_s = fields.Integer(load_default=None, allow_none=True)
+    wait = fields.Boolean(load_default=True)
+    max_output = fields.Integer(load_default=4096, validate=validate.Range(min=0))
+
+    @validates("code")
+    def _code_size(self, value: str, **_: object) -> None:
+        if len(value.encode()) > MAX_CODE_BYTES:
+            raise ValidationError(f"code is over the {MAX_CODE_BYTES}-byte limit")
+
+    @validates("timeout_s")
+    def _timeout(self, value: int | None, **_: object) -> None:
+        limit = _settings().max_timeout_s
+        if value is not None and not 1 <= value <= limit:
+            raise ValidationError(f"must be between 1 and {limit} seconds")
+
+    @validates("max_output")
+    def _max_output(self, value: int, **_: object) -> None:
+        cap = _settings().max_output_cap
+        if value > cap:
+            raise ValidationError(f"must be at most {cap} characters")
+
+
+class ErrorDetail(Schema):
+    name = fields.String()
+    value = fields.String()
+    traceback = fields.String()
+
+
+class ExecutionOut(Schema):
+    id = fields.String()
+    session_id = fields.String()
+    language = fields.String()
+    status = fields.String(
+        metadata={
+            "description": "queued | running | succeeded | failed | timed_out | cancelled | lost"
+        }
+    )
+    stdout = fields.String()
+    stderr = fields.String()
+    stdout_truncated = fields.Boolean()
+    stderr_truncated = fields.Boolean()
+    result = fields.Dict(allow_none=True, metadata={"description": "last value by MIME type"})
+    outputs = fields.List(fields.Dict(), metadata={"description": "displayed outputs, in order"})
+    error = fields.Nested(ErrorDetail, allow_none=True)
+    exit_code = fields.Integer(allow_none=True)
+    interpreter_restarted = fields.Boolean()
+    created_at = fields.String()
+    started_at = fields.String(allow_none=True)
+    finished_at = fields.String(allow_none=True)
+    duration_ms = fields.Float(allow_none=True)

@@ -1,0 +1,85 @@
+"""Native API: sessions and their executions (/v1)."""
+
+from __future__ import annotations
+
+from flask import g, request, url_for
+from flask_smorest import Blueprint
+
+from api import operations
+from api.auth import require_tenant
+from api.context import ctx
+from api.schemas import ExecutionCreate, ExecutionOut, SessionCreate, SessionList, SessionOut
+from shoal import executions, sessions
+
+blp = Blueprint("v1_sessions", __name__, url_prefix="/v1", description="Sessions and executions")
+blp.before_request(require_tenant)
+
+# Extra time a synchronous request waits beyond the execution's own timeout: queueing, the
+# interrupt grace and the VM kill that may follow.
+WAIT_MARGIN_S = 30
+
+
+@blp.post("/sessions")
+@blp.arguments(SessionCreate)
+@blp.response(201, SessionOut)
+def create_session(body: dict):
+    entry = operations.create_session(ctx(), g.tenant, body["pool"])
+    return sessions.public_view(entry)
+
+
+@blp.get("/sessions")
+@blp.response(200, SessionList)
+def list_sessions():
+    return {
+        "sessions": [
+            sessions.public_view(e) for e in sessions.list_for_tenant(ctx().redis, g.tenant)
+        ]
+    }
+
+
+@blp.get("/sessions/<session_id>")
+@blp.response(200, SessionOut)
+def get_session(session_id: str):
+    return sessions.public_view(sessions.get_for_tenant(ctx().redis, g.tenant, session_id))
+
+
+@blp.delete("/sessions/<session_id>")
+@blp.response(204)
+def delete_session(session_id: str):
+    entry = sessions.get_for_tenant(ctx().redis, g.tenant, session_id)
+    operations.delete_session(ctx(), entry)
+
+
+@blp.post("/sessions/<session_id>/executions")
+@blp.arguments(ExecutionCreate)
+@blp.response(200, ExecutionOut)
+@blp.alt_response(202, schema=ExecutionOut, description="queued (wait false)")
+def create_execution(body: dict, session_id: str):
+    c = ctx()
+    entry = sessions.get_for_tenant(c.redis, g.tenant, session_id)
+    if body["timeout_s"] is None:
+        body["timeout_s"] = c.settings.default_timeout_s
+    record = operations.submit_execution(c, entry, body, request.headers.get("Idempotency-Key", ""))
+    if body["wait"] and record["status"] not in executions.FINAL:
+        record = operations.wait_execution(
+            c, record, record["timeout_s"] + c.settings.interrupt_grace_s + WAIT_MARGIN_S
+        )
+    view = executions.public_view(record)
+    if record["status"] in executions.FINAL:
+        return view
+    location = url_for("v1_sessions.get_execution", execution_id=record["id"])
+    return view, 202, {"Location": location}
+
+
+@blp.get("/executions/<execution_id>")
+@blp.response(200, ExecutionOut)
+def get_execution(execution_id: str):
+    return executions.public_view(executions.get_for_tenant(ctx().redis, g.tenant, execution_id))
+
+
+@blp.post("/executions/<execution_id>/cancel")
+@blp.response(200, ExecutionOut)
+def cancel_execution(execution_id: str):
+    c = ctx()
+    record = executions.get_for_tenant(c.redis, g.tenant, execution_id)
+    return executions.public_view(operations.cancel_execution(c, record))

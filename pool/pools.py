@@ -1,0 +1,76 @@
+"""Pool definitions: read from pools.toml (SHOAL_POOLS_FILE), with a `default` pool always there."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+from shoal.errors import PoolNotFound
+from shoal.settings import Settings
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    image: str = "python"
+    vcpus: int = 1
+    memory_mib: int = 512
+    data_disk_mib: int = 1024
+    ready_target: int = 0
+    max_sessions: int = 100
+    cooldown_s: int = 300
+    max_lifetime_s: int = 86400
+    network: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _default_pool(settings: Settings) -> Pool:
+    return Pool(
+        name="default",
+        image=settings.default_image,
+        vcpus=settings.vcpus,
+        memory_mib=settings.memory_mib,
+        data_disk_mib=settings.data_disk_mib,
+        cooldown_s=settings.cooldown_s,
+    )
+
+
+def _parse(path: Path, settings: Settings) -> dict[str, Pool]:
+    pools = {"default": _default_pool(settings)}
+    if not path.exists():
+        return pools
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    known = {f.name for f in fields(Pool)} - {"name"}
+    for name, table in data.get("pools", {}).items():
+        unknown = set(table) - known
+        if unknown:
+            raise SystemExit(f"{path}: pool {name!r} has unknown keys {sorted(unknown)}")
+        if table.get("network"):
+            raise SystemExit(f"{path}: pool {name!r}: network egress is not supported yet")
+        base = asdict(pools.get(name, Pool(name=name)))
+        base.update(table)
+        pools[name] = Pool(**base)
+    return pools
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str, mtime: float, settings: Settings) -> dict[str, Pool]:
+    return _parse(Path(path), settings)
+
+
+def all_pools(settings: Settings) -> dict[str, Pool]:
+    path = settings.pools_path
+    mtime = path.stat().st_mtime if path.exists() else 0.0
+    return _load_cached(str(path), mtime, settings)
+
+
+def get_pool(settings: Settings, name: str) -> Pool:
+    try:
+        return all_pools(settings)[name]
+    except KeyError:
+        raise PoolNotFound(f"no pool named {name!r}") from None

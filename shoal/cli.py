@@ -1,0 +1,102 @@
+"""The `shoal` command for operators; ./scripts/up, down and test are thin wrappers around it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shoal import redis_conn, stack, tenants
+from shoal.errors import ShoalError
+from shoal.settings import FIELDS, Settings, env_name, load
+
+
+def _cmd_up(s: Settings, a: argparse.Namespace) -> int:
+    return stack.up(s, detach=a.detach)
+
+
+def _cmd_down(s: Settings, a: argparse.Namespace) -> int:
+    return stack.down(s)
+
+
+def _cmd_status(s: Settings, a: argparse.Namespace) -> int:
+    return stack.status(s)
+
+
+def _cmd_image_build(s: Settings, a: argparse.Namespace) -> int:
+    from shoal import image
+
+    path = image.build(
+        s, a.name, progress=lambda m: print(f"shoal: {m}", flush=True), force=a.force
+    )
+    print(path)
+    return 0
+
+
+def _cmd_keys_create(s: Settings, a: argparse.Namespace) -> int:
+    key_id, key = tenants.create_key(redis_conn.client(s), a.tenant)
+    print(f"{key}\n(key id {key_id}, tenant {a.tenant}; shown once, only its hash is kept)")
+    return 0
+
+
+def _cmd_keys_list(s: Settings, a: argparse.Namespace) -> int:
+    for row in tenants.list_keys(redis_conn.client(s)):
+        print(f"{row['key_id']}  tenant={row['tenant']}")
+    return 0
+
+
+def _cmd_keys_revoke(s: Settings, a: argparse.Namespace) -> int:
+    if tenants.revoke(redis_conn.client(s), a.key_id):
+        print(f"revoked {a.key_id}")
+        return 0
+    print(f"no key {a.key_id}", file=sys.stderr)
+    return 1
+
+
+def _cmd_settings(s: Settings, a: argparse.Namespace) -> int:
+    """Print the settings table (the one in README.md) with this machine's values."""
+    print("| variable | default here | meaning |\n|---|---|---|")
+    for f in FIELDS:
+        print(f"| `{env_name(f.name)}` | `{getattr(s, f.name)}` | {f.metadata.get('doc', '')} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Operate a Shoal instance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start every part and wait until healthy")
+    up.add_argument("--detach", action="store_true", help="return once healthy")
+    up.set_defaults(func=_cmd_up)
+    sub.add_parser("down", help="stop what `up` started; destroy this instance's VMs").set_defaults(
+        func=_cmd_down
+    )
+    sub.add_parser("status", help="show components and /healthz").set_defaults(func=_cmd_status)
+    image = sub.add_parser("image", help="guest images").add_subparsers(dest="sub", required=True)
+    build = image.add_parser("build", help="build a guest image (cached by recipe hash)")
+    build.add_argument("name", nargs="?", default="python")
+    build.add_argument("--force", action="store_true", help="rebuild even when cached")
+    build.set_defaults(func=_cmd_image_build)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    create = keys.add_parser("create", help="make an API key for a tenant")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=_cmd_keys_create)
+    keys.add_parser("list", help="list key ids and tenants").set_defaults(func=_cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=_cmd_keys_revoke)
+    sub.add_parser("settings", help="print every setting").set_defaults(func=_cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(load(), args)
+    except ShoalError as exc:
+        print(f"shoal: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The host daemons Shoal needs but does not own: virtlogd and libvirtd.
+
+Nothing starts them at boot on our machines (no systemd), so `shoal up` starts each one that is
+not already running, and leaves them running at `shoal down`: other instances on the host may
+use them. Where the CPU has no hardware virtualization, libvirtd is started in a private mount
+namespace with /dev/kvm hidden, or it re-probes QEMU on every domain start (host.md: 56 s).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+LIBVIRT_URI = "qemu:///system"
+
+
+def hardware_virtualization() -> bool:
+    """True when the CPU advertises VT-x/AMD-V (the cheap test; workers/accel.py decides)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = " ".join(line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+    return " vmx" in flags or " svm" in flags
+
+
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
+
+
+def libvirt_answers() -> bool:
+    result = subprocess.run(
+        ["virsh", "-c", LIBVIRT_URI, "version"], capture_output=True, timeout=30
+    )
+    return result.returncode == 0
+
+
+def ensure_virtlogd() -> str:
+    if _running("virtlogd"):
+        return "already running"
+    subprocess.run(["virtlogd", "-d"], check=True)
+    return "started"
+
+
+def ensure_libvirtd(timeout_s: float = 30.0) -> str:
+    """Start libvirtd unless it runs; wait until it answers."""
+    if _running("libvirtd"):
+        state = "already running"
+    else:
+        if hardware_virtualization():
+            subprocess.run(["libvirtd", "-d"], check=True)
+            state = "started"
+        else:
+            hide_kvm = "mount --bind /dev/null /dev/kvm 2>/dev/null; exec libvirtd -d"
+            subprocess.run(
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm], check=True
+            )
+            state = "started (with /dev/kvm hidden: no hardware virtualization, guests use TCG)"
+    deadline = time.monotonic() + timeout_s
+    while not libvirt_answers():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"libvirtd did not answer on {LIBVIRT_URI} within {timeout_s} s")
+        time.sleep(0.3)
+    return state
+
+
+def missing_tools() -> list[str]:
+    tools = ["virsh", "libvirtd", "virtlogd", "qemu-img", "redis-server"]
+    return [t for t in tools if shutil.which(t) is None]

@@ -1,0 +1,98 @@
+"""Errors as values with codes, defined once. api/errors.py maps them to HTTP in one place."""
+
+from __future__ import annotations
+
+
+class ShoalError(Exception):
+    """Base of every error a client may see. `code` is stable; `message` says what is wrong."""
+
+    code = "InternalError"
+    status = 500
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.__doc__ or self.code)
+        self.message = message or (self.__doc__ or self.code).strip()
+
+
+class ValidationFailed(ShoalError):
+    """The request is malformed."""
+
+    code, status = "ValidationFailed", 400
+
+
+class Unauthorized(ShoalError):
+    """A valid API key is required: send `Authorization: Bearer <key>`."""
+
+    code, status = "Unauthorized", 401
+
+
+class SessionNotFound(ShoalError):
+    """No such session."""
+
+    code, status = "SessionNotFound", 404
+
+
+class SessionExpired(ShoalError):
+    """The session expired after being idle and its state is gone."""
+
+    code, status = "SessionExpired", 404
+
+
+class ExecutionNotFound(ShoalError):
+    """No such execution."""
+
+    code, status = "ExecutionNotFound", 404
+
+
+class PoolNotFound(ShoalError):
+    """No such pool."""
+
+    code, status = "PoolNotFound", 404
+
+
+class FileNotFoundInSession(ShoalError):
+    """No such file in the session."""
+
+    code, status = "FileNotFound", 404
+
+
+class SessionLost(ShoalError):
+    """The session's VM or host died; its state is gone. Create a new session."""
+
+    code, status = "SessionLost", 409
+
+
+class SessionBusy(ShoalError):
+    """The session is busy."""
+
+    code, status = "SessionBusy", 409
+
+
+class PayloadTooLarge(ShoalError):
+    """The request body is over the size limit."""
+
+    code, status = "PayloadTooLarge", 413
+
+
+class TenantSessionLimit(ShoalError):
+    """The tenant has as many live sessions as it may have."""
+
+    code, status = "TenantSessionLimit", 429
+
+
+class PoolExhausted(ShoalError):
+    """The pool is at its session limit."""
+
+    code, status = "PoolExhausted", 429
+
+
+class NoHostAvailable(ShoalError):
+    """No worker host is up to run the session."""
+
+    code, status = "NoHostAvailable", 503
+
+
+class HostTimeout(ShoalError):
+    """The session's host did not answer in time."""
+
+    code, status = "HostTimeout", 504

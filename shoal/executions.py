@@ -1,0 +1,146 @@
+"""Execution records in Redis: created by the API, advanced by the session's host worker.
+
+Statuses: queued -> running -> succeeded | failed | timed_out | cancelled | lost.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any
+
+import redis
+
+from shoal import keys
+from shoal.errors import ExecutionNotFound
+from shoal.timeutil import iso
+
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, LOST = (
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "lost",
+)
+FINAL = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED, LOST})
+
+# The agent's execute outcomes, as execution statuses.
+AGENT_STATUS = {"ok": SUCCEEDED, "error": FAILED, "timed_out": TIMED_OUT, "interrupted": CANCELLED}
+
+RESULT_FIELDS = (
+    "stdout",
+    "stderr",
+    "stdout_truncated",
+    "stderr_truncated",
+    "result",
+    "outputs",
+    "error",
+    "exit_code",
+    "interpreter_restarted",
+)
+
+
+def new_id() -> str:
+    return "exe_" + secrets.token_hex(10)
+
+
+def new_record(
+    session: dict[str, str], code: str, language: str, timeout_s: int, max_output: int, seq: int
+) -> dict[str, Any]:
+    return {
+        "id": new_id(),
+        "session_id": session["id"],
+        "tenant": session["tenant"],
+        "host": session["host"],
+        "seq": seq,
+        "language": language,
+        "code": code,
+        "timeout_s": timeout_s,
+        "max_output": max_output,
+        "status": QUEUED,
+        "stdout": "",
+        "stderr": "",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "result": None,
+        "outputs": [],
+        "error": None,
+        "exit_code": None,
+        "interpreter_restarted": False,
+        "created_at": time.time(),
+        "started_at": None,
+        "finished_at": None,
+        "duration_ms": None,
+        "cancel_requested": False,
+    }
+
+
+def save(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> None:
+    r.set(keys.execution(record["id"]), json.dumps(record), ex=ttl_s)
+
+
+def load(r: redis.Redis, execution_id: str) -> dict[str, Any] | None:
+    raw = r.get(keys.execution(execution_id))
+    return json.loads(raw) if raw else None
+
+
+def get_for_tenant(r: redis.Redis, tenant: str, execution_id: str) -> dict[str, Any]:
+    record = load(r, execution_id) if execution_id.startswith("exe_") else None
+    if record is None or record["tenant"] != tenant:
+        raise ExecutionNotFound(f"no execution {execution_id!r}")
+    return record
+
+
+def apply_agent_result(record: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Copy an agent's execute answer into the record and set the final status."""
+    for name in RESULT_FIELDS:
+        if name in answer:
+            record[name] = answer[name]
+    status = AGENT_STATUS.get(answer.get("status", ""), FAILED)
+    if status == CANCELLED and not record.get("cancel_requested"):
+        status = TIMED_OUT
+    record["status"] = status
+    record["duration_ms"] = answer.get("duration_ms")
+
+
+def finish(r: redis.Redis, record: dict[str, Any], ttl_s: int) -> None:
+    """Store the final record and wake whoever waits for it."""
+    record["finished_at"] = time.time()
+    done = keys.execution_done(record["id"])
+    pipe = r.pipeline()
+    save(pipe, record, ttl_s)
+    pipe.rpush(done, "1")
+    pipe.expire(done, 600)
+    pipe.zrem(keys.session_executions(record["session_id"]), record["id"])
+    pipe.execute()
+
+
+def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> bool:
+    """Block until the execution ends or `timeout_s` passes; True when it ended."""
+    done = keys.execution_done(execution_id)
+    return r.blpop([done], timeout=max(timeout_s, 0.01)) is not None
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The execution object of the native API."""
+
+    def stamp(value: float | None) -> str | None:
+        return iso(value) if value else None
+
+    view = {
+        "id": record["id"],
+        "session_id": record["session_id"],
+        "language": record["language"],
+        "status": record["status"],
+    }
+    for name in RESULT_FIELDS:
+        view[name] = record[name]
+    view.update(
+        created_at=stamp(record["created_at"]),
+        started_at=stamp(record["started_at"]),
+        finished_at=stamp(record["finished_at"]),
+        duration_ms=record["duration_ms"],
+    )
+    return view

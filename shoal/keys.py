@@ -1,0 +1,101 @@
+"""Every Redis key name Shoal uses, built in this one module with one prefix."""
+
+from __future__ import annotations
+
+PREFIX = "shoal"
+
+
+def api_key(key_hash: str) -> str:
+    """Hash: key_id, tenant, created_at, for the SHA-256 of an API key."""
+    return f"{PREFIX}:apikey:{key_hash}"
+
+
+def api_key_ids() -> str:
+    """Hash: key_id -> SHA-256 of the key, to list and revoke keys by id."""
+    return f"{PREFIX}:apikeys"
+
+
+def tenants() -> str:
+    return f"{PREFIX}:tenants"
+
+
+def session(session_id: str) -> str:
+    """Hash: the session's registry entry (tenant, pool, host, state, ...)."""
+    return f"{PREFIX}:session:{session_id}"
+
+
+def session_seq(session_id: str) -> str:
+    """Counter: the arrival number of the session's latest execution."""
+    return f"{PREFIX}:session:{session_id}:seq"
+
+
+def tenant_sessions(tenant: str) -> str:
+    """Set: the ids of the tenant's live sessions."""
+    return f"{PREFIX}:tenant:{tenant}:sessions"
+
+
+def identifier(tenant: str, pool: str, ident: str) -> str:
+    """String: the session id behind a dynamic-sessions identifier, per tenant and pool."""
+    return f"{PREFIX}:ident:{tenant}:{pool}:{ident}"
+
+
+def host_sessions(host: str) -> str:
+    """Set: the ids of the sessions placed on a host."""
+    return f"{PREFIX}:host:{host}:sessions"
+
+
+def execution(execution_id: str) -> str:
+    """String: the execution record as JSON."""
+    return f"{PREFIX}:exec:{execution_id}"
+
+
+def execution_done(execution_id: str) -> str:
+    """List: pushed once when the execution ends, so a waiting request wakes at once."""
+    return f"{PREFIX}:exec:{execution_id}:done"
+
+
+def execution_cancel(execution_id: str) -> str:
+    """String: set when a client asked to cancel the execution."""
+    return f"{PREFIX}:exec:{execution_id}:cancel"
+
+
+def session_executions(session_id: str) -> str:
+    """Sorted set: execution ids of a session not yet finished, scored by arrival number."""
+    return f"{PREFIX}:session:{session_id}:pending"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    return f"{PREFIX}:idem:{tenant}:{key}"
+
+
+def transfer(transfer_id: str) -> str:
+    """List: file chunks in flight between the API and a host."""
+    return f"{PREFIX}:xfer:{transfer_id}"
+
+
+def transfer_status(transfer_id: str) -> str:
+    """List: the final status of a transfer, pushed by the side that finished it."""
+    return f"{PREFIX}:xfer:{transfer_id}:status"
+
+
+def host_heartbeat(host: str) -> str:
+    """String (JSON, with a TTL): a worker host's last heartbeat and its libvirt state."""
+    return f"{PREFIX}:heartbeat:{host}"
+
+
+def hosts() -> str:
+    """Set: every host that has ever registered with this Redis."""
+    return f"{PREFIX}:hosts"
+
+
+def beat_heartbeat() -> str:
+    return f"{PREFIX}:heartbeat:beat"
+
+
+def beat_lock() -> str:
+    return f"{PREFIX}:lock:beat"
+
+
+def host_queue(host: str) -> str:
+    """The Celery queue a host's worker consumes."""
+    return f"{PREFIX}.host.{host}"

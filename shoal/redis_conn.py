@@ -1,0 +1,33 @@
+"""Which Redis this instance uses, and clients for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+
+from shoal.settings import Settings
+
+
+def private_url_file(settings: Settings) -> Path:
+    """Where `shoal up` writes the URL of the private redis-server it started."""
+    return settings.run_dir / "redis.url"
+
+
+def redis_url(settings: Settings) -> str:
+    """SHOAL_REDIS_URL when set, else the private Redis that `shoal up` started."""
+    if settings.redis_url:
+        return settings.redis_url
+    path = private_url_file(settings)
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise SystemExit(
+            f"no Redis: SHOAL_REDIS_URL is unset and {path} does not exist (run `shoal up`)"
+        ) from None
+
+
+def client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        redis_url(settings), decode_responses=True, health_check_interval=30
+    )

@@ -1,0 +1,123 @@
+"""The session registry in Redis: which tenant owns a session, which host runs it, its state.
+
+States: `creating` (its VM is being made), `active`, `lost` (its VM or host died; kept so the
+client can read why), and tombstones `expired` / `deleted` kept a day so a late request gets a
+precise 404.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import redis
+
+from shoal import keys
+from shoal.errors import SessionExpired, SessionNotFound
+from shoal.timeutil import iso
+
+CREATING, ACTIVE, LOST, EXPIRED, DELETED = "creating", "active", "lost", "expired", "deleted"
+LIVE_STATES = (CREATING, ACTIVE, LOST)
+TOMBSTONE_TTL_S = 86400
+
+
+def new_id() -> str:
+    return "ses_" + secrets.token_hex(10)
+
+
+def create(
+    r: redis.Redis, tenant: str, pool: str, host: str, cooldown_s: int, identifier: str = ""
+) -> dict[str, str]:
+    now = time.time()
+    entry = {
+        "id": new_id(),
+        "tenant": tenant,
+        "pool": pool,
+        "host": host,
+        "state": CREATING,
+        "identifier": identifier,
+        "created_at": f"{now:.6f}",
+        "last_used_at": f"{now:.6f}",
+        "cooldown_s": str(cooldown_s),
+        "reason": "",
+    }
+    pipe = r.pipeline()
+    pipe.hset(keys.session(entry["id"]), mapping=entry)
+    pipe.sadd(keys.tenant_sessions(tenant), entry["id"])
+    pipe.sadd(keys.host_sessions(host), entry["id"])
+    pipe.execute()
+    return entry
+
+
+def load(r: redis.Redis, session_id: str) -> dict[str, str] | None:
+    entry = r.hgetall(keys.session(session_id))
+    return entry or None
+
+
+def get_for_tenant(r: redis.Redis, tenant: str, session_id: str) -> dict[str, str]:
+    """The live session `session_id` of `tenant`; another tenant's id is simply not found."""
+    entry = load(r, session_id) if session_id.startswith("ses_") else None
+    if entry is None or entry["tenant"] != tenant:
+        raise SessionNotFound(f"no session {session_id!r}")
+    if entry["state"] == EXPIRED:
+        raise SessionExpired(f"session {session_id!r} expired after being idle; its state is gone")
+    if entry["state"] == DELETED:
+        raise SessionNotFound(f"session {session_id!r} was deleted")
+    return entry
+
+
+def list_for_tenant(r: redis.Redis, tenant: str) -> list[dict[str, str]]:
+    ids = sorted(r.smembers(keys.tenant_sessions(tenant)))
+    pipe = r.pipeline()
+    for session_id in ids:
+        pipe.hgetall(keys.session(session_id))
+    return [e for e in pipe.execute() if e and e.get("state") in LIVE_STATES]
+
+
+def count_for_tenant(r: redis.Redis, tenant: str) -> int:
+    return r.scard(keys.tenant_sessions(tenant))
+
+
+def set_state(r: redis.Redis, session_id: str, state: str, reason: str = "") -> None:
+    r.hset(keys.session(session_id), mapping={"state": state, "reason": reason})
+
+
+def touch(r: redis.Redis, session_id: str) -> None:
+    r.hset(keys.session(session_id), "last_used_at", f"{time.time():.6f}")
+
+
+def end(r: redis.Redis, entry: dict[str, str], state: str) -> None:
+    """Leave a tombstone (`expired` or `deleted`) and drop the session from every index."""
+    session_id = entry["id"]
+    pipe = r.pipeline()
+    pipe.hset(keys.session(session_id), mapping={"state": state})
+    pipe.expire(keys.session(session_id), TOMBSTONE_TTL_S)
+    pipe.srem(keys.tenant_sessions(entry["tenant"]), session_id)
+    pipe.srem(keys.host_sessions(entry["host"]), session_id)
+    pipe.delete(keys.session_seq(session_id))
+    if entry.get("identifier"):
+        ident_key = keys.identifier(entry["tenant"], entry["pool"], entry["identifier"])
+        pipe.delete(ident_key)
+    pipe.execute()
+
+
+def host_session_ids(r: redis.Redis, host: str) -> set[str]:
+    return set(r.smembers(keys.host_sessions(host)))
+
+
+def public_view(entry: dict[str, str]) -> dict[str, Any]:
+    """The session object of the native API."""
+    last_used = float(entry["last_used_at"])
+    view: dict[str, Any] = {
+        "id": entry["id"],
+        "pool": entry["pool"],
+        "state": entry["state"],
+        "created_at": iso(float(entry["created_at"])),
+        "last_used_at": iso(last_used),
+        "expires_at": iso(last_used + int(entry.get("cooldown_s") or 300)),
+        "identifier": entry.get("identifier") or None,
+    }
+    if entry["state"] == LOST:
+        view["reason"] = entry.get("reason", "")
+    return view

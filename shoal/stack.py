@@ -1,0 +1,268 @@
+"""`shoal up`, `shoal down`, `shoal status`: the parts of one Shoal instance on this host.
+
+Order of start: Redis (private unless SHOAL_REDIS_URL), virtlogd and libvirtd, the guest image
+(built when the cache has none for the current recipe), the worker, beat, the API over HTTP and
+HTTPS. `up` waits until /healthz says every part is up.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from shoal import daemons, processes, redis_conn, tenants, tls
+from shoal.keys import host_queue
+from shoal.settings import Settings
+
+COMPONENTS = ("api-tls", "api", "beat", "worker", "redis")  # stop order; start is reversed
+CONTROL_QUEUE = "shoal.control"
+HEALTH_TIMEOUT_S = 240
+
+
+class StartFailed(Exception):
+    def __init__(self, component: str, message: str) -> None:
+        super().__init__(f"{component}: {message}")
+        self.component = component
+
+
+def endpoint(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.bind in ("0.0.0.0", "") else settings.bind
+    return f"http://{host}:{settings.port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(message: str) -> None:
+    print(f"shoal: {message}", flush=True)
+
+
+def start_redis(settings: Settings) -> None:
+    if settings.redis_url:
+        return
+    url_file = redis_conn.private_url_file(settings)
+    if processes.running_pid(settings, "redis") and url_file.exists():
+        return
+    port = _free_port()
+    data = Path(settings.home) / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
+    argv += ["--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+    processes.start(settings, "redis", argv)
+    url_file.write_text(f"redis://127.0.0.1:{port}/0")
+    _wait_for(lambda: _redis_ok(settings), 20, "redis", settings)
+
+
+def _redis_ok(settings: Settings) -> bool:
+    try:
+        return bool(redis_conn.client(settings).ping())
+    except Exception:
+        return False
+
+
+def _wait_for(check, timeout_s: float, component: str, settings: Settings) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise StartFailed(component, f"not ready after {timeout_s:.0f} s")
+        if component in COMPONENTS and processes.running_pid(settings, component) is None:
+            raise StartFailed(component, "exited during start-up")
+        time.sleep(0.2)
+
+
+def start_services(settings: Settings) -> None:
+    python = sys.executable
+    host = settings.host_name
+    worker = [python, "-m", "celery", "-A", "workers.worker_app", "worker"]
+    worker += ["-Q", f"{host_queue(host)},{CONTROL_QUEUE}", "-P", "threads"]
+    worker += ["-c", str(settings.worker_concurrency), "-n", f"{host}@{settings.instance_id}"]
+    worker += ["-l", "INFO", "--without-gossip", "--without-mingle"]
+    beat = [python, "-m", "celery", "-A", "workers.worker_app", "beat"]
+    beat += ["-S", "workers.beat:ShoalScheduler", "-l", "INFO"]
+    gunicorn = [python, "-m", "gunicorn", "-k", "gthread", "-w", str(settings.api_workers)]
+    gunicorn += ["--threads", str(settings.api_threads), "--timeout", "600"]
+    gunicorn += ["--access-logfile", "-", "--error-logfile", "-"]
+    plan = {
+        "worker": worker,
+        "beat": beat,
+        "api": gunicorn + ["-b", f"{settings.bind}:{settings.port}", "api.app:create_app()"],
+    }
+    if settings.tls_port:
+        cert, key = tls.cert_and_key(settings)
+        plan["api-tls"] = gunicorn + [
+            "-b", f"{settings.bind}:{settings.tls_port}",
+            "--certfile", str(cert), "--keyfile", str(key),
+            "api.app:create_app()",
+        ]  # fmt: skip
+    for name, argv in plan.items():
+        if processes.running_pid(settings, name) is None:
+            processes.start(settings, name, argv)
+
+
+def health(settings: Settings) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(endpoint(settings) + "/healthz", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.load(exc)
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def wait_healthy(settings: Settings, timeout_s: float = HEALTH_TIMEOUT_S) -> dict:
+    deadline = time.monotonic() + timeout_s
+    report: dict = {}
+    while time.monotonic() < deadline:
+        for name in ("worker", "beat", "api"):
+            if processes.running_pid(settings, name) is None:
+                raise StartFailed(name, "exited during start-up")
+        status, report = health(settings)
+        if status == 200:
+            return report
+        time.sleep(0.5)
+    down = ", ".join(report.get("down", [])) or "the API"
+    raise StartFailed(_component_of(down), f"not healthy after {timeout_s:.0f} s: down: {down}")
+
+
+def _component_of(down: str) -> str:
+    for name in ("worker", "beat", "libvirt"):
+        if name in down:
+            return "worker" if name == "libvirt" else name
+    return "api"
+
+
+def dev_key(settings: Settings) -> str:
+    """The development API key (tenant `dev`), made once and kept in SHOAL_HOME/dev-api-key."""
+    path = Path(settings.home) / "dev-api-key"
+    r = redis_conn.client(settings)
+    if path.exists():
+        key = path.read_text().strip()
+        if tenants.authenticate(r, key):
+            return key
+    _, key = tenants.create_key(r, "dev")
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def running(settings: Settings) -> bool:
+    return processes.running_pid(settings, "api") is not None
+
+
+def up(settings: Settings, detach: bool) -> int:
+    if running(settings):
+        _say(f"already running at {endpoint(settings)} (stop it with ./scripts/down)")
+        return 0
+    try:
+        _bring_up(settings)
+    except StartFailed as exc:
+        log = processes.log_file(settings, exc.component)
+        print(f"shoal: failed to start {exc}\n--- last lines of {log} ---", file=sys.stderr)
+        print(processes.tail(log), file=sys.stderr)
+        stop_components(settings)
+        return 1
+    key = dev_key(settings)
+    _print_welcome(settings, key)
+    if detach:
+        return 0
+    return _stay_in_foreground(settings)
+
+
+def _bring_up(settings: Settings) -> None:
+    Path(settings.home).mkdir(parents=True, exist_ok=True)
+    missing = daemons.missing_tools()
+    if missing:
+        raise StartFailed("up", f"missing programs {missing}: run ./scripts/up to install them")
+    start_redis(settings)
+    _say(f"virtlogd {daemons.ensure_virtlogd()}")
+    _say(f"libvirtd {daemons.ensure_libvirtd()}")
+    ensure_image(settings)
+    start_services(settings)
+    _say("waiting for /healthz ...")
+    wait_healthy(settings)
+
+
+def ensure_image(settings: Settings) -> None:
+    from shoal import image
+
+    if image.locate(settings, settings.default_image) is None:
+        _say(f"building the guest image {settings.default_image!r} (first run: several minutes)")
+        image.build(settings, settings.default_image, progress=_say)
+
+
+def _print_welcome(settings: Settings, key: str) -> None:
+    url = endpoint(settings)
+    tls_line = ""
+    if settings.tls_port:
+        ca = tls.tls_dir(settings) / "ca.pem"
+        tls_line = f"\n  HTTPS:     https://127.0.0.1:{settings.tls_port} (CA: {ca})"
+    curl = (
+        f"curl -s -X POST {url}/v1/sessions/$(curl -s -X POST {url}/v1/sessions "
+        f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{}}' "
+        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')/executions "
+        f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+        '-d \'{"code": "print(1+1)"}\''
+    )
+    print(
+        f"\nShoal is up.\n  Endpoint:  {url}{tls_line}\n"
+        f"  API key:   {key}  (also in {Path(settings.home) / 'dev-api-key'})\n"
+        f"  Logs:      {settings.logs_dir}/\n\nRun print(1+1) in a new session:\n{curl}\n",
+        flush=True,
+    )
+
+
+def _stay_in_foreground(settings: Settings) -> int:
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    _say("running in the foreground; Ctrl-C stops everything it started")
+    while not stopping:
+        time.sleep(0.5)
+    _say("stopping ...")
+    down(settings)
+    return 0
+
+
+def stop_components(settings: Settings) -> list[str]:
+    return [name for name in COMPONENTS if processes.stop(settings, name)]
+
+
+def destroy_vms(settings: Settings) -> int:
+    """Destroy every VM of this instance on this host and remove their files."""
+    from workers.vm import VMManager
+
+    if not daemons.libvirt_answers():
+        return 0
+    report = VMManager(settings).reconcile(set())
+    return len(report.destroyed)
+
+
+def down(settings: Settings) -> int:
+    stopped = stop_components(settings)
+    destroyed = destroy_vms(settings)
+    redis_conn.private_url_file(settings).unlink(missing_ok=True)
+    _say(f"stopped {', '.join(stopped) or 'nothing (not running)'}; destroyed {destroyed} VM(s)")
+    return 0
+
+
+def status(settings: Settings) -> int:
+    for name in reversed(COMPONENTS):
+        pid = processes.running_pid(settings, name)
+        print(f"{name:8} {'running, pid ' + str(pid) if pid else 'stopped'}")
+    code, report = health(settings)
+    print(f"/healthz: {code or 'no answer'}")
+    if report:
+        print(json.dumps(report, indent=2))
+    return 0 if code == 200 else 1

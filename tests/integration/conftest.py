@@ -1,0 +1,92 @@
+"""A real Shoal instance for the integration tests: private Redis, real Celery worker and beat,
+libvirtd, QEMU guests and the API under gunicorn, started with `shoal up --detach` under a
+temporary SHOAL_HOME (so its VM names never clash with a running `./scripts/up`) and stopped
+with `shoal down` at the end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+SHOAL = [sys.executable, "-m", "shoal.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    url: str
+    tls_url: str
+    key: str
+    env: dict[str, str]
+    home: Path
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def shoal(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*SHOAL, *args], env=self.env, cwd=REPO, capture_output=True, text=True, check=check
+        )
+
+    def new_key(self, tenant: str) -> str:
+        return self.shoal("keys", "create", "--tenant", tenant).stdout.split()[0]
+
+    def new_session(self, key: str | None = None) -> str:
+        response = requests.post(
+            f"{self.url}/v1/sessions", json={}, headers=self.headers(key), timeout=180
+        )
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def execute(self, session_id: str, code: str, key: str | None = None, **body) -> dict:
+        response = requests.post(
+            f"{self.url}/v1/sessions/{session_id}/executions",
+            json={"code": code, **body},
+            headers=self.headers(key),
+            timeout=300,
+        )
+        assert response.status_code in (200, 202), response.text
+        return response.json()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    home = tmp_path_factory.mktemp("shoal-home")
+    port, tls_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "SHOAL_HOME": str(home),
+        "SHOAL_PORT": str(port),
+        "SHOAL_TLS_PORT": str(tls_port),
+        "SHOAL_HOST_NAME": "testhost",
+        "SHOAL_HEARTBEAT_S": "1",
+        "SHOAL_HEARTBEAT_TTL_S": "5",
+    }
+    env.pop("SHOAL_REDIS_URL", None)
+    up = subprocess.run(
+        [*SHOAL, "up", "--detach"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    if up.returncode != 0:
+        subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True)
+        pytest.fail(
+            "Shoal did not start (QEMU/libvirt guests are required here):\n"
+            + up.stdout
+            + up.stderr
+        )
+    key = (home / "dev-api-key").read_text().strip()
+    yield Stack(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", key, env, home)
+    down = subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert down.returncode == 0, down.stdout + down.stderr

@@ -1,0 +1,109 @@
+"""The front door's validation and error shapes, on fakeredis (no worker, no VM)."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from api.app import create_app
+from shoal import sessions, tenants
+from shoal.settings import Settings
+
+
+@pytest.fixture()
+def app():
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1/0", home="/tmp/shoal-unit"))
+    app.extensions["shoal"].redis = fakeredis.FakeRedis(decode_responses=True)
+    return app
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def key(app) -> str:
+    return tenants.create_key(app.extensions["shoal"].redis, "acme")[1]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_error(response, status: int, code: str, *words: str) -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["error"]["code"] == code
+    assert response.headers["x-ms-error-code"] == code
+    for word in words:
+        assert word in body["error"]["message"]
+
+
+def test_missing_and_bad_keys_are_401(client) -> None:
+    assert_error(client.get("/v1/sessions"), 401, "Unauthorized", "Bearer")
+    bad = client.get("/v1/sessions", headers=auth("shoal_nope"))
+    assert_error(bad, 401, "Unauthorized", "not valid")
+
+
+def test_unknown_session_is_404(client, key) -> None:
+    response = client.get("/v1/sessions/ses_0000", headers=auth(key))
+    assert_error(response, 404, "SessionNotFound", "ses_0000")
+
+
+def test_another_tenants_session_is_not_found(app, client, key) -> None:
+    r = app.extensions["shoal"].redis
+    theirs = sessions.create(r, "other", "default", "h1", 300)
+    response = client.get(f"/v1/sessions/{theirs['id']}", headers=auth(key))
+    assert_error(response, 404, "SessionNotFound")
+
+
+def test_execution_validation_names_the_field(app, client, key) -> None:
+    r = app.extensions["shoal"].redis
+    mine = sessions.create(r, "acme", "default", "h1", 300)
+    url = f"/v1/sessions/{mine['id']}/executions"
+    cases = [
+        ({}, "code"),
+        ({"code": "1", "timeout_s": 0}, "timeout_s"),
+        ({"code": "1", "timeout_s": 221}, "220"),
+        ({"code": "1", "language": "cobol"}, "language"),
+        ({"code": "1", "surprise": True}, "surprise"),
+        ({"code": 5}, "code"),
+    ]
+    for body, word in cases:
+        assert_error(client.post(url, json=body, headers=auth(key)), 400, "ValidationFailed", word)
+
+
+def test_malformed_json_is_400(app, client, key) -> None:
+    response = client.post(
+        "/v1/sessions", data="{nope", headers={**auth(key), "Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "ValidationFailed")
+
+
+def test_unknown_pool_is_404(client, key) -> None:
+    response = client.post("/v1/sessions", json={"pool": "gpu"}, headers=auth(key))
+    assert_error(response, 404, "PoolNotFound", "gpu")
+
+
+def test_no_live_host_is_503(client, key) -> None:
+    response = client.post("/v1/sessions", json={}, headers=auth(key))
+    assert_error(response, 503, "NoHostAvailable")
+
+
+def test_healthz_names_what_is_down(app, client) -> None:
+    r = app.extensions["shoal"].redis
+    r.sadd("shoal:hosts", "h1")
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert "worker h1" in response.get_json()["down"]
+    assert "beat" in response.get_json()["down"]
+
+
+def test_unknown_route_is_json_404(client) -> None:
+    assert_error(client.get("/nowhere"), 404, "NotFound")
+
+
+def test_openapi_document_is_served(client) -> None:
+    spec = client.get("/openapi.json").get_json()
+    assert "/v1/sessions/{session_id}/executions" in spec["paths"]

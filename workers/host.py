@@ -1,0 +1,199 @@
+"""The host runtime: the one process on a host that owns every VM and its agent channel.
+
+Celery tasks (workers/tasks.py) are thin wrappers around the methods here. The runtime is made
+once per worker process, after the fork, so its libvirt connection and agent sockets are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from pool.pools import Pool
+from shoal import executions, keys, redis_conn, sessions
+from shoal.errors import SessionLost, ShoalError
+from shoal.settings import Settings
+from workers.session_slots import SlotTable
+from workers.vm import VMManager, VMSpec
+from workers.vm_errors import VMError, VMLost
+
+log = logging.getLogger("shoal.host")
+
+
+def spec_for(pool: Pool) -> VMSpec:
+    return VMSpec(
+        image=pool.image,
+        vcpus=pool.vcpus,
+        memory_mib=pool.memory_mib,
+        data_disk_mib=pool.data_disk_mib,
+        network=pool.network,
+    )
+
+
+class HostRuntime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.host = settings.host_name
+        self.r = redis_conn.client(settings)
+        self.vms = VMManager(settings)
+        self.slots = SlotTable()
+        self._stop = threading.Event()
+        self.started_at = time.time()
+
+    # --- start-up and background duties -----------------------------------------------------
+    def start(self, default_spec: VMSpec) -> None:
+        self.r.sadd(keys.hosts(), self.host)
+        self.beat_once()
+        self.reconcile()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        threading.Thread(
+            target=self._warm_template, args=(default_spec,), name="template", daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _warm_template(self, spec: VMSpec) -> None:
+        try:
+            self.vms.ensure_template(spec)
+        except Exception:
+            log.exception("host=%s building the snapshot template failed", self.host)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                self.beat_once()
+            except Exception:
+                log.exception("host=%s heartbeat failed", self.host)
+
+    def beat_once(self) -> None:
+        status = {
+            "host": self.host,
+            "at": time.time(),
+            "started_at": self.started_at,
+            "sessions": len(sessions.host_session_ids(self.r, self.host)),
+            "driver": self.vms.status(),
+        }
+        ttl = max(int(self.settings.heartbeat_ttl_s), 1)
+        self.r.set(keys.host_heartbeat(self.host), json.dumps(status), ex=ttl)
+
+    def reconcile(self) -> None:
+        """Adopt this host's live domains, destroy strays, mark vanished sessions lost."""
+        known = {
+            session_id
+            for session_id in sessions.host_session_ids(self.r, self.host)
+            if (sessions.load(self.r, session_id) or {}).get("state")
+            in (sessions.CREATING, sessions.ACTIVE)
+        }
+        report = self.vms.reconcile(known)
+        for session_id in report.missing:
+            log.warning("session=%s host=%s domain vanished: marked lost", session_id, self.host)
+            self.mark_session_lost(session_id, "its VM vanished from the host")
+        if report.destroyed:
+            log.warning("host=%s destroyed stray domains %s", self.host, report.destroyed)
+
+    # --- sessions ----------------------------------------------------------------------------
+    def create_session(self, session_id: str, pool: Pool) -> None:
+        started = time.monotonic()
+        self.vms.create(session_id, spec_for(pool))
+        self.slots.get(session_id, last_seq=0)
+        sessions.set_state(self.r, session_id, sessions.ACTIVE)
+        log.info(
+            "session=%s host=%s created in %.0f ms",
+            session_id,
+            self.host,
+            (time.monotonic() - started) * 1000,
+        )
+
+    def destroy_session(self, session_id: str) -> None:
+        self.vms.destroy(session_id)
+        self.slots.drop(session_id)
+        log.info("session=%s host=%s destroyed", session_id, self.host)
+
+    def mark_session_lost(self, session_id: str, reason: str) -> None:
+        sessions.set_state(self.r, session_id, sessions.LOST, reason)
+        self.vms.destroy(session_id)
+
+    def _vm(self, session_id: str, pool: Pool):
+        vm = self.vms.get(session_id) or self.vms.attach(session_id, spec_for(pool))
+        if vm is None:
+            raise SessionLost(f"session {session_id} has no VM on host {self.host}")
+        return vm
+
+    # --- executions --------------------------------------------------------------------------
+    def execute(self, execution_id: str, pool: Pool) -> None:
+        record = executions.load(self.r, execution_id)
+        if record is None:
+            return
+        session_id = record["session_id"]
+        slot = self.slots.get(session_id, self._done_seq(session_id))
+        with slot.turn(record["seq"], execution_id):
+            if self._cancel_requested(execution_id):
+                self._finish_cancelled(record)
+            else:
+                self._run(record, pool)
+        self.r.hset(keys.session(session_id), "done_seq", record["seq"])
+
+    def _done_seq(self, session_id: str) -> int:
+        return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
+
+    def _cancel_requested(self, execution_id: str) -> bool:
+        return bool(self.r.exists(keys.execution_cancel(execution_id)))
+
+    def _finish_cancelled(self, record: dict[str, Any]) -> None:
+        record["status"] = executions.CANCELLED
+        record["cancel_requested"] = True
+        executions.finish(self.r, record, self.settings.execution_ttl_s)
+
+    def _run(self, record: dict[str, Any], pool: Pool) -> None:
+        ttl = self.settings.execution_ttl_s
+        record["status"] = executions.RUNNING
+        record["started_at"] = time.time()
+        executions.save(self.r, record, ttl)
+        session_id = record["session_id"]
+        try:
+            vm = self._vm(session_id, pool)
+            answer = vm.execute(
+                record["code"], record["language"], record["timeout_s"], record["max_output"]
+            )
+            record["cancel_requested"] = self._cancel_requested(record["id"])
+            executions.apply_agent_result(record, answer)
+        except (VMLost, SessionLost) as exc:
+            self._lose(record, str(exc))
+        except VMError as exc:
+            self._lose(record, f"the VM failed: {exc}")
+        except ShoalError as exc:
+            record["status"] = executions.FAILED
+            record["stderr"] = exc.message
+        executions.finish(self.r, record, ttl)
+        sessions.touch(self.r, session_id)
+        log.info(
+            "session=%s execution=%s host=%s status=%s duration_ms=%s",
+            session_id,
+            record["id"],
+            self.host,
+            record["status"],
+            record["duration_ms"],
+        )
+
+    def _lose(self, record: dict[str, Any], reason: str) -> None:
+        record["status"] = executions.LOST
+        record["stderr"] = f"The session was lost: {reason}"
+        self.mark_session_lost(record["session_id"], reason)
+
+    def cancel(self, execution_id: str) -> None:
+        """Interrupt the execution if it is running here; a queued one sees the cancel mark
+        when its turn comes and ends `cancelled` without running."""
+        record = executions.load(self.r, execution_id)
+        if record is None:
+            return
+        slot = self.slots.get(record["session_id"])
+        if slot.running_execution == execution_id:
+            vm = self.vms.get(record["session_id"])
+            if vm is not None:
+                vm.agent.interrupt()
+        elif record["status"] == executions.QUEUED:
+            self._finish_cancelled(record)
