@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from api import errors, health, v1_sessions
+from api import dynamic_sessions, errors, health, v1_files, v1_sessions
 from api.context import Context
 from shoal import redis_conn
 from shoal.settings import Settings, load
@@ -27,11 +27,16 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + (1 << 20),
     )
     app.extensions["shoal"] = Context(
-        settings=settings, redis=redis_conn.client(settings), celery=make_celery(settings)
+        settings=settings,
+        redis=redis_conn.client(settings),
+        redis_bin=redis_conn.binary_client(settings),
+        celery=make_celery(settings),
     )
     api = errors.ShoalApi(app)
     errors.register(app)
     app.register_blueprint(health.blp)
+    app.register_blueprint(dynamic_sessions.blp)
     api.register_blueprint(v1_sessions.blp)
+    api.register_blueprint(v1_files.blp)
     logging.getLogger("shoal").setLevel(logging.INFO)
     return app

@@ -15,6 +15,7 @@ from shoal.settings import Settings
 class Context:
     settings: Settings
     redis: redis.Redis
+    redis_bin: redis.Redis  # bytes in and out, for file chunks
     celery: Celery
 
 

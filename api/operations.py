@@ -5,14 +5,16 @@ queue of the session's host; nothing here touches a VM.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from api.context import Context
 from pool.placement import choose_host
 from pool.pools import get_pool
-from shoal import executions, keys, liveness, replies, sessions
-from shoal.errors import HostTimeout, SessionLost, TenantSessionLimit
+from shoal import executions, keys, liveness, replies, sessions, transfers
+from shoal.errors import HostTimeout, SessionLost, SessionNotFound, TenantSessionLimit
 
 # A host's backlog older than this is dropped rather than run long after the client gave up.
 TASK_EXPIRY_S = 600
@@ -135,3 +137,91 @@ def cancel_execution(c: Context, record: dict) -> dict:
         expires=TASK_EXPIRY_S,
     )
     return record
+
+
+# --- files ---------------------------------------------------------------------------------
+FILE_OP_TIMEOUT_S = 60
+
+
+def _send_to_host(c: Context, entry: dict, task: str, *args: object) -> str:
+    """Send a session task with a fresh reply key; return the key."""
+    if entry["state"] == sessions.LOST:
+        raise SessionLost(f"session {entry['id']} was lost ({entry.get('reason')})")
+    reply_key = replies.new_key()
+    pool = get_pool(c.settings, entry["pool"])
+    c.celery.send_task(
+        task,
+        args=[entry["id"], *args, reply_key, pool.to_dict()],
+        queue=keys.host_queue(entry["host"]),
+        expires=TASK_EXPIRY_S,
+    )
+    return reply_key
+
+
+def file_op(c: Context, entry: dict, op: str, **args: object) -> dict:
+    reply_key = _send_to_host(c, entry, "shoal.file_op", op, args)
+    return replies.wait(c.redis, reply_key, FILE_OP_TIMEOUT_S)
+
+
+def upload_file(c: Context, entry: dict, path: str, chunks: Iterable[bytes]) -> dict:
+    """Stream `chunks` into the session's file `path`; return the guest's stat of it."""
+    transfer_id = transfers.new_id()
+    reply_key = _send_to_host(c, entry, "shoal.put_file", transfer_id, path)
+    transfers.produce(c.redis_bin, transfer_id, chunks)
+    return replies.wait(c.redis, reply_key, FILE_OP_TIMEOUT_S)["file"]
+
+
+def download_file(c: Context, entry: dict, path: str) -> tuple[dict, Iterator[bytes]]:
+    """The file's stat and an iterator over its bytes, streamed from the guest."""
+    transfer_id = transfers.new_id()
+    reply_key = _send_to_host(c, entry, "shoal.get_file", transfer_id, path)
+    info = replies.wait(c.redis, reply_key, FILE_OP_TIMEOUT_S)["file"]
+    return info, transfers.consume(c.redis_bin, transfer_id)
+
+
+# --- dynamic-sessions identifiers ------------------------------------------------------------
+IDENT_LOCK_S = 300
+
+
+def session_for_identifier(
+    c: Context, tenant: str, pool_name: str, identifier: str, create: bool = True
+) -> dict:
+    """The live session behind `identifier` (per tenant and pool); made on first use, and made
+    afresh once the old one expired, was deleted or was lost."""
+    get_pool(c.settings, pool_name)
+    ident_key = keys.identifier(tenant, pool_name, identifier)
+    deadline = time.monotonic() + c.settings.agent_ready_timeout_s + CREATE_MARGIN_S
+    while True:
+        session_id = c.redis.get(ident_key)
+        entry = sessions.load(c.redis, session_id) if session_id else None
+        if entry and entry["state"] in (sessions.ACTIVE, sessions.CREATING):
+            return entry
+        if not create:
+            raise SessionNotFound(f"no session with identifier {identifier!r}")
+        lock = ident_key + ":lock"
+        if c.redis.set(lock, "1", nx=True, ex=IDENT_LOCK_S):
+            try:
+                if entry is not None:
+                    delete_session(c, entry)
+                entry = create_session(c, tenant, pool_name, identifier)
+                c.redis.set(ident_key, entry["id"])
+                return entry
+            finally:
+                c.redis.delete(lock)
+        if time.monotonic() > deadline:
+            raise HostTimeout(f"the session for identifier {identifier!r} is still being made")
+        time.sleep(0.05)
+
+
+def pool_metadata(c: Context, pool_name: str) -> dict:
+    """Runtimes and preinstalled packages of a pool's image, as its hosts published them."""
+    pool = get_pool(c.settings, pool_name)
+    raw = c.redis.get(keys.image_info(pool.image))
+    info = json.loads(raw) if raw else {}
+    packages = info.get("python_packages", {})
+    return {
+        "pool": pool.name,
+        "image": pool.image,
+        "runtimes": [{"name": "python", "version": info.get("python_version", "")}],
+        "packages": [{"name": n, "version": v} for n, v in sorted(packages.items())],
+    }

@@ -96,3 +96,37 @@ class HostTimeout(ShoalError):
     """The session's host did not answer in time."""
 
     code, status = "HostTimeout", 504
+
+
+class PathNotAllowed(ShoalError):
+    """The path is outside the session's /mnt/data."""
+
+    code, status = "PathNotAllowed", 400
+
+
+class NotAFile(ShoalError):
+    """The path is a directory, or a file where a directory was expected."""
+
+    code, status = "NotAFile", 400
+
+
+class NoSpace(ShoalError):
+    """The session's disk is full."""
+
+    code, status = "InsufficientStorage", 507
+
+
+# The guest agent's error codes (shoal/protocol.py), as client-facing errors.
+AGENT_ERRORS: dict[str, type[ShoalError]] = {
+    "path_outside_data": PathNotAllowed,
+    "not_found": FileNotFoundInSession,
+    "is_a_directory": NotAFile,
+    "not_a_directory": NotAFile,
+    "no_space": NoSpace,
+    "invalid_argument": ValidationFailed,
+    "busy": SessionBusy,
+}
+
+
+def from_agent(code: str, message: str) -> ShoalError:
+    return AGENT_ERRORS.get(code, ShoalError)(message)

@@ -99,3 +99,8 @@ def beat_lock() -> str:
 def host_queue(host: str) -> str:
     """The Celery queue a host's worker consumes."""
     return f"{PREFIX}.host.{host}"
+
+
+def image_info(image: str) -> str:
+    """String (JSON): an image's Python version and packages, published by the hosts."""
+    return f"{PREFIX}:image:{image}"

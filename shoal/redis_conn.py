@@ -31,3 +31,8 @@ def client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
         redis_url(settings), decode_responses=True, health_check_interval=30
     )
+
+
+def binary_client(settings: Settings) -> redis.Redis:
+    """A client that returns bytes, for file chunks."""
+    return redis.Redis.from_url(redis_url(settings), health_check_interval=30)

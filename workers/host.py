@@ -13,9 +13,10 @@ import time
 from typing import Any
 
 from pool.pools import Pool
-from shoal import executions, keys, redis_conn, sessions
-from shoal.errors import SessionLost, ShoalError
+from shoal import executions, keys, redis_conn, replies, sessions, transfers
+from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.settings import Settings
+from workers.agent_client import AgentError
 from workers.session_slots import SlotTable
 from workers.vm import VMManager, VMSpec
 from workers.vm_errors import VMError, VMLost
@@ -38,6 +39,7 @@ class HostRuntime:
         self.settings = settings
         self.host = settings.host_name
         self.r = redis_conn.client(settings)
+        self.rb = redis_conn.binary_client(settings)
         self.vms = VMManager(settings)
         self.slots = SlotTable()
         self._stop = threading.Event()
@@ -197,3 +199,57 @@ class HostRuntime:
                 vm.agent.interrupt()
         elif record["status"] == executions.QUEUED:
             self._finish_cancelled(record)
+
+    # --- files -------------------------------------------------------------------------------
+    def file_op(self, session_id: str, op: str, args: dict, reply_key: str, pool: Pool) -> None:
+        """list / stat / delete, answered on `reply_key`."""
+        self._reply(reply_key, lambda vm: self._FILE_OPS[op](vm.agent, **args), session_id, pool)
+
+    _FILE_OPS = {
+        "list": lambda agent, path="", recursive=False: {
+            "files": agent.list_files(path, recursive)
+        },
+        "stat": lambda agent, path: {"file": agent.stat(path)},
+        "delete": lambda agent, path: {"deleted": agent.delete(path) or True},
+    }
+
+    def put_file(
+        self, session_id: str, transfer_id: str, path: str, reply_key: str, pool: Pool
+    ) -> None:
+        """Stream a transfer's chunks into the guest file `path`."""
+
+        def put(vm) -> dict:
+            return {"file": vm.agent.put_file(path, transfers.consume(self.rb, transfer_id))}
+
+        self._reply(reply_key, put, session_id, pool)
+
+    def get_file(
+        self, session_id: str, transfer_id: str, path: str, reply_key: str, pool: Pool
+    ) -> None:
+        """Answer with the file's stat on `reply_key`, then stream its bytes into the transfer."""
+
+        def get(vm) -> dict:
+            info = vm.agent.stat(path)
+            if info.get("type") == "directory":
+                raise from_agent("is_a_directory", f"{path!r} is a directory")
+            replies.send(self.r, reply_key, {"ok": True, "file": info})
+            transfers.produce(self.rb, transfer_id, vm.agent.get_file(path))
+            return {}
+
+        self._reply(reply_key, get, session_id, pool, reply_on_success=False)
+
+    def _reply(self, reply_key, action, session_id, pool, reply_on_success=True) -> None:
+        slot = self.slots.get(session_id, self._done_seq(session_id))
+        try:
+            with slot.turn():
+                result = action(self._vm(session_id, pool))
+            if reply_on_success:
+                replies.send(self.r, reply_key, {"ok": True, **result})
+            sessions.touch(self.r, session_id)
+        except AgentError as exc:
+            replies.send_error(self.r, reply_key, from_agent(exc.code, exc.message))
+        except ShoalError as exc:
+            replies.send_error(self.r, reply_key, exc)
+        except (VMLost, VMError) as exc:
+            self.mark_session_lost(session_id, str(exc))
+            replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))

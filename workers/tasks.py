@@ -73,3 +73,18 @@ def destroy_session(session_id: str) -> None:
 def check_hosts() -> None:
     rt = runtime()
     liveness.check_hosts(rt.r, rt.settings.execution_ttl_s)
+
+
+@shared_task(name="shoal.file_op")
+def file_op(session_id: str, op: str, args: dict, reply_key: str, pool: dict) -> None:
+    runtime().file_op(session_id, op, args, reply_key, Pool(**pool))
+
+
+@shared_task(name="shoal.put_file")
+def put_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
+    runtime().put_file(session_id, transfer_id, path, reply_key, Pool(**pool))
+
+
+@shared_task(name="shoal.get_file")
+def get_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
+    runtime().get_file(session_id, transfer_id, path, reply_key, Pool(**pool))

@@ -1,0 +1,289 @@
+"""The dynamic-sessions data-plane API (/pools/{pool}/...), both generations, on Shoal sessions.
+
+Contract: ../shared/contracts/azure-sessions-api.md. The bearer token is a Shoal API key; the
+`identifier` names a session within the key's tenant and the pool.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flask import Blueprint, Response, g, jsonify, request, stream_with_context, url_for
+
+from api import dynamic_shapes as shapes
+from api import operations
+from api.auth import require_tenant
+from api.context import ctx
+from api.v1_files import capped_chunks
+from pool.pools import get_pool
+from shoal import executions, sessions
+from shoal.errors import PayloadTooLarge, ValidationFailed
+from shoal.protocol import DEFAULT_MAX_OUTPUT
+
+blp = Blueprint("dynamic_sessions", __name__, url_prefix="/pools/<pool>")
+blp.before_request(require_tenant)
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+LIST_PAGE = 300
+
+
+class _Missing(ValidationFailed):
+    code = "SessionPropertiesMissing"
+
+
+def _identifier(required: bool = True) -> str:
+    identifier = request.args.get("identifier", "")
+    if not identifier and not required:
+        return ""
+    if not IDENTIFIER.match(identifier):
+        raise ValidationFailed(
+            "query parameter `identifier` is required: 1-128 characters from "
+            "letters, digits and _ - . @ :"
+        )
+    return identifier
+
+
+def _api_version() -> str:
+    return request.args.get("api-version", "")
+
+
+def _session(pool: str, create: bool = True) -> dict:
+    return operations.session_for_identifier(ctx(), g.tenant, pool, _identifier(), create)
+
+
+def _body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationFailed("the request body must be a JSON object")
+    return body
+
+
+def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValidationFailed(f"`{name}` must be a number from {low} to {high}")
+    return int(value)
+
+
+def _execution_params(body: dict, code_names: tuple[str, ...]) -> dict:
+    s = ctx().settings
+    code = next((body[n] for n in code_names if n in body), None)
+    language = "shell" if "shellCommand" in body and code is None else "python"
+    if language == "shell":
+        code = body["shellCommand"]
+    if not isinstance(code, str) or not code:
+        raise ValidationFailed(f"`{code_names[0]}` is required and must be a non-empty string")
+    input_type = str(body.get("codeInputType", "inline")).lower()
+    if input_type != "inline":
+        raise ValidationFailed("`codeInputType` must be `inline`")
+    return {
+        "code": code,
+        "language": language,
+        "timeout_s": _int_field(body, "timeoutInSeconds", s.default_timeout_s, 1, s.max_timeout_s),
+        "max_output": _int_field(
+            body, "outputStreamsMaxLength", DEFAULT_MAX_OUTPUT, 0, s.max_output_cap
+        ),
+    }
+
+
+def _run(entry: dict, params: dict, wait: bool) -> dict:
+    c = ctx()
+    record = operations.submit_execution(
+        c, entry, params, request.headers.get("Idempotency-Key", "")
+    )
+    if wait and record["status"] not in executions.FINAL:
+        margin = c.settings.interrupt_grace_s + 30
+        record = operations.wait_execution(c, record, record["timeout_s"] + margin)
+    return record
+
+
+# --- executions -------------------------------------------------------------------------------
+@blp.post("/code/execute")
+def code_execute(pool: str):
+    body = _body()
+    properties = body.get("properties")
+    if not isinstance(properties, dict):
+        raise _Missing('the body must be {"properties": {"code": ..., ...}}')
+    params = _execution_params(properties, ("code", "pythonCode"))
+    record = _run(_session(pool), params, wait=True)
+    return jsonify(shapes.legacy_execution(record))
+
+
+@blp.post("/executions")
+def create_execution(pool: str):
+    body = _body()
+    params = _execution_params(body, ("code", "pythonCode"))
+    execution_type = str(body.get("executionType", "Synchronous"))
+    asynchronous = execution_type.lower() == "asynchronous"
+    entry = _session(pool)
+    record = _run(entry, params, wait=not asynchronous)
+    response = jsonify(shapes.current_execution(record, entry["identifier"], execution_type))
+    response.status_code = 202 if asynchronous else 200
+    response.headers["operation-id"] = record["id"]
+    response.headers["Operation-Location"] = url_for(
+        "dynamic_sessions.get_execution",
+        pool=pool,
+        execution_id=record["id"],
+        identifier=entry["identifier"],
+        _external=True,
+        **{"api-version": _api_version()},
+    )
+    return response
+
+
+@blp.get("/executions/<execution_id>")
+def get_execution(pool: str, execution_id: str):
+    record = executions.get_for_tenant(ctx().redis, g.tenant, execution_id)
+    entry = sessions.load(ctx().redis, record["session_id"]) or {}
+    return jsonify(shapes.current_execution(record, entry.get("identifier", ""), "Asynchronous"))
+
+
+# --- files ------------------------------------------------------------------------------------
+def _dir_param() -> str:
+    return request.args.get("path", "").strip("/").removeprefix("mnt/data").strip("/")
+
+
+def _upload(pool: str) -> dict:
+    entry = _session(pool)
+    limit = ctx().settings.max_upload_bytes
+    if request.content_length and request.content_length > limit + (1 << 20):
+        raise PayloadTooLarge(f"the upload is over the {limit}-byte limit")
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise ValidationFailed("send the file as multipart/form-data part named `file`")
+    name = upload.filename.removeprefix("/mnt/data/").strip("/")
+    folder = _dir_param()
+    target = f"{folder}/{name}" if folder else name
+    return operations.upload_file(ctx(), entry, target, capped_chunks(upload.stream, limit))
+
+
+@blp.post("/files/upload")
+def legacy_upload(pool: str):
+    info = _upload(pool)
+    return jsonify({"$id": "1", "value": [shapes.legacy_file(info)]})
+
+
+@blp.post("/files")
+def upload(pool: str):
+    return jsonify(shapes.current_file(_upload(pool)))
+
+
+@blp.get("/files")
+def list_files(pool: str):
+    recursive = request.args.get("recursive", "").lower() == "true"
+    answer = operations.file_op(
+        ctx(), _session(pool), "list", path=_dir_param(), recursive=recursive
+    )
+    if shapes.is_legacy(_api_version()):
+        return jsonify(shapes.legacy_file_list(answer["files"]))
+    return jsonify(shapes.current_file_list(answer["files"]))
+
+
+def _file_path(name: str) -> str:
+    folder = _dir_param()
+    name = name.removeprefix("/mnt/data/").removeprefix("mnt/data/")
+    return f"{folder}/{name}" if folder else name
+
+
+def _download(pool: str, name: str) -> Response:
+    info, chunks = operations.download_file(ctx(), _session(pool), _file_path(name))
+    response = Response(stream_with_context(chunks), mimetype="application/octet-stream")
+    response.headers["Content-Length"] = str(info["size"])
+    return response
+
+
+@blp.get("/files/content/<path:name>")
+def legacy_download(pool: str, name: str):
+    return _download(pool, name)
+
+
+@blp.get("/files/<path:name>/content")
+def download(pool: str, name: str):
+    return _download(pool, name)
+
+
+@blp.get("/files/<path:name>")
+def stat_file(pool: str, name: str):
+    answer = operations.file_op(ctx(), _session(pool), "stat", path=_file_path(name))
+    return jsonify(shapes.current_file(answer["file"]))
+
+
+@blp.delete("/files/<path:name>")
+def delete_file(pool: str, name: str):
+    operations.file_op(ctx(), _session(pool), "delete", path=_file_path(name))
+    return "", 204
+
+
+# --- sessions ---------------------------------------------------------------------------------
+@blp.get("/session")
+def get_session(pool: str):
+    return jsonify(shapes.session_view(_session(pool, create=False)))
+
+
+@blp.delete("/session")
+def delete_session(pool: str):
+    operations.delete_session(ctx(), _session(pool, create=False))
+    return "", 204
+
+
+def _pool_sessions(pool: str) -> list[dict]:
+    get_pool(ctx().settings, pool)
+    return [
+        e
+        for e in sessions.list_for_tenant(ctx().redis, g.tenant)
+        if e["pool"] == pool and e.get("identifier") and e["state"] == sessions.ACTIVE
+    ]
+
+
+def _skip() -> int:
+    raw = request.args.get("skip", "0")
+    if not raw.isdigit():
+        raise ValidationFailed("`skip` must be a whole number")
+    return int(raw)
+
+
+@blp.get("/listSessions")
+def list_sessions(pool: str):
+    page = _pool_sessions(pool)[_skip() :][:LIST_PAGE]
+    return jsonify({"sessions": [shapes.session_view(e) for e in page]})
+
+
+@blp.get("/metadata")
+def metadata(pool: str):
+    return jsonify(operations.pool_metadata(ctx(), pool))
+
+
+@blp.post("/.management/getSession")
+def management_get_session(pool: str):
+    return jsonify(shapes.session_view(_session(pool, create=False), "expiresAt"))
+
+
+@blp.post("/.management/stopSession")
+def management_stop_session(pool: str):
+    operations.delete_session(ctx(), _session(pool, create=False))
+    return "", 204
+
+
+@blp.post("/.management/listSessions")
+def management_list_sessions(pool: str):
+    skip = _skip()
+    found = _pool_sessions(pool)
+    page = found[skip : skip + LIST_PAGE]
+    next_link = None
+    if skip + LIST_PAGE < len(found):
+        next_link = url_for(
+            "dynamic_sessions.management_list_sessions",
+            pool=pool,
+            skip=skip + LIST_PAGE,
+            _external=True,
+            **{"api-version": _api_version()},
+        )
+    return jsonify(
+        {
+            "value": [shapes.session_view(e, "expiresAt") for e in page],
+            "count": len(found),
+            "nextLink": next_link,
+        }
+    )

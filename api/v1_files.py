@@ -1,0 +1,117 @@
+"""Native API: files in a session's /mnt/data (/v1/sessions/{id}/files)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Response, g, request, stream_with_context
+from flask_smorest import Blueprint
+from marshmallow import Schema, fields
+
+from api import operations
+from api.auth import require_tenant
+from api.context import ctx
+from shoal import sessions
+from shoal.errors import PayloadTooLarge, ValidationFailed
+from shoal.protocol import FILE_CHUNK
+from shoal.timeutil import iso
+
+blp = Blueprint("v1_files", __name__, url_prefix="/v1", description="Files in /mnt/data")
+blp.before_request(require_tenant)
+
+
+class FileOut(Schema):
+    path = fields.String(metadata={"description": "relative to /mnt/data"})
+    name = fields.String()
+    type = fields.String(metadata={"description": "file | directory"})
+    size = fields.Integer()
+    modified_at = fields.String()
+
+
+class FileList(Schema):
+    files = fields.List(fields.Nested(FileOut))
+
+
+class ListQuery(Schema):
+    path = fields.String(load_default="")
+    recursive = fields.Boolean(load_default=False)
+
+
+def file_view(info: dict) -> dict:
+    return {
+        "path": info["path"],
+        "name": info["name"],
+        "type": info["type"],
+        "size": info["size"],
+        "modified_at": iso(info["mtime"]),
+    }
+
+
+def _session(session_id: str) -> dict:
+    return sessions.get_for_tenant(ctx().redis, g.tenant, session_id)
+
+
+def capped_chunks(stream, limit: int) -> Iterator[bytes]:
+    """Read a body in FILE_CHUNK pieces; PayloadTooLarge once it passes `limit` bytes."""
+    total = 0
+    while chunk := stream.read(FILE_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"the file is over the {limit}-byte upload limit")
+        yield chunk
+
+
+def _check_length(length: int | None) -> None:
+    limit = ctx().settings.max_upload_bytes
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"the file ({length} bytes) is over the {limit}-byte upload limit")
+
+
+@blp.get("/sessions/<session_id>/files")
+@blp.arguments(ListQuery, location="query")
+@blp.response(200, FileList)
+def list_files(query: dict, session_id: str):
+    answer = operations.file_op(ctx(), _session(session_id), "list", **query)
+    return {"files": [file_view(f) for f in answer["files"]]}
+
+
+@blp.put("/sessions/<session_id>/files/<path:path>")
+@blp.response(201, FileOut)
+def put_file(session_id: str, path: str):
+    """Upload the raw request body to `path`; parent directories are created."""
+    entry = _session(session_id)
+    _check_length(request.content_length)
+    chunks = capped_chunks(request.stream, ctx().settings.max_upload_bytes)
+    return file_view(operations.upload_file(ctx(), entry, path, chunks))
+
+
+@blp.post("/sessions/<session_id>/files")
+@blp.response(201, FileOut)
+def post_file(session_id: str):
+    """Multipart upload: part `file`; optional form field `path` names a directory."""
+    entry = _session(session_id)
+    _check_length(request.content_length)
+    upload = request.files.get("file")
+    if upload is None or not upload.filename:
+        raise ValidationFailed("send the file as multipart/form-data part named `file`")
+    folder = request.form.get("path", "").strip("/")
+    name = upload.filename.rsplit("/", 1)[-1]
+    target = f"{folder}/{name}" if folder else name
+    chunks = capped_chunks(upload.stream, ctx().settings.max_upload_bytes)
+    return file_view(operations.upload_file(ctx(), entry, target, chunks))
+
+
+@blp.get("/sessions/<session_id>/files/<path:path>")
+def get_file(session_id: str, path: str):
+    """Download a file, streamed from the guest."""
+    info, chunks = operations.download_file(ctx(), _session(session_id), path)
+    response = Response(stream_with_context(chunks), mimetype="application/octet-stream")
+    response.headers["Content-Length"] = str(info["size"])
+    response.headers["Content-Disposition"] = f'attachment; filename="{info["name"]}"'
+    return response
+
+
+@blp.delete("/sessions/<session_id>/files/<path:path>")
+@blp.response(204)
+def delete_file(session_id: str, path: str):
+    operations.file_op(ctx(), _session(session_id), "delete", path=path)
