@@ -81,7 +81,7 @@ def submit_execution(
     pipe = r.pipeline()
     executions.save(pipe, record, c.settings.execution_ttl_s)
     pipe.zadd(keys.session_executions(entry["id"]), {record["id"]: seq})
-    pipe.hset(keys.session(entry["id"]), "last_used_at", f"{time.time():.6f}")
+    sessions.touch(pipe, entry["id"], int(entry["cooldown_s"]))
     if idempotency_key:
         pipe.set(
             keys.idempotency(entry["tenant"], idempotency_key),

@@ -29,6 +29,11 @@ def session_seq(session_id: str) -> str:
     return f"{PREFIX}:session:{session_id}:seq"
 
 
+def session_deadlines() -> str:
+    """Sorted set: live session ids scored by the time they expire if left idle."""
+    return f"{PREFIX}:sessions:deadlines"
+
+
 def tenant_sessions(tenant: str) -> str:
     """Set: the ids of the tenant's live sessions."""
     return f"{PREFIX}:tenant:{tenant}:sessions"

@@ -44,6 +44,7 @@ def create(
     }
     pipe = r.pipeline()
     pipe.hset(keys.session(entry["id"]), mapping=entry)
+    pipe.zadd(keys.session_deadlines(), {entry["id"]: now + cooldown_s})
     pipe.sadd(keys.tenant_sessions(tenant), entry["id"])
     pipe.sadd(keys.host_sessions(host), entry["id"])
     pipe.execute()
@@ -83,8 +84,16 @@ def set_state(r: redis.Redis, session_id: str, state: str, reason: str = "") -> 
     r.hset(keys.session(session_id), mapping={"state": state, "reason": reason})
 
 
-def touch(r: redis.Redis, session_id: str) -> None:
-    r.hset(keys.session(session_id), "last_used_at", f"{time.time():.6f}")
+def touch(r: redis.Redis | redis.client.Pipeline, session_id: str, cooldown_s: int) -> None:
+    """Record a use of the session: its idle cooldown starts again."""
+    now = time.time()
+    r.hset(keys.session(session_id), "last_used_at", f"{now:.6f}")
+    r.zadd(keys.session_deadlines(), {session_id: now + cooldown_s}, xx=True)
+
+
+def due_for_expiry(r: redis.Redis, now: float, limit: int = 500) -> list[str]:
+    """Sessions whose idle deadline has passed."""
+    return r.zrangebyscore(keys.session_deadlines(), "-inf", now, start=0, num=limit)
 
 
 def end(r: redis.Redis, entry: dict[str, str], state: str) -> None:
@@ -93,6 +102,7 @@ def end(r: redis.Redis, entry: dict[str, str], state: str) -> None:
     pipe = r.pipeline()
     pipe.hset(keys.session(session_id), mapping={"state": state})
     pipe.expire(keys.session(session_id), TOMBSTONE_TTL_S)
+    pipe.zrem(keys.session_deadlines(), session_id)
     pipe.srem(keys.tenant_sessions(entry["tenant"]), session_id)
     pipe.srem(keys.host_sessions(entry["host"]), session_id)
     pipe.delete(keys.session_seq(session_id))

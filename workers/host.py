@@ -171,7 +171,7 @@ class HostRuntime:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
         executions.finish(self.r, record, ttl)
-        sessions.touch(self.r, session_id)
+        sessions.touch(self.r, session_id, pool.cooldown_s)
         log.info(
             "session=%s execution=%s host=%s status=%s duration_ms=%s",
             session_id,
@@ -245,7 +245,7 @@ class HostRuntime:
                 result = action(self._vm(session_id, pool))
             if reply_on_success:
                 replies.send(self.r, reply_key, {"ok": True, **result})
-            sessions.touch(self.r, session_id)
+            sessions.touch(self.r, session_id, pool.cooldown_s)
         except AgentError as exc:
             replies.send_error(self.r, reply_key, from_agent(exc.code, exc.message))
         except ShoalError as exc:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.signals import worker_ready, worker_shutting_down
 
+from pool import expiry
 from pool.pools import Pool, get_pool
 from shoal import liveness, replies
 from shoal.errors import ShoalError
@@ -88,3 +89,8 @@ def put_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool:
 @shared_task(name="shoal.get_file")
 def get_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
     runtime().get_file(session_id, transfer_id, path, reply_key, Pool(**pool))
+
+
+@shared_task(name="shoal.expire_sessions")
+def expire_sessions() -> None:
+    expiry.expire_idle(runtime().r, current_app)
