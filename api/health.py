@@ -35,7 +35,7 @@ def health_report() -> tuple[dict, bool]:
             "sessions": beat.get("sessions", 0),
             "libvirt": driver,
         }
-        if not driver.get("libvirt_ok", False):
+        if not driver.get("libvirt", {}).get("ok", False):
             down.append(f"libvirt on {host}")
     if not report["workers"]:
         down.append("workers (none registered)")

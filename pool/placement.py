@@ -10,7 +10,11 @@ from shoal.errors import NoHostAvailable
 
 def choose_host(r: redis.Redis) -> str:
     live = liveness.live_hosts(r)
-    ready = {h: beat for h, beat in live.items() if beat.get("driver", {}).get("libvirt_ok", True)}
+    ready = {
+        h: beat
+        for h, beat in live.items()
+        if beat.get("driver", {}).get("libvirt", {}).get("ok", False)
+    }
     if not ready:
         raise NoHostAvailable(
             "no worker host is up: start one with `shoal up` (see /healthz for what is down)"

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import tomllib
@@ -76,6 +77,7 @@ INITRD_FILE = "initrd.img"
 ROOTFS_FILE = "rootfs.ext4"
 MANIFEST_FILE = "manifest.json"
 HEARTBEAT_S = 10.0  # a progress line at least this often during long steps
+KEEP_IMAGES = 3  # built images kept per recipe, the newest included (older ones are deleted)
 
 Progress = Callable[[str], None]
 
@@ -340,8 +342,14 @@ class _Build:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8")
         with self.log_path.open("ab") as out:
             try:
+                # Own process group: an interrupted build kills debootstrap's dpkg/chroot too.
                 proc = subprocess.Popen(
-                    argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env
+                    argv,
+                    cwd=cwd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise ImageBuildError(step, f"cannot run {argv[0]}: {exc}") from None
@@ -359,7 +367,8 @@ class _Build:
                         last = self.tail(1).strip()[:100]
                         self.say(f"{step}: {time.monotonic() - t:.0f}s ... {last}")
             except BaseException:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise
         with self.log_path.open("rb") as f:
@@ -949,8 +958,22 @@ def build(
             raise
         with contextlib.suppress(OSError):
             (parent / f"{final.name}.failed.log").unlink()
+        _prune_old_images(parent, name, final, b)
         b.say(f"built {final} in {seconds:.0f}s (rootfs {out['sizes']['rootfs_bytes'] >> 20} MiB)")
     return final
+
+
+def _prune_old_images(parent: Path, name: str, keep_dir: Path, b: _Build) -> None:
+    """Keep the KEEP_IMAGES newest images of this recipe (each is ~1.5 GB; every agent change
+    makes one). A running VM keeps its open files; templates are keyed by recipe hash anyway."""
+    built = sorted(
+        (p for p in parent.glob(f"{name}-*") if (p / MANIFEST_FILE).is_file()),
+        key=lambda p: (p / MANIFEST_FILE).stat().st_mtime,
+        reverse=True,
+    )
+    for old in [p for p in built if p != keep_dir][KEEP_IMAGES - 1 :]:
+        b.say(f"removing old image {old.name}")
+        _safe_rmtree(old)
 
 
 # --- the data disk ---------------------------------------------------------------------------

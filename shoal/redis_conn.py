@@ -27,12 +27,26 @@ def redis_url(settings: Settings) -> str:
         ) from None
 
 
+# Blocking reads (BLPOP on replies, transfers and execution results) wait up to a few minutes;
+# the socket must outlast them. redis-py 8 otherwise cuts every read at 5 s.
+SOCKET_TIMEOUT_S = 330
+
+
 def client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(
-        redis_url(settings), decode_responses=True, health_check_interval=30
+        redis_url(settings),
+        decode_responses=True,
+        health_check_interval=30,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5,
     )
 
 
 def binary_client(settings: Settings) -> redis.Redis:
     """A client that returns bytes, for file chunks."""
-    return redis.Redis.from_url(redis_url(settings), health_check_interval=30)
+    return redis.Redis.from_url(
+        redis_url(settings),
+        health_check_interval=30,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=5,
+    )

@@ -199,7 +199,10 @@ def ensure_image(settings: Settings) -> None:
 
     if image.locate(settings, settings.default_image) is None:
         _say(f"building the guest image {settings.default_image!r} (first run: several minutes)")
-        image.build(settings, settings.default_image, progress=_say)
+        try:
+            image.build(settings, settings.default_image, progress=_say)
+        except image.ImageBuildError as exc:
+            raise StartFailed("image", str(exc)) from None
 
 
 def _print_welcome(settings: Settings, key: str) -> None:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from pool.pools import Pool
-from shoal import executions, keys, redis_conn, replies, sessions, transfers
+from shoal import executions, image, keys, redis_conn, replies, sessions, transfers
 from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.settings import Settings
 from workers.agent_client import AgentError
@@ -49,6 +49,7 @@ class HostRuntime:
     def start(self, default_spec: VMSpec) -> None:
         self.r.sadd(keys.hosts(), self.host)
         self.beat_once()
+        self.publish_image_info(default_spec)
         self.reconcile()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(
@@ -57,6 +58,18 @@ class HostRuntime:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def publish_image_info(self, spec: VMSpec) -> None:
+        """Put the image's Python version and packages where the API's `metadata` finds them."""
+        artifacts = image.locate(self.settings, spec.image)
+        if artifacts is None:
+            return
+        python = artifacts.read_manifest().get("python", {})
+        info = {
+            "python_version": python.get("version", ""),
+            "python_packages": python.get("packages", {}),
+        }
+        self.r.set(keys.image_info(spec.image), json.dumps(info))
 
     def _warm_template(self, spec: VMSpec) -> None:
         try:

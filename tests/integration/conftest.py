@@ -82,9 +82,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     if up.returncode != 0:
         subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True)
         pytest.fail(
-            "Shoal did not start (QEMU/libvirt guests are required here):\n"
-            + up.stdout
-            + up.stderr
+            "Shoal did not start (QEMU/libvirt guests are required here):\n" + up.stdout + up.stderr
         )
     key = (home / "dev-api-key").read_text().strip()
     yield Stack(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", key, env, home)

@@ -1,0 +1,168 @@
+"""The published dynamic-sessions client tools, unchanged, against a live Shoal.
+
+Each tool lives in its own virtualenv under /var/cache/shoal/client-venvs/<tool>/ (made by
+tests/clients/install.sh, which ./scripts/test runs first; their dependency trees clash), and is
+driven by tests/clients/drive_<tool>.py, which uses it as its users do with the pool management
+endpoint <stack>/pools/default and the stack's API key as the bearer token, then prints one JSON
+line of checks. docs/clients.md says what each tool sends and expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.guest
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS = REPO / "tests" / "clients"
+VENVS = Path(os.environ.get("SHOAL_CLIENT_VENVS", "/var/cache/shoal/client-venvs"))
+DRIVER_TIMEOUT_S = 480
+
+# (tool, scheme): every tool over the transport its users would pick. Semantic Kernel refuses
+# http://; LangChain (requests) and AutoGen (aiohttp) also run over https, with the generated CA
+# trusted through the environment as users do.
+CASES = [
+    ("langchain", "http"),
+    ("langchain", "https"),
+    ("semantic_kernel", "https"),
+    ("llamaindex", "http"),
+    ("autogen", "http"),
+    ("autogen", "https"),
+]
+
+# What each driver must have checked (so a driver that silently skipped a part fails here).
+EXPECTED_CHECKS = {
+    "langchain": {
+        "state_persists",
+        "error_status",
+        "error_traceback",
+        "image_result",
+        "upload_metadata",
+        "list_files",
+        "download_upload",
+        "download_generated",
+        "close_deleted_cleanly",
+        "deleted_state_gone",
+        "bash_output",
+        "bash_upload",
+    },
+    "semantic_kernel": {
+        "refuses_http_endpoint",
+        "state_persists",
+        "kernel_invoke",
+        "error_reported",
+        "upload_metadata",
+        "list_files",
+        "download_upload",
+    },
+    "llamaindex": {
+        "state_persists",
+        "error_reported",
+        "image_saved",
+        "upload_metadata",
+        "list_files",
+        "download_upload",
+        "download_generated",
+    },
+    "autogen": {
+        "state_persists",
+        "cwd_is_mnt_data",
+        "available_packages",
+        "error_reported",
+        "list_files",
+        "code_reads_upload",
+        "download_generated",
+        "functions_with_requirements",
+    },
+}
+
+
+def tool_python(tool: str) -> Path:
+    python = VENVS / tool / "bin" / "python"
+    if not python.exists():
+        pytest.fail(
+            f"the {tool} client venv is missing ({python}): run tests/clients/install.sh "
+            "(./scripts/test does) before these tests"
+        )
+    return python
+
+
+def driver_env(stack: Stack, scheme: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if "proxy" not in k.lower() and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
+    base = stack.tls_url if scheme == "https" else stack.url
+    env.update(
+        SHOAL_ENDPOINT=f"{base}/pools/default",
+        SHOAL_KEY=stack.key,
+        NO_PROXY="127.0.0.1,localhost",
+        PYTHONDONTWRITEBYTECODE="1",
+        PYTHONWARNINGS="ignore",
+    )
+    if scheme == "https":
+        ca = str(stack.home / "tls" / "ca.pem")
+        env["SSL_CERT_FILE"] = ca  # httpx (Semantic Kernel), aiohttp (AutoGen)
+        env["REQUESTS_CA_BUNDLE"] = ca  # requests (LangChain, LlamaIndex)
+    return env
+
+
+def run_driver(stack: Stack, tool: str, scheme: str) -> dict:
+    python = tool_python(tool)
+    try:
+        done = subprocess.run(
+            [str(python), str(CLIENTS / f"drive_{tool}.py")],
+            env=driver_env(stack, scheme),
+            cwd=CLIENTS,
+            capture_output=True,
+            text=True,
+            timeout=DRIVER_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"drive_{tool}.py over {scheme} ran over {DRIVER_TIMEOUT_S} s:\n{exc.stderr}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        pytest.fail(
+            f"drive_{tool}.py printed no JSON line (exit {done.returncode}):\n"
+            f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-5000:]}"
+        )
+    report = json.loads(lines[-1])
+    report["returncode"] = done.returncode
+    report["stderr_tail"] = done.stderr[-3000:]
+    return report
+
+
+def delete_sessions(stack: Stack, identifiers: list[str]) -> None:
+    """Drivers leave sessions behind when their tool cannot delete them: end those now."""
+    for identifier in identifiers:
+        requests.delete(
+            f"{stack.url}/pools/default/session",
+            params={"identifier": identifier, "api-version": "2025-10-02-preview"},
+            headers=stack.headers(),
+            timeout=60,
+        )
+
+
+@pytest.mark.parametrize(("tool", "scheme"), CASES, ids=[f"{t}-{s}" for t, s in CASES])
+def test_client_tool_works_unchanged(stack: Stack, tool: str, scheme: str) -> None:
+    report = run_driver(stack, tool, scheme)
+    try:
+        summary = json.dumps(
+            {k: report.get(k) for k in ("failed", "details", "timings", "error")}, indent=1
+        )
+        assert report["error"] is None, f"{tool} over {scheme} raised:\n{report['error']}"
+        assert report["failed"] == [], f"{tool} over {scheme}: mismatches:\n{summary}"
+        missing = EXPECTED_CHECKS[tool] - set(report["checks"])
+        assert not missing, f"{tool}: the driver did not check {sorted(missing)}"
+        assert report["ok"] and report["returncode"] == 0, summary + report["stderr_tail"]
+    finally:
+        delete_sessions(stack, report.get("details", {}).get("identifiers", []))

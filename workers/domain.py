@@ -1,0 +1,324 @@
+"""Names, file paths and libvirt domain XML of Shoal's VMs.
+
+Names. Every domain is `shoal-<instance>-<host>-<key>`: a host only ever touches domains that
+carry its own prefix, so two instances or two hosts sharing a libvirtd never meet. `<key>` is
+12 characters: a session's is the first 12 hex digits of sha256(session id) (session ids can
+be long or hold any character); a snapshot template's is `t` and 11 hex digits. A template
+and its clones therefore have names of the same length, which the save-image rewrite in
+workers/templates.py needs.
+
+Files. Each VM owns one directory, <instance_vm_dir>/vms/<key>/, holding its data disk overlay,
+its agent socket and its console log; destroying the VM removes the directory. Every
+directory above it is 0711 so QEMU (user libvirt-qemu) can traverse it.
+
+XML. `domain_xml()` builds the whole definition from a `DomainSpec`; `retarget_xml()` turns a
+template's saved definition into a clone's (name, uuid, disk, socket, console, metadata).
+
+What a guest gets, and why:
+- direct kernel boot (<kernel>, <initrd>, <cmdline>), no firmware disk boot;
+- vda: the image's root ext4, read-only, shared by every VM; vdb: the session's qcow2 overlay;
+- one virtio-serial channel, org.shoal.agent.0, bound to a unix socket the host connects to;
+- ttyS0 written to a console log file. libvirt hands file chardevs to virtlogd
+  (qemu.conf stdio_handler = "logd", the default), which rotates the file at its max_size
+  (virtlogd.conf, default 2 MiB, keeping max_backups = 3 old files): a guest cannot fill the
+  host's disk through its console. `console_tail()` in workers/vm.py reads at most
+  settings.console_log_max_bytes of it. Destroy removes console.log*;
+- no network interface unless the spec asks for one (then QEMU user-mode networking:
+  egress only, no host setup); no USB controller, sound, graphics or balloon;
+- <acpi/> and <apic/> so an idle guest goes tickless (~1% of a core under TCG instead of ~9%);
+- under TCG a translation cache of settings.tb_cache_mib (QEMU reserves 1 GiB otherwise);
+- crash, reboot and power-off all destroy the domain: a session's VM never comes back
+  by itself with its state reset;
+- optional CPU cap: <cputune> global_period/global_quota (whole QEMU process), only where
+  the cgroup cpu controller exists (workers/cgroups.py).
+QEMU runs as the unprivileged libvirt-qemu user, inside QEMU's seccomp sandbox
+(qemu.conf seccomp_sandbox, 1 by default: `-sandbox on,obsolete=deny,elevateprivileges=deny,
+spawn=deny,resourcecontrol=deny`); both are libvirt defaults this module relies on, and the
+integration tests check both on a running VM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shoal.protocol import CHANNEL_NAME
+from shoal.settings import Settings
+
+KEY_LEN = 12
+_SESSION_KEY = re.compile(r"^[0-9a-f]{12}$")
+_TEMPLATE_KEY = re.compile(r"^t[0-9a-f]{11}$")
+METADATA_NS = "urn:shoal:vm:1"
+ET.register_namespace("shoal", METADATA_NS)
+
+DIR_MODE = 0o711
+# A unix socket path must fit in sun_path (108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def _sanitise(text: str, max_len: int) -> str:
+    cleaned = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return cleaned[:max_len].strip("-")
+
+
+def name_prefix(settings: Settings) -> str:
+    """`shoal-<instance>-<host>-`: every domain of this instance on this host starts so."""
+    instance = _sanitise(settings.instance_id, 16) or "default"
+    host = _sanitise(settings.host_name, 24) or "host"
+    return f"shoal-{instance}-{host}-"
+
+
+def session_key(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()[:KEY_LEN]
+
+
+def domain_name(settings: Settings, key: str) -> str:
+    return name_prefix(settings) + key
+
+
+def key_of(settings: Settings, name: str) -> str | None:
+    """The key of one of our domain names, or None if the name is not this host's."""
+    prefix = name_prefix(settings)
+    if not name.startswith(prefix):
+        return None
+    key = name[len(prefix) :]
+    if _SESSION_KEY.match(key) or _TEMPLATE_KEY.match(key):
+        return key
+    return None
+
+
+def is_template_key(key: str) -> bool:
+    return bool(_TEMPLATE_KEY.match(key))
+
+
+def make_dirs(path: Path, top: Path) -> None:
+    """Create `path` and its parents up to and including `top`, each 0711 (root-owned,
+    traversable by libvirt-qemu)."""
+    path = Path(path)
+    chain = [path, *path.parents]
+    for directory in reversed(chain):
+        if directory != top and top not in directory.parents:
+            continue
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+        if directory.stat().st_mode & 0o711 != 0o711:
+            os.chmod(directory, directory.stat().st_mode | 0o711)
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """The files of one VM, all inside one directory."""
+
+    dir: Path
+
+    @property
+    def data_disk(self) -> Path:
+        return self.dir / "data.qcow2"
+
+    @property
+    def socket(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def restore_image(self) -> Path:
+        """A clone's private copy of the template's save image, removed once restored."""
+        return self.dir / "restore.save"
+
+
+def vms_dir(settings: Settings) -> Path:
+    return settings.instance_vm_dir / "vms"
+
+
+def vm_paths(settings: Settings, key: str) -> VMPaths:
+    paths = VMPaths(vms_dir(settings) / key)
+    if len(str(paths.socket)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"agent socket path {paths.socket} is longer than {MAX_SOCKET_PATH} bytes: "
+            "choose a shorter SHOAL_VM_DIR"
+        )
+    return paths
+
+
+def qemu_log_files(name: str, log_dir: Path = Path("/var/log/libvirt/qemu")) -> list[Path]:
+    """libvirt's own per-domain log (QEMU's stderr), which outlives the domain unless removed."""
+    try:
+        return sorted(p for p in log_dir.iterdir() if p.name.startswith(name + ".log"))
+    except OSError:
+        return []
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything one domain definition needs, with paths resolved."""
+
+    name: str
+    uuid: str
+    accel: str  # "kvm" or "tcg"
+    vcpus: int
+    memory_mib: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    rootfs: Path
+    data_disk: Path
+    agent_socket: Path
+    console_log: Path
+    rootfs_format: str = "raw"
+    data_disk_format: str = "qcow2"
+    tb_cache_mib: int = 64
+    cpu_quota: float = 0.0  # cores for the whole QEMU process; 0: no cap
+    network: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+CPU_PERIOD_US = 100_000
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _metadata(parent: ET.Element, values: Mapping[str, str]) -> None:
+    vm = _sub(_sub(parent, "metadata"), f"{{{METADATA_NS}}}vm")
+    for key, value in sorted(values.items()):
+        vm.set(key, str(value))
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    if spec.accel not in ("kvm", "tcg"):
+        raise ValueError(f"accel must be kvm or tcg, not {spec.accel!r}")
+    domain = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
+    _sub(domain, "name", spec.name)
+    _sub(domain, "uuid", spec.uuid)
+    _metadata(domain, spec.metadata)
+    _sub(domain, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(domain, "vcpu", str(spec.vcpus), placement="static")
+    if spec.cpu_quota > 0:
+        cputune = _sub(domain, "cputune")
+        _sub(cputune, "global_period", str(CPU_PERIOD_US))
+        _sub(cputune, "global_quota", str(max(1000, int(spec.cpu_quota * CPU_PERIOD_US))))
+
+    os_ = _sub(domain, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine="pc")
+    _sub(os_, "kernel", str(spec.kernel))
+    _sub(os_, "initrd", str(spec.initrd))
+    _sub(os_, "cmdline", spec.cmdline)
+
+    features = _sub(domain, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    if spec.accel == "tcg":
+        tcg = _sub(features, "tcg")
+        _sub(tcg, "tb-cache", str(spec.tb_cache_mib), unit="MiB")
+    if spec.accel == "kvm":
+        _sub(domain, "cpu", mode="host-passthrough", check="none", migratable="on")
+    _sub(domain, "clock", offset="utc")
+    _sub(domain, "on_poweroff", "destroy")
+    _sub(domain, "on_reboot", "destroy")
+    _sub(domain, "on_crash", "destroy")
+    pm = _sub(domain, "pm")
+    _sub(pm, "suspend-to-mem", enabled="no")
+    _sub(pm, "suspend-to-disk", enabled="no")
+
+    devices = _sub(domain, "devices")
+    root = _sub(devices, "disk", type="file", device="disk")
+    _sub(root, "driver", name="qemu", type=spec.rootfs_format)
+    _sub(root, "source", file=str(spec.rootfs))
+    _sub(root, "target", dev="vda", bus="virtio")
+    _sub(root, "readonly")
+    data = _sub(devices, "disk", type="file", device="disk")
+    _sub(data, "driver", name="qemu", type=spec.data_disk_format, discard="unmap")
+    _sub(data, "source", file=str(spec.data_disk))
+    _sub(data, "target", dev="vdb", bus="virtio")
+    _sub(devices, "controller", type="usb", model="none")
+    if spec.network:
+        interface = _sub(devices, "interface", type="user")
+        _sub(interface, "model", type="virtio")
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=str(spec.console_log), append="off")
+    _sub(serial, "target", port="0")
+    channel = _sub(devices, "channel", type="unix")
+    _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
+    _sub(channel, "target", type="virtio", name=CHANNEL_NAME)
+    _sub(devices, "memballoon", model="none")
+    return ET.tostring(domain, encoding="unicode")
+
+
+def retarget_xml(
+    xml: str,
+    *,
+    name: str,
+    uuid: str,
+    data_disk: Path,
+    agent_socket: Path,
+    console_log: Path,
+    metadata: Mapping[str, str],
+) -> str:
+    """A template's saved definition, made a clone's: its own name, uuid, data disk overlay,
+    agent socket, console log and metadata. Everything that is guest ABI stays as saved."""
+    domain = ET.fromstring(xml)
+
+    def one(path: str) -> ET.Element:
+        found = domain.find(path)
+        if found is None:
+            raise ValueError(f"template domain XML has no {path}")
+        return found
+
+    one("name").text = name
+    one("uuid").text = uuid
+    metadata_element = domain.find("metadata")
+    if metadata_element is None:
+        metadata_element = ET.Element("metadata")
+        domain.insert(list(domain).index(one("uuid")) + 1, metadata_element)
+    for child in metadata_element.findall(f"{{{METADATA_NS}}}vm"):
+        metadata_element.remove(child)
+    vm = ET.SubElement(metadata_element, f"{{{METADATA_NS}}}vm")
+    for key, value in sorted(metadata.items()):
+        vm.set(key, str(value))
+
+    disk_source = None
+    for disk in domain.findall("devices/disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev") == "vdb":
+            disk_source = disk.find("source")
+            backing = disk.find("backingStore")
+            if backing is not None:  # libvirt re-probes the clone's own chain
+                disk.remove(backing)
+    if disk_source is None:
+        raise ValueError("template domain XML has no vdb disk")
+    disk_source.set("file", str(data_disk))
+
+    channel_source = None
+    for channel in domain.findall("devices/channel"):
+        target = channel.find("target")
+        if target is not None and target.get("name") == CHANNEL_NAME:
+            channel_source = channel.find("source")
+    if channel_source is None:
+        raise ValueError(f"template domain XML has no {CHANNEL_NAME} channel")
+    channel_source.set("path", str(agent_socket))
+
+    for tag in ("serial", "console"):
+        for chardev in domain.findall(f"devices/{tag}"):
+            if chardev.get("type") == "file":
+                source = chardev.find("source")
+                if source is not None:
+                    source.set("path", str(console_log))
+    return ET.tostring(domain, encoding="unicode")
+
+
+def read_metadata(xml: str) -> dict[str, str]:
+    """The Shoal metadata attributes of a domain definition ({} when there are none)."""
+    domain = ET.fromstring(xml)
+    element = domain.find(f"metadata/{{{METADATA_NS}}}vm")
+    return dict(element.attrib) if element is not None else {}
