@@ -3,16 +3,21 @@
 Nothing starts them at boot on our machines (no systemd), so `shoal up` starts each one that is
 not already running, and leaves them running at `shoal down`: other instances on the host may
 use them. Where the CPU has no hardware virtualization, libvirtd is started in a private mount
-namespace with /dev/kvm hidden, or it re-probes QEMU on every domain start (host.md: 56 s).
+namespace with /dev/kvm hidden behind an unopenable device, or it re-probes QEMU on every
+domain start (host.md: 56 s).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import time
+from pathlib import Path
 
 LIBVIRT_URI = "qemu:///system"
+NO_KVM = Path("/var/lib/shoal/.no-kvm")
 
 
 def hardware_virtualization() -> bool:
@@ -43,6 +48,19 @@ def ensure_virtlogd() -> str:
     return "started"
 
 
+def _no_kvm_device() -> Path:
+    """A character device nobody may open, to mount over /dev/kvm in libvirtd's namespace.
+
+    /dev/null would not do: libvirt-qemu can open it, so libvirt decides KVM "became usable"
+    and re-probes QEMU on every domain start (about 30 s each, measured here)."""
+    NO_KVM.parent.mkdir(parents=True, exist_ok=True)
+    if not NO_KVM.is_char_device():
+        NO_KVM.unlink(missing_ok=True)
+        os.mknod(NO_KVM, 0o000 | stat.S_IFCHR, os.makedev(1, 3))
+    NO_KVM.chmod(0o000)
+    return NO_KVM
+
+
 def ensure_libvirtd(timeout_s: float = 30.0) -> str:
     """Start libvirtd unless it runs; wait until it answers."""
     if _running("libvirtd"):
@@ -52,7 +70,7 @@ def ensure_libvirtd(timeout_s: float = 30.0) -> str:
             subprocess.run(["libvirtd", "-d"], check=True)
             state = "started"
         else:
-            hide_kvm = "mount --bind /dev/null /dev/kvm 2>/dev/null; exec libvirtd -d"
+            hide_kvm = f"mount --bind {_no_kvm_device()} /dev/kvm && exec libvirtd -d"
             subprocess.run(
                 ["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm], check=True
             )

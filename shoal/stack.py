@@ -164,6 +164,10 @@ def running(settings: Settings) -> bool:
 def up(settings: Settings, detach: bool) -> int:
     if running(settings):
         _say(f"already running at {endpoint(settings)} (stop it with ./scripts/down)")
+        restarted = [n for n in ("worker", "beat") if processes.running_pid(settings, n) is None]
+        if restarted:
+            start_services(settings)
+            _say(f"restarted {', '.join(restarted)}, which had stopped")
         return 0
     try:
         _bring_up(settings)
@@ -248,8 +252,7 @@ def destroy_vms(settings: Settings) -> int:
 
     if not daemons.libvirt_answers():
         return 0
-    report = VMManager(settings).reconcile(set())
-    return len(report.destroyed)
+    return len(VMManager(settings).destroy_all())
 
 
 def down(settings: Settings) -> int:

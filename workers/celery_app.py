@@ -1,9 +1,9 @@
 """The Celery application: broker, queues, routes, beat schedule and reliability settings.
 
 Each host's worker consumes its own queue (`shoal.host.<host>`): every task about a session goes
-to the queue of the host that runs its VM. `shoal.control` carries beat's housekeeping, taken by
-whichever worker is free. Results travel through Shoal's own records (shoal/executions.py) and
-reply lists (shoal/replies.py), so Celery's result backend is off.
+to the queue of the host that runs its VM. `shoal.control` is the default queue for tasks that
+belong to no host, taken by whichever worker is free. Results travel through Shoal's own records
+(shoal/executions.py) and reply lists (shoal/replies.py), so Celery's result backend is off.
 """
 
 from __future__ import annotations
@@ -37,11 +37,8 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
-        beat_schedule={
-            "check-hosts": {"task": "shoal.check_hosts", "schedule": 5.0},
-            # The issue asks for at least every 10 s; expiry is then at most ~5 s late.
-            "expire-sessions": {"task": "shoal.expire_sessions", "schedule": 5.0},
-        },
+        # Housekeeping runs inside beat itself (workers/beat.py), so there is no schedule.
+        beat_schedule={},
         beat_schedule_filename=str(settings.run_dir / "celerybeat-schedule"),
     )
     return app

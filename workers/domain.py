@@ -20,9 +20,11 @@ What a guest gets, and why:
 - one virtio-serial channel, org.shoal.agent.0, bound to a unix socket the host connects to;
 - ttyS0 written to a console log file. libvirt hands file chardevs to virtlogd
   (qemu.conf stdio_handler = "logd", the default), which rotates the file at its max_size
-  (virtlogd.conf, default 2 MiB, keeping max_backups = 3 old files): a guest cannot fill the
-  host's disk through its console. `console_tail()` in workers/vm.py reads at most
-  settings.console_log_max_bytes of it. Destroy removes console.log*;
+  (virtlogd.conf, default 2 MiB, keeping max_backups = 3 old files as console.log.N; checked
+  here with a guest writing 3 MB): a guest cannot fill the host's disk through its console, at
+  most (1 + max_backups) x max_size per VM. settings.console_log_max_bytes takes effect only if
+  virtlogd is started with a config that sets max_size to it. `VM.console_tail()` reads the last
+  few KiB; destroying the VM removes its directory, rotated files included;
 - no network interface unless the spec asks for one (then QEMU user-mode networking:
   egress only, no host setup); no USB controller, sound, graphics or balloon;
 - <acpi/> and <apic/> so an idle guest goes tickless (~1% of a core under TCG instead of ~9%);

@@ -16,10 +16,10 @@ from pool.pools import Pool
 from shoal import executions, image, keys, redis_conn, replies, sessions, transfers
 from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.settings import Settings
-from workers.agent_client import AgentError
+from workers.agent_client import AgentClientError, AgentError
 from workers.session_slots import SlotTable
 from workers.vm import VMManager, VMSpec
-from workers.vm_errors import VMError, VMLost
+from workers.vm_errors import AgentRefused, VMError, VMLost
 
 log = logging.getLogger("shoal.host")
 
@@ -176,6 +176,9 @@ class HostRuntime:
             )
             record["cancel_requested"] = self._cancel_requested(record["id"])
             executions.apply_agent_result(record, answer)
+        except AgentRefused as exc:
+            record["status"] = executions.FAILED
+            record["stderr"] = f"The session refused the execution: {exc}"
         except (VMLost, SessionLost) as exc:
             self._lose(record, str(exc))
         except VMError as exc:
@@ -261,6 +264,12 @@ class HostRuntime:
             sessions.touch(self.r, session_id, pool.cooldown_s)
         except AgentError as exc:
             replies.send_error(self.r, reply_key, from_agent(exc.code, exc.message))
+        except AgentRefused as exc:
+            replies.send_error(self.r, reply_key, from_agent(exc.code, exc.agent_message))
+        except AgentClientError as exc:
+            # Garbage, a flood, silence or a hang-up from the guest: it is not trusted again.
+            self.mark_session_lost(session_id, f"its agent broke the protocol: {exc}")
+            replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))
         except ShoalError as exc:
             replies.send_error(self.r, reply_key, exc)
         except (VMLost, VMError) as exc:

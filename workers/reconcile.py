@@ -6,8 +6,10 @@ session ids the registry says live on this host:
 - a known session without a running domain has vanished: reported, for the caller to mark
   the session lost (the Redis side belongs to the caller);
 - a VM directory with neither a domain nor a known session is removed.
-Template domains (key `t...`) are left alone: they exist only while a template is being built.
-Sessions this process is creating or destroying right now (`busy`) are skipped both ways.
+- a template domain (key `t...`) exists only while a template is being built: it is left alone
+  while some process holds that template's build lock, and destroyed otherwise (its builder
+  died before saving it).
+Sessions this process is creating right now (`busy`) are skipped both ways.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def reconcile(
     known_session_ids: Iterable[str],
     busy_session_ids: Iterable[str],
     destroy_domain: Callable[[str], None],
+    template_in_use: Callable[[str], bool] = lambda key: True,
+    remove_partial_template: Callable[[str], None] = lambda key: None,
 ) -> ReconcileReport:
     report = ReconcileReport()
     known = {dom.session_key(sid): sid for sid in known_session_ids}
@@ -61,7 +65,14 @@ def reconcile(
     for name, active in sorted(domains.items()):
         key = dom.key_of(settings, name)
         assert key is not None
-        if dom.is_template_key(key) or key in busy:
+        if dom.is_template_key(key):
+            if not template_in_use(key):
+                log.warning("destroying template domain %s: no builder holds its lock", name)
+                destroy_domain(name)
+                remove_partial_template(key)
+                report.destroyed.append(name)
+            continue
+        if key in busy:
             continue
         if key in known and active:
             running.add(key)

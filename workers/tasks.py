@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import logging
 
-from celery import current_app, shared_task
+from celery import shared_task
 from celery.signals import worker_ready, worker_shutting_down
 
-from pool import expiry
 from pool.pools import Pool, get_pool
-from shoal import liveness, replies
+from shoal import replies
 from shoal.errors import ShoalError
 from shoal.settings import load
 from workers.host import HostRuntime, spec_for
@@ -70,12 +69,6 @@ def destroy_session(session_id: str) -> None:
     runtime().destroy_session(session_id)
 
 
-@shared_task(name="shoal.check_hosts")
-def check_hosts() -> None:
-    rt = runtime()
-    liveness.check_hosts(rt.r, rt.settings.execution_ttl_s)
-
-
 @shared_task(name="shoal.file_op")
 def file_op(session_id: str, op: str, args: dict, reply_key: str, pool: dict) -> None:
     runtime().file_op(session_id, op, args, reply_key, Pool(**pool))
@@ -89,8 +82,3 @@ def put_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool:
 @shared_task(name="shoal.get_file")
 def get_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
     runtime().get_file(session_id, transfer_id, path, reply_key, Pool(**pool))
-
-
-@shared_task(name="shoal.expire_sessions")
-def expire_sessions() -> None:
-    expiry.expire_idle(runtime().r, current_app)

@@ -215,6 +215,27 @@ class TemplateStore:
         finally:
             os.close(fd)
 
+    def being_built(self, key: str) -> bool:
+        """Whether some process (this one included) holds a build lock of template `key`.
+
+        A template domain nobody is building was left by a builder that died: reconcile
+        destroys it."""
+        for lock_path in self.root.glob(f"*-{key}.lock"):
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(fd)  # closing the descriptor releases a lock we took
+        return False
+
+    def remove_partial(self, key: str) -> None:
+        shutil.rmtree(self.root / f".building-{key}", ignore_errors=True)
+
     def ensure(
         self,
         image: str,

@@ -44,7 +44,7 @@ from workers.agent_client import (
     AgentTimeout,
 )
 from workers.cgroups import CpuControllerProbe, probe_cpu_controller
-from workers.reconcile import ReconcileReport
+from workers.reconcile import ReconcileReport, our_domains
 from workers.reconcile import reconcile as reconcile_domains
 from workers.vm_errors import (
     AgentRefused,
@@ -303,8 +303,10 @@ class VMManager:
                 time.sleep(0.5 * attempt)  # "Failed to terminate process": QEMU busy in I/O
         return False
 
-    def _remove_files(self, name: str, directory: Path) -> None:
-        shutil.rmtree(directory, ignore_errors=True)
+    def _remove_files(self, name: str, directory: Path | None) -> None:
+        """The VM's directory, and libvirt's log of the domain (it outlives the domain)."""
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
         for path in dom.qemu_log_files(name):
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -488,9 +490,11 @@ class VMManager:
         with self._step(who, "reseed", timings):
             try:
                 agent.reseed(time.time_ns(), os.urandom(64))
-            except Exception:
+            except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
                 agent.close()
-                raise
+                raise VMStartFailed(
+                    f"session {who}: reseeding the restored guest failed: {exc}"
+                ) from None
         return agent
 
     # --- public API --------------------------------------------------------------------------
@@ -669,8 +673,11 @@ class VMManager:
     def ensure_template(self, spec: VMSpec) -> None:
         """Build the (image, shape) template if it is missing or stale. Slow (a boot plus the
         imports: about a minute under TCG); other processes wait on its lock."""
-        artifacts = self._artifacts(spec)
-        key, group, describe = self._template_id(spec, artifacts)
+        try:
+            artifacts = self._artifacts(spec)
+            key, group, describe = self._template_id(spec, artifacts)
+        except VMError as exc:
+            raise TemplateError(f"no template for {spec.image}: {exc}") from exc
         try:
             self.templates.ensure(
                 spec.image,
@@ -727,9 +734,7 @@ class VMManager:
             self._destroy_domain(name)
             raise
         finally:
-            for path in dom.qemu_log_files(name):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            self._remove_files(name, None)
         return name, uuid
 
     def reconcile(self, known_session_ids: set[str]) -> ReconcileReport:
@@ -738,12 +743,16 @@ class VMManager:
         with self._lock:
             busy = set(self._busy)
         report = reconcile_domains(
-            self.settings, self.libvirt, known_session_ids, busy, self._destroy_domain
+            self.settings,
+            self.libvirt,
+            known_session_ids,
+            busy,
+            self._destroy_domain,
+            self.templates.being_built,
+            self.templates.remove_partial,
         )
         for name in report.destroyed:
-            for path in dom.qemu_log_files(name):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            self._remove_files(name, None)
         with self._lock:
             for session_id in report.missing:
                 vm = self._vms.pop(session_id, None)
@@ -751,6 +760,33 @@ class VMManager:
                     vm.lost_reason = "its domain vanished"
                     vm.agent.close()
         return report
+
+    def destroy_all(self) -> list[str]:
+        """Destroy every domain of this instance on this host (sessions and template builds)
+        and remove their files; templates already saved stay. For `shoal down` and tests.
+        Returns the names of the domains destroyed."""
+        with self._lock:
+            owned = list(self._vms.values())
+            self._vms.clear()
+        for vm in owned:
+            vm.lost_reason = vm.lost_reason or "the VM was destroyed"
+            vm.agent.close()
+        destroyed = []
+        for name in sorted(our_domains(self.settings, self.libvirt)):
+            key = dom.key_of(self.settings, name)
+            assert key is not None
+            self._destroy_domain(name)
+            destroyed.append(name)
+            if dom.is_template_key(key):
+                self.templates.remove_partial(key)
+                self._remove_files(name, None)
+            else:
+                self._remove_files(name, dom.vm_paths(self.settings, key).dir)
+        vms = dom.vms_dir(self.settings)
+        if vms.is_dir():
+            for directory in vms.iterdir():
+                shutil.rmtree(directory, ignore_errors=True)
+        return destroyed
 
     def status(self) -> dict[str, Any]:
         """For /healthz and the heartbeat: accelerator, CPU quotas, libvirt, templates."""

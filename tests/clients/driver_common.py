@@ -91,6 +91,16 @@ def _jsonable(value: object) -> object:
         return repr(value)
 
 
+def _response_body(exc: BaseException | None) -> str:
+    """The body of the HTTP error response behind exc (requests and httpx keep it), if any."""
+    while exc is not None:
+        text = getattr(getattr(exc, "response", None), "text", None)
+        if isinstance(text, str):
+            return f"\nresponse body: {text[:2000]}"
+        exc = exc.__cause__ or exc.__context__
+    return ""
+
+
 def run(tool: str, body: Callable[[Report, str, str], None]) -> None:
     """Run body(report, endpoint, key), print the report line and exit with its status."""
     endpoint, key = env()
@@ -98,5 +108,5 @@ def run(tool: str, body: Callable[[Report, str, str], None]) -> None:
     try:
         body(report, endpoint, key)
     except BaseException as exc:  # noqa: BLE001 - every failure ends up in the JSON line
-        report.error = "".join(traceback.format_exception(exc))[-4000:]
+        report.error = "".join(traceback.format_exception(exc))[-4000:] + _response_body(exc)
     sys.exit(report.emit())

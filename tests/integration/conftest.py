@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from shoal import processes
+from shoal.settings import load
+
 REPO = Path(__file__).resolve().parents[2]
 SHOAL = [sys.executable, "-m", "shoal.cli"]
 
@@ -88,3 +91,38 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     yield Stack(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", key, env, home)
     down = subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True, text=True)
     assert down.returncode == 0, down.stdout + down.stderr
+    assert_nothing_left(load(env))
+
+
+def processes_of(home: str) -> list[int]:
+    """Live processes started for the instance at `home` (they carry SHOAL_HOME=home)."""
+    marker = f"SHOAL_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ and processes.alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def assert_nothing_left(settings) -> None:
+    """After `shoal down`: no domain of this instance, no VM file, no Shoal process."""
+    names = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    prefix = f"shoal-{settings.instance_id}-"
+    assert [n for n in names if n.startswith(prefix)] == []
+    assert processes_of(settings.home) == [], "Shoal processes still run after `shoal down`"
+    leftovers = [
+        p for p in settings.instance_vm_dir.rglob("*")
+        if p.is_file() and "templates" not in p.parts
+    ]  # fmt: skip
+    assert leftovers == [], f"VM files left behind: {leftovers[:5]}"

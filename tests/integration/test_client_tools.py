@@ -159,7 +159,10 @@ def test_client_tool_works_unchanged(stack: Stack, tool: str, scheme: str) -> No
         summary = json.dumps(
             {k: report.get(k) for k in ("failed", "details", "timings", "error")}, indent=1
         )
-        assert report["error"] is None, f"{tool} over {scheme} raised:\n{report['error']}"
+        assert report["error"] is None, (
+            f"{tool} over {scheme} raised:\n{report['error']}\nchecks so far: "
+            + json.dumps({k: report.get(k) for k in ("checks", "details", "timings")}, indent=1)
+        )
         assert report["failed"] == [], f"{tool} over {scheme}: mismatches:\n{summary}"
         missing = EXPECTED_CHECKS[tool] - set(report["checks"])
         assert not missing, f"{tool}: the driver did not check {sorted(missing)}"

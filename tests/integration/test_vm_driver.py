@@ -34,7 +34,8 @@ from workers.vm_errors import VMLost
 pytestmark = pytest.mark.guest
 
 SPEC = VMSpec(image="python", vcpus=1, memory_mib=512, data_disk_mib=256)
-COLD_SPEC = VMSpec(image="python", vcpus=1, memory_mib=384, data_disk_mib=256)  # no template
+# A shape without a template (so: a cold boot), with a CPU cap of half a core.
+COLD_SPEC = VMSpec(image="python", vcpus=1, memory_mib=384, data_disk_mib=256, cpu_quota=0.5)
 
 
 def _settings() -> Settings:
@@ -62,11 +63,9 @@ def manager(settings):
     vms = VMManager(settings)
     yield vms
     # Whatever happened: destroy every domain of the test instance, remove every VM directory.
-    for session_id in [vm.session_id for vm in vms.list_vms()]:
-        vms.destroy(session_id)
-    vms.reconcile(set())
-    left = our_domains(settings, vms.libvirt)
-    assert not [n for n in left if not dom.is_template_key(dom.key_of(settings, n))], left
+    vms.destroy_all()
+    assert not our_domains(settings, vms.libvirt)
+    assert not any(dom.vms_dir(settings).iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +88,11 @@ def out(vm, code: str) -> str:
 
 def session() -> str:
     return f"test-{uuid.uuid4()}"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def assert_gone(settings: Settings, vm) -> None:
@@ -117,7 +121,16 @@ def test_cold_boot(settings, manager):
         assert cmdline[cmdline.index(b"-sandbox") + 1].startswith(b"on")
         uid = int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
         assert uid != 0
-        assert manager.status()["accel"]["kind"] in ("tcg", "kvm")
+        status = manager.status()
+        assert status["accel"]["kind"] in ("tcg", "kvm")
+        if status["cpu_quota"]["available"]:
+            assert status["cpu_quota"]["verified"] is True
+            # A busy guest gets about half a core, not a whole one.
+            before, started = _cpu_seconds(pid), time.monotonic()
+            out(vm, "import time\nt = time.time()\nwhile time.time() - t < 3: pass")
+            share = (_cpu_seconds(pid) - before) / (time.monotonic() - started)
+            print(f"CPU share of a busy guest capped at 0.5: {share:.2f}")
+            assert share < 0.7
     finally:
         manager.destroy(sid)
     assert_gone(settings, vm)
@@ -234,14 +247,32 @@ def test_attach_after_a_worker_restart(settings, manager, clone):
     assert manager.attach(vm.session_id, SPEC) is not None
 
 
+def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
+    """A template domain whose builder died before saving it (nobody holds its lock)."""
+    key = "t" + uuid.uuid4().hex[:11]
+    name = dom.domain_name(settings, key)
+    building = manager.templates.root / f".building-{key}"
+    dom.make_dirs(building, Path(settings.vm_dir))
+    paths = dom.VMPaths(building)
+    base = image.data_disk_base(settings, SPEC.data_disk_mib)
+    manager._make_overlay(paths.data_disk, base, "raw")
+    artifacts = image.locate(settings, "python")
+    spec = manager._domain_spec(name, str(uuid.uuid4()), paths, SPEC, artifacts, {})
+    xml = dom.domain_xml(spec)
+    connection().call("start an orphan", lambda c: c.createXML(xml, 0))
+    return name
+
+
 def test_reconcile(settings, manager, clone):
     kept, stray, vanished = clone(), clone(), clone()
+    orphan = _orphan_template_domain(settings, manager)
     connection().call(
         "destroy behind the driver's back",
         lambda c: c.lookupByName(vanished.domain_name).destroy(),
     )
     report = manager.reconcile({kept.session_id, vanished.session_id, "never-existed"})
-    assert report.destroyed == [stray.domain_name]
+    assert sorted(report.destroyed) == sorted([stray.domain_name, orphan])
+    assert not (manager.templates.root / f".building-{dom.key_of(settings, orphan)}").exists()
     assert sorted(report.missing) == sorted([vanished.session_id, "never-existed"])
     assert stray.domain_name not in our_domains(settings, connection())
     assert not stray.paths.dir.exists()

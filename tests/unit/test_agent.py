@@ -301,6 +301,26 @@ def test_interrupt_from_another_thread_stops_a_busy_loop(agent):
     assert run(agent, "kept")["result"]["text/plain"] == "'still here'"
 
 
+def test_an_interrupt_right_behind_the_execute_is_never_lost(fresh_agent):
+    """execute and interrupt in one write: the SIGINT reaches the kernel before the cell starts.
+    The kernel must still interrupt that cell (not ignore the signal, which would get it killed
+    after the grace), and must not carry it over to the next cell."""
+    sock = fresh_agent.sock
+    sock.setblocking(True)
+    for i in range(20):
+        rid = 100 + 2 * i
+        sock.sendall(
+            protocol.encode({"id": rid, "op": "execute", "code": "while True: pass"})
+            + protocol.encode({"id": rid + 1, "op": "interrupt"})
+        )
+        answers = {a["id"]: a for a in (read_raw(sock), read_raw(sock))}
+        assert answers[rid + 1]["interrupted"] is True
+        assert answers[rid]["status"] == "interrupted", answers[rid]
+        assert answers[rid]["interpreter_restarted"] is False
+        sock.sendall(protocol.encode({"id": rid + 1000, "op": "execute", "code": "'next'"}))
+        assert read_raw(sock)["status"] == "ok"
+
+
 def test_interrupt_stops_sleep_and_other_requests_are_busy(agent):
     join = in_thread(run, agent, "import time\ntime.sleep(30)", timeout_s=60)
     wait_running(agent)
@@ -374,6 +394,37 @@ def test_interpreter_restart_after_segfault(agent):
     assert "SIGSEGV" in answer["error"]["value"]
     assert run(agent, "1 + 1")["result"]["text/plain"] == "2"
     assert agent.client.hello(packages=False)["kernel_restarts"] >= 1
+
+
+def test_exit_or_death_between_executions_is_reported_on_the_next(agent):
+    run(agent, "gone = 1")
+    assert run(agent, "exit()")["status"] == "ok"
+    answer = run(agent, "1 + 1")
+    assert answer["result"] == {"text/plain": "2"}
+    assert answer["interpreter_restarted"] is True
+    assert run(agent, "gone")["error"]["name"] == "NameError"
+
+    # The interpreter dies while idle (a thread of the user's ends it after the cell).
+    code = (
+        "import os, threading, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), os._exit(3))).start()"
+    )
+    assert run(agent, code)["interpreter_restarted"] is False
+    time.sleep(0.6)
+    answer = run(agent, "'fresh'")
+    assert answer["status"] == "ok" and answer["interpreter_restarted"] is True
+    assert run(agent, "'steady'")["interpreter_restarted"] is False
+
+
+def test_ipython_magics_and_bang_commands(agent):
+    answer = run(agent, "!echo bang; echo err >&2")
+    assert (answer["stdout"], answer["stderr"]) == ("bang\n", "err\n")
+    answer = run(agent, "files = !ls /\n'etc' in files")
+    assert answer["result"] == {"text/plain": "True"}
+    answer = run(agent, "%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 2]);")
+    assert answer["status"] == "ok", answer["error"]
+    assert [list(o["data"]) for o in answer["outputs"]] == [["text/plain", "image/png"]]
+    assert run(agent, "input('name? ')")["error"]["name"] == "EOFError"
 
 
 def test_code_limit_and_argument_checks(agent):
