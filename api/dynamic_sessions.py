@@ -14,6 +14,7 @@ from api import dynamic_shapes as shapes
 from api import operations
 from api.auth import require_tenant
 from api.context import ctx
+from api.schemas import code_problem
 from api.v1_files import capped_chunks
 from pool.pools import get_pool
 from shoal import executions, sessions
@@ -75,6 +76,9 @@ def _execution_params(body: dict, code_names: tuple[str, ...]) -> dict:
         code = body["shellCommand"]
     if not isinstance(code, str) or not code:
         raise ValidationFailed(f"`{code_names[0]}` is required and must be a non-empty string")
+    problem = code_problem(code)
+    if problem:
+        raise ValidationFailed(problem)
     input_type = str(body.get("codeInputType", "inline")).lower()
     if input_type != "inline":
         raise ValidationFailed("`codeInputType` must be `inline`")

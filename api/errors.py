@@ -38,6 +38,8 @@ HTTP_CODES = {
 
 def error_response(code: str, message: str, status: int, headers: dict | None = None):
     if request.path.startswith("/pools/"):
+        if code == "PoolExhausted":
+            status = 404  # the reference service answers a full pool with 404
         code = DYNAMIC_SESSIONS_CODES.get(code, code)
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status

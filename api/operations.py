@@ -14,7 +14,13 @@ from api.context import Context
 from pool.placement import choose_host
 from pool.pools import get_pool
 from shoal import executions, keys, liveness, replies, sessions, transfers
-from shoal.errors import HostTimeout, SessionLost, SessionNotFound, TenantSessionLimit
+from shoal.errors import (
+    HostTimeout,
+    PoolExhausted,
+    SessionLost,
+    SessionNotFound,
+    TenantSessionLimit,
+)
 
 # A host's backlog older than this is dropped rather than run long after the client gave up.
 TASK_EXPIRY_S = 600
@@ -31,8 +37,12 @@ def create_session(c: Context, tenant: str, pool_name: str, identifier: str = ""
             f"tenant {tenant!r} already has {c.settings.tenant_max_sessions} live sessions "
             "(SHOAL_TENANT_MAX_SESSIONS); delete one first"
         )
-    host = choose_host(c.redis)
-    entry = sessions.create(c.redis, tenant, pool.name, host, pool.cooldown_s, identifier)
+    if sessions.count_for_pool(c.redis, pool.name) >= pool.max_sessions:
+        raise PoolExhausted(
+            f"pool {pool.name!r} is at its limit of {pool.max_sessions} sessions (max_sessions)"
+        )
+    host = choose_host(c.redis, pool.name)
+    entry = sessions.create(c.redis, tenant, pool, host, identifier)
     reply_key = replies.new_key()
     timeout = c.settings.agent_ready_timeout_s + CREATE_MARGIN_S
     c.celery.send_task(

@@ -12,6 +12,18 @@ def _settings():
     return current_app.extensions["shoal"].settings
 
 
+def code_problem(code: str) -> str | None:
+    """Why `code` cannot be sent to a guest, or None: over MAX_CODE_BYTES, or not valid Unicode
+    (JSON allows lone surrogates, which no interpreter can read)."""
+    try:
+        size = len(code.encode())
+    except UnicodeEncodeError:
+        return "code is not valid Unicode text (it holds a lone surrogate)"
+    if size > MAX_CODE_BYTES:
+        return f"code is over the {MAX_CODE_BYTES}-byte limit"
+    return None
+
+
 class StrictSchema(Schema):
     class Meta:
         unknown = RAISE
@@ -45,8 +57,9 @@ class ExecutionCreate(StrictSchema):
 
     @validates("code")
     def _code_size(self, value: str, **_: object) -> None:
-        if len(value.encode()) > MAX_CODE_BYTES:
-            raise ValidationError(f"code is over the {MAX_CODE_BYTES}-byte limit")
+        problem = code_problem(value)
+        if problem:
+            raise ValidationError(problem)
 
     @validates("timeout_s")
     def _timeout(self, value: int | None, **_: object) -> None:

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id")
     revoke.set_defaults(func=_cmd_keys_revoke)
     sub.add_parser("settings", help="print every setting").set_defaults(func=_cmd_settings)
+    from shoal.bench.options import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -34,6 +34,16 @@ def session_deadlines() -> str:
     return f"{PREFIX}:sessions:deadlines"
 
 
+def session_lifetimes() -> str:
+    """Sorted set: live session ids scored by the end of their pool's max lifetime."""
+    return f"{PREFIX}:sessions:lifetimes"
+
+
+def pool_sessions(pool: str) -> str:
+    """Set: the ids of a pool's live sessions, across hosts (for max_sessions)."""
+    return f"{PREFIX}:pool:{pool}:sessions"
+
+
 def tenant_sessions(tenant: str) -> str:
     """Set: the ids of the tenant's live sessions."""
     return f"{PREFIX}:tenant:{tenant}:sessions"
@@ -109,3 +119,8 @@ def host_queue(host: str) -> str:
 def image_info(image: str) -> str:
     """String (JSON): an image's Python version and packages, published by the hosts."""
     return f"{PREFIX}:image:{image}"
+
+
+def usage(tenant: str) -> str:
+    """Hash: pool -> session-seconds of the tenant's ended sessions."""
+    return f"{PREFIX}:usage:{tenant}"

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from pool.pools import Pool
 from shoal import keys
 from shoal.errors import SessionExpired, SessionNotFound
 from shoal.timeutil import iso
@@ -27,25 +28,27 @@ def new_id() -> str:
 
 
 def create(
-    r: redis.Redis, tenant: str, pool: str, host: str, cooldown_s: int, identifier: str = ""
+    r: redis.Redis, tenant: str, pool: Pool, host: str, identifier: str = ""
 ) -> dict[str, str]:
     now = time.time()
     entry = {
         "id": new_id(),
         "tenant": tenant,
-        "pool": pool,
+        "pool": pool.name,
         "host": host,
         "state": CREATING,
         "identifier": identifier,
         "created_at": f"{now:.6f}",
         "last_used_at": f"{now:.6f}",
-        "cooldown_s": str(cooldown_s),
+        "cooldown_s": str(pool.cooldown_s),
         "reason": "",
     }
     pipe = r.pipeline()
     pipe.hset(keys.session(entry["id"]), mapping=entry)
-    pipe.zadd(keys.session_deadlines(), {entry["id"]: now + cooldown_s})
+    pipe.zadd(keys.session_deadlines(), {entry["id"]: now + pool.cooldown_s})
+    pipe.zadd(keys.session_lifetimes(), {entry["id"]: now + pool.max_lifetime_s})
     pipe.sadd(keys.tenant_sessions(tenant), entry["id"])
+    pipe.sadd(keys.pool_sessions(pool.name), entry["id"])
     pipe.sadd(keys.host_sessions(host), entry["id"])
     pipe.execute()
     return entry
@@ -76,6 +79,10 @@ def list_for_tenant(r: redis.Redis, tenant: str) -> list[dict[str, str]]:
     return [e for e in pipe.execute() if e and e.get("state") in LIVE_STATES]
 
 
+def count_for_pool(r: redis.Redis, pool: str) -> int:
+    return r.scard(keys.pool_sessions(pool))
+
+
 def count_for_tenant(r: redis.Redis, tenant: str) -> int:
     return r.scard(keys.tenant_sessions(tenant))
 
@@ -92,17 +99,25 @@ def touch(r: redis.Redis | redis.client.Pipeline, session_id: str, cooldown_s: i
 
 
 def due_for_expiry(r: redis.Redis, now: float, limit: int = 500) -> list[str]:
-    """Sessions whose idle deadline has passed."""
-    return r.zrangebyscore(keys.session_deadlines(), "-inf", now, start=0, num=limit)
+    """Sessions idle past their cooldown or older than their pool's max lifetime."""
+    idle = r.zrangebyscore(keys.session_deadlines(), "-inf", now, start=0, num=limit)
+    old = r.zrangebyscore(keys.session_lifetimes(), "-inf", now, start=0, num=limit)
+    return sorted(set(idle) | set(old))
 
 
 def end(r: redis.Redis, entry: dict[str, str], state: str) -> None:
     """Leave a tombstone (`expired` or `deleted`) and drop the session from every index."""
     session_id = entry["id"]
+    if r.hget(keys.session(session_id), "state") not in LIVE_STATES:
+        return  # already ended: every step below has been done
+    elapsed = max(time.time() - float(entry["created_at"]), 0.0)
     pipe = r.pipeline()
+    pipe.hincrbyfloat(keys.usage(entry["tenant"]), entry["pool"], round(elapsed, 3))
     pipe.hset(keys.session(session_id), mapping={"state": state})
     pipe.expire(keys.session(session_id), TOMBSTONE_TTL_S)
     pipe.zrem(keys.session_deadlines(), session_id)
+    pipe.zrem(keys.session_lifetimes(), session_id)
+    pipe.srem(keys.pool_sessions(entry["pool"]), session_id)
     pipe.srem(keys.tenant_sessions(entry["tenant"]), session_id)
     pipe.srem(keys.host_sessions(entry["host"]), session_id)
     pipe.delete(keys.session_seq(session_id))
@@ -110,6 +125,22 @@ def end(r: redis.Redis, entry: dict[str, str], state: str) -> None:
         ident_key = keys.identifier(entry["tenant"], entry["pool"], entry["identifier"])
         pipe.delete(ident_key)
     pipe.execute()
+
+
+def usage(r: redis.Redis, tenant: str) -> dict[str, dict[str, float | int]]:
+    """Session-seconds per pool: ended sessions plus the live ones so far."""
+    ended = {pool: float(v) for pool, v in r.hgetall(keys.usage(tenant)).items()}
+    report: dict[str, dict[str, float | int]] = {
+        pool: {"session_seconds": seconds, "live_sessions": 0} for pool, seconds in ended.items()
+    }
+    now = time.time()
+    for entry in list_for_tenant(r, tenant):
+        row = report.setdefault(entry["pool"], {"session_seconds": 0.0, "live_sessions": 0})
+        row["session_seconds"] += max(now - float(entry["created_at"]), 0.0)
+        row["live_sessions"] += 1
+    for row in report.values():
+        row["session_seconds"] = round(row["session_seconds"], 1)
+    return report
 
 
 def host_session_ids(r: redis.Redis, host: str) -> set[str]:

@@ -77,6 +77,10 @@ class Settings:
     heartbeat_ttl_s: float = field(
         default=15.0, metadata={"doc": "a host is down after this long silent"}
     )
+    host_max_vms: int = field(default=48, metadata={"doc": "VMs one host may run"})
+    restore_parallel: int = field(
+        default=2, metadata={"doc": "ready-VM restores a host runs at once"}
+    )
     worker_concurrency: int = field(default=32, metadata={"doc": "worker threads per host"})
 
     @property

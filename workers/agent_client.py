@@ -222,14 +222,21 @@ class AgentClient:
         return self._call({"op": protocol.OP_INTERRUPT}, timeout)
 
     def reseed(
-        self, time_ns: int | None = None, entropy: bytes | None = None, timeout: float = 10.0
+        self,
+        time_ns: int | None = None,
+        entropy: bytes | None = None,
+        timeout: float = 10.0,
+        identity: str | None = None,
     ) -> dict[str, Any]:
-        """Set the guest clock and mix fresh entropy in (after every snapshot restore)."""
+        """Set the guest clock and mix fresh entropy in (after every snapshot restore); with
+        `identity`, the guest records the id the host gave this VM in /run/shoal/identity."""
         request = {
             "op": protocol.OP_RESEED,
             "time_ns": time.time_ns() if time_ns is None else time_ns,
             "entropy": base64.b64encode(os.urandom(64) if entropy is None else entropy).decode(),
         }
+        if identity is not None:
+            request["identity"] = identity
         return self._call(request, timeout)
 
     def put_file(

@@ -3,7 +3,8 @@ one beat acts.
 
 Housekeeping runs in beat itself, not as tasks on a worker: it must go on when workers die
 (marking a dead host's sessions lost is its whole point). Every HOUSEKEEPING_S it marks the
-sessions of silent hosts lost (shoal/liveness.py) and expires idle sessions (pool/expiry.py).
+sessions of silent hosts lost (shoal/liveness.py), expires idle sessions (pool/expiry.py)
+and asks every live host to top its ready pools up (pool/ready.py).
 Two beats may be started (by mistake, or one per host for safety); each tick, a beat renews or
 takes the lease in Redis, and only the holder acts. When the holder dies, another takes over
 once the lease runs out.
@@ -63,5 +64,9 @@ class ShoalScheduler(PersistentScheduler):
         try:
             liveness.check_hosts(self._redis, self._settings.execution_ttl_s)
             expiry.expire_idle(self._redis, self.app)
+            for host in liveness.live_hosts(self._redis):
+                self.app.send_task(
+                    "shoal.replenish", queue=keys.host_queue(host), expires=HOUSEKEEPING_S
+                )
         except Exception:
             log.exception("housekeeping failed; trying again in %.0f s", HOUSEKEEPING_S)

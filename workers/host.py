@@ -12,7 +12,8 @@ import threading
 import time
 from typing import Any
 
-from pool.pools import Pool
+from pool.pools import Pool, all_pools
+from pool.ready import ReadyVMs, new_vm_id
 from shoal import executions, image, keys, redis_conn, replies, sessions, transfers
 from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.settings import Settings
@@ -42,6 +43,8 @@ class HostRuntime:
         self.rb = redis_conn.binary_client(settings)
         self.vms = VMManager(settings)
         self.slots = SlotTable()
+        self.session_vm: dict[str, str] = {}  # session id -> the id its VM has in self.vms
+        self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel)
         self._stop = threading.Event()
         self.started_at = time.time()
 
@@ -53,7 +56,7 @@ class HostRuntime:
         self.reconcile()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(
-            target=self._warm_template, args=(default_spec,), name="template", daemon=True
+            target=self._warm_up, args=(default_spec,), name="warm-up", daemon=True
         ).start()
 
     def stop(self) -> None:
@@ -71,11 +74,13 @@ class HostRuntime:
         }
         self.r.set(keys.image_info(spec.image), json.dumps(info))
 
-    def _warm_template(self, spec: VMSpec) -> None:
+    def _warm_up(self, spec: VMSpec) -> None:
+        """Build the default pool's snapshot template, then fill the ready pools."""
         try:
             self.vms.ensure_template(spec)
         except Exception:
             log.exception("host=%s building the snapshot template failed", self.host)
+        self.replenish()
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_s):
@@ -85,55 +90,123 @@ class HostRuntime:
                 log.exception("host=%s heartbeat failed", self.host)
 
     def beat_once(self) -> None:
+        live = self._live_sessions()
+        pools: dict[str, dict[str, int]] = {}
+        for name, state in self.ready.counts().items():
+            pools[name] = {"ready": state["ready"], "starting": state["starting"], "busy": 0}
+        for entry in live.values():
+            counts = pools.setdefault(entry["pool"], {"ready": 0, "starting": 0, "busy": 0})
+            counts["busy"] += 1
         status = {
             "host": self.host,
             "at": time.time(),
             "started_at": self.started_at,
-            "sessions": len(sessions.host_session_ids(self.r, self.host)),
+            "sessions": len(live),
+            "vms": len(live) + sum(c["ready"] + c["starting"] for c in pools.values()),
+            "max_vms": self.settings.host_max_vms,
+            "pools": pools,
+            "pool_errors": {
+                name: state["last_error"]
+                for name, state in self.ready.counts().items()
+                if state["last_error"]
+            },
             "driver": self.vms.status(),
         }
         ttl = max(int(self.settings.heartbeat_ttl_s), 1)
         self.r.set(keys.host_heartbeat(self.host), json.dumps(status), ex=ttl)
 
+    def _live_sessions(self) -> dict[str, dict[str, str]]:
+        """Registry entries of the sessions placed on this host that are not lost or gone."""
+        ids = sorted(sessions.host_session_ids(self.r, self.host))
+        pipe = self.r.pipeline()
+        for session_id in ids:
+            pipe.hgetall(keys.session(session_id))
+        return {
+            session_id: entry
+            for session_id, entry in zip(ids, pipe.execute(), strict=True)
+            if entry.get("state") in (sessions.CREATING, sessions.ACTIVE)
+        }
+
     def reconcile(self) -> None:
         """Adopt this host's live domains, destroy strays, mark vanished sessions lost."""
-        known = {
-            session_id
-            for session_id in sessions.host_session_ids(self.r, self.host)
-            if (sessions.load(self.r, session_id) or {}).get("state")
-            in (sessions.CREATING, sessions.ACTIVE)
+        vm_owner = {
+            entry.get("vm") or session_id: session_id
+            for session_id, entry in self._live_sessions().items()
         }
+        known = set(vm_owner) | self.ready.ids()
         report = self.vms.reconcile(known)
-        for session_id in report.missing:
+        for vm_id in report.missing:
+            session_id = vm_owner.get(vm_id)
+            if session_id is None:
+                continue
             log.warning("session=%s host=%s domain vanished: marked lost", session_id, self.host)
             self.mark_session_lost(session_id, "its VM vanished from the host")
         if report.destroyed:
             log.warning("host=%s destroyed stray domains %s", self.host, report.destroyed)
 
+    # --- ready pools -------------------------------------------------------------------------
+    def _start_ready_vm(self, vm_id: str, pool: Pool) -> None:
+        spec = spec_for(pool)
+        self.vms.ensure_template(spec)
+        self.vms.create(vm_id, spec)
+
+    def replenish(self) -> None:
+        """Top every pool up to its ready target on this host (bounded, in the background)."""
+        if self._stop.is_set():
+            return
+        live_vms = len(self.vms.list_vms())
+        if live_vms >= self.settings.host_max_vms:
+            return
+        self.ready.replenish(p for p in all_pools(self.settings).values() if p.ready_target > 0)
+
     # --- sessions ----------------------------------------------------------------------------
     def create_session(self, session_id: str, pool: Pool) -> None:
+        """Give the session a ready VM when the pool has one, else restore one on demand."""
         started = time.monotonic()
-        self.vms.create(session_id, spec_for(pool))
+        vm_id = self.ready.take(pool.name)
+        warm = vm_id is not None
+        if vm_id is None:
+            vm_id = new_vm_id()
+            self.vms.create(vm_id, spec_for(pool))
+        self.session_vm[session_id] = vm_id
         self.slots.get(session_id, last_seq=0)
-        sessions.set_state(self.r, session_id, sessions.ACTIVE)
+        self.r.hset(
+            keys.session(session_id),
+            mapping={"vm": vm_id, "state": sessions.ACTIVE, "warm": "1" if warm else "0"},
+        )
         log.info(
-            "session=%s host=%s created in %.0f ms",
+            "session=%s host=%s vm=%s created in %.0f ms (%s)",
             session_id,
             self.host,
+            vm_id,
             (time.monotonic() - started) * 1000,
+            "from the ready pool" if warm else "on demand",
         )
+        if warm:
+            self.replenish()
+        self.beat_once()  # placement and pool counts see the acquisition at once
+
+    def _vm_id(self, session_id: str) -> str:
+        vm_id = self.session_vm.get(session_id)
+        if vm_id is None:
+            vm_id = self.r.hget(keys.session(session_id), "vm") or session_id
+            self.session_vm[session_id] = vm_id
+        return vm_id
 
     def destroy_session(self, session_id: str) -> None:
-        self.vms.destroy(session_id)
+        self.vms.destroy(self._vm_id(session_id))
+        self.session_vm.pop(session_id, None)
         self.slots.drop(session_id)
         log.info("session=%s host=%s destroyed", session_id, self.host)
 
     def mark_session_lost(self, session_id: str, reason: str) -> None:
         sessions.set_state(self.r, session_id, sessions.LOST, reason)
-        self.vms.destroy(session_id)
+        self.vms.destroy(self._vm_id(session_id))
+        self.session_vm.pop(session_id, None)
 
     def _vm(self, session_id: str, pool: Pool):
-        vm = self.vms.get(session_id) or self.vms.attach(session_id, spec_for(pool))
+        vm_id = self._vm_id(session_id)
+        vm = self.vms.get(vm_id) or self.vms.attach(vm_id, spec_for(pool))
         if vm is None:
             raise SessionLost(f"session {session_id} has no VM on host {self.host}")
         return vm
@@ -210,7 +283,7 @@ class HostRuntime:
             return
         slot = self.slots.get(record["session_id"])
         if slot.running_execution == execution_id:
-            vm = self.vms.get(record["session_id"])
+            vm = self.vms.get(self._vm_id(record["session_id"]))
             if vm is not None:
                 vm.agent.interrupt()
         elif record["status"] == executions.QUEUED:

@@ -82,3 +82,8 @@ def put_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool:
 @shared_task(name="shoal.get_file")
 def get_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
     runtime().get_file(session_id, transfer_id, path, reply_key, Pool(**pool))
+
+
+@shared_task(name="shoal.replenish")
+def replenish() -> None:
+    runtime().replenish()

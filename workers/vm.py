@@ -489,7 +489,7 @@ class VMManager:
             agent, _hello = self._await_agent(who, name, paths, self.settings.agent_ready_timeout_s)
         with self._step(who, "reseed", timings):
             try:
-                agent.reseed(time.time_ns(), os.urandom(64))
+                agent.reseed(time.time_ns(), os.urandom(64), identity=who)
             except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
                 agent.close()
                 raise VMStartFailed(
@@ -572,6 +572,8 @@ class VMManager:
                     {**metadata, "restored": "0"},
                     timings,
                 )
+            if not restored:
+                agent.reseed(identity=session_id)  # a booted guest has fresh entropy already
         except BaseException:
             self._teardown(name, paths)
             raise

@@ -47,9 +47,9 @@ class Stack:
     def new_key(self, tenant: str) -> str:
         return self.shoal("keys", "create", "--tenant", tenant).stdout.split()[0]
 
-    def new_session(self, key: str | None = None) -> str:
+    def new_session(self, key: str | None = None, pool: str = "default") -> str:
         response = requests.post(
-            f"{self.url}/v1/sessions", json={}, headers=self.headers(key), timeout=180
+            f"{self.url}/v1/sessions", json={"pool": pool}, headers=self.headers(key), timeout=180
         )
         assert response.status_code == 201, response.text
         return response.json()["id"]
@@ -77,6 +77,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         "SHOAL_HOST_NAME": "testhost",
         "SHOAL_HEARTBEAT_S": "1",
         "SHOAL_HEARTBEAT_TTL_S": "5",
+        "SHOAL_POOLS_FILE": str(REPO / "tests" / "integration" / "pools.toml"),
     }
     env.pop("SHOAL_REDIS_URL", None)
     up = subprocess.run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -152,8 +153,47 @@ def delete_sessions(stack: Stack, identifiers: list[str]) -> None:
         )
 
 
+WARM_SESSION_S = 4.0  # under Semantic Kernel's default 5 s client timeout
+
+
+def start_one_session(stack: Stack, identifier: str) -> float:
+    """Make (then delete) a session through code/execute; return how long making it took."""
+    params = {"identifier": identifier, "api-version": "2024-02-02-preview"}
+    body = {"properties": {"codeInputType": "inline", "executionType": "synchronous", "code": "1"}}
+    start = time.monotonic()
+    response = requests.post(
+        f"{stack.url}/pools/default/code/execute",
+        params=params,
+        json=body,
+        headers=stack.headers(),
+        timeout=300,
+    )
+    took = time.monotonic() - start
+    assert response.status_code == 200, response.text
+    delete_sessions(stack, [identifier])
+    return took
+
+
+@pytest.fixture(scope="module")
+def warm_stack(stack: Stack) -> Stack:
+    """Wait until a new session starts in under WARM_SESSION_S. Right after `shoal up` the host
+    is still building the pool's VM snapshot template, and the first sessions take 20-30 s each
+    (measured: 23 s, 27 s, then 1.5 s), far over Semantic Kernel's default 5 s client timeout.
+    That start-up window is a readiness question for `shoal up` (see docs/clients.md), not a
+    client mismatch; without this the SK case would pass or fail by test order."""
+    took: list[float] = []
+    deadline = time.monotonic() + 300
+    while not took or took[-1] > WARM_SESSION_S:
+        if time.monotonic() > deadline:
+            pytest.fail(f"new sessions never started in under {WARM_SESSION_S} s: {took}")
+        took.append(start_one_session(stack, f"client-tools-warmup-{len(took)}"))
+    print(f"session start times while warming up: {[round(t, 1) for t in took]}")
+    return stack
+
+
 @pytest.mark.parametrize(("tool", "scheme"), CASES, ids=[f"{t}-{s}" for t, s in CASES])
-def test_client_tool_works_unchanged(stack: Stack, tool: str, scheme: str) -> None:
+def test_client_tool_works_unchanged(warm_stack: Stack, tool: str, scheme: str) -> None:
+    stack = warm_stack
     report = run_driver(stack, tool, scheme)
     try:
         summary = json.dumps(

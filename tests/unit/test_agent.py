@@ -671,6 +671,16 @@ def test_reseed_changes_random_numbers(agent):
     assert info.value.code == protocol.E_INVALID
 
 
+def test_reseed_records_the_identity_the_host_gave(agent, state_dir):
+    notes = agent.client.reseed(identity="vm_0123abcd")
+    assert notes["identity"] == "recorded"
+    seen = run(agent, f"open({str(state_dir / 'identity')!r}).read()")["result"]["text/plain"]
+    assert seen == "'vm_0123abcd'"
+    with pytest.raises(AgentError) as info:
+        agent.client.reseed(identity="../../etc/passwd")
+    assert info.value.code == protocol.E_INVALID
+
+
 # --- malformed frames ------------------------------------------------------------------------
 def read_raw(sock: socket.socket, timeout: float = 10) -> dict:
     sock.settimeout(timeout)
@@ -860,8 +870,8 @@ def test_client_error_timeout_and_disconnect(fake_guest):
 def test_unprivileged_user_for_shell_and_files(state_dir):
     """--user nobody: shell commands and file operations run with the user's uid.
 
-    The kernel gets Debian's /usr/bin/python3, which the unprivileged user can run but which has
-    no IPython: its start fails, and an execution waiting for it gets a clear error in the end.
+    The kernel's "interpreter" is /bin/false, so every kernel start fails: the agent backs off
+    and an execution waiting for a kernel gets a clear error in the end, not a hang.
     """
     root = Path(tempfile.mkdtemp(prefix="shoal-agent-test-", dir="/tmp"))
     try:
@@ -886,7 +896,7 @@ def test_unprivileged_user_for_shell_and_files(state_dir):
                 "--state-dir",
                 str(root / "state"),
                 "--python",
-                "/usr/bin/python3",
+                "/bin/false",
             ],
             pass_fds=[theirs.fileno()],
             stdout=subprocess.DEVNULL,
@@ -909,7 +919,7 @@ def test_unprivileged_user_for_shell_and_files(state_dir):
             answer = client.execute("1 + 1", timeout_s=30)
             assert answer["status"] == "error"
             assert answer["error"]["name"] == "InterpreterStartFailed"
-            assert "IPython" in answer["error"]["value"]
+            assert "exited with code 1 while starting" in answer["error"]["value"]
             assert proc.poll() is None
         finally:
             client.close()

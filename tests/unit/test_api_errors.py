@@ -6,6 +6,7 @@ import fakeredis
 import pytest
 
 from api.app import create_app
+from pool.pools import Pool
 from shoal import sessions, tenants
 from shoal.settings import Settings
 
@@ -53,14 +54,14 @@ def test_unknown_session_is_404(client, key) -> None:
 
 def test_another_tenants_session_is_not_found(app, client, key) -> None:
     r = app.extensions["shoal"].redis
-    theirs = sessions.create(r, "other", "default", "h1", 300)
+    theirs = sessions.create(r, "other", Pool(name="default"), "h1")
     response = client.get(f"/v1/sessions/{theirs['id']}", headers=auth(key))
     assert_error(response, 404, "SessionNotFound")
 
 
 def test_execution_validation_names_the_field(app, client, key) -> None:
     r = app.extensions["shoal"].redis
-    mine = sessions.create(r, "acme", "default", "h1", 300)
+    mine = sessions.create(r, "acme", Pool(name="default"), "h1")
     url = f"/v1/sessions/{mine['id']}/executions"
     cases = [
         ({}, "code"),

@@ -31,6 +31,7 @@ import logging
 import mmap
 import os
 import pwd
+import re
 import select
 import signal
 import socket
@@ -68,6 +69,8 @@ RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 INHERITED_ENV = ("MPLCONFIGDIR", "IPYTHONDIR", "OPENBLAS_CORETYPE", "TZ")
 DATA_DISK_ERROR_FILE = "/run/shoal/data-disk-error"  # written by the guest's init
+IDENTITY_FILE = "/run/shoal/identity"  # the VM id the host gave at restore (root-owned)
+IDENTITY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 ALWAYS_ANSWERED = frozenset({protocol.OP_HELLO, protocol.OP_PING, protocol.OP_INTERRUPT})
 LANGUAGES = frozenset({"python", "shell"})
 
@@ -551,6 +554,8 @@ class Agent:
         channel.agent = self
         self.python = python
         self.system = system
+        # Where `reseed` records the identity the host gave this VM (readable by user code).
+        self.identity_file = IDENTITY_FILE if system else os.path.join(state_dir, "identity")
         self.interrupt_grace = interrupt_grace
         self.started = time.monotonic()
         self.stopping = False
@@ -945,6 +950,11 @@ class Agent:
             except OSError as exc:
                 notes["clock"] = f"skipped: {exc.strerror or exc}"
         notes["entropy"] = self._mix_entropy(entropy)
+        identity = message.get("identity")
+        if identity is not None:
+            if not isinstance(identity, str) or not IDENTITY.match(identity):
+                raise BadRequest("identity must be 1-128 characters: letters, digits, _ . -")
+            notes["identity"] = self._record_identity(identity)
         seed = hashlib.sha512(entropy + os.urandom(32) + str(time_ns).encode()).digest()
         k = self.kernel
         if k is not None:
@@ -953,6 +963,18 @@ class Agent:
         else:
             notes["kernel"] = "none running (a new one seeds itself from the reseeded pool)"
         self.answer(rid, **notes)
+
+    def _record_identity(self, identity: str) -> str:
+        try:
+            os.makedirs(os.path.dirname(self.identity_file), exist_ok=True)
+            tmp = self.identity_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(identity)
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, self.identity_file)
+            return "recorded"
+        except OSError as exc:
+            return f"not recorded: {exc.strerror or exc}"
 
     def _mix_entropy(self, entropy: bytes) -> str:
         if self.system:

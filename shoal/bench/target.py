@@ -1,0 +1,154 @@
+"""The Shoal instance under test: one already running (--url, --key), or a private one started
+the way the integration tests start theirs (tests/integration/conftest.py): `shoal up
+--detach` with a temporary SHOAL_HOME and free ports, stopped with `shoal down` at the end.
+
+The private instance has a fixed instance id (`bench`), so its snapshot template (built by
+its worker on first start, about a minute under TCG) is kept between runs under
+SHOAL_VM_DIR/bench/templates, while its home, Redis and logs are new each time. A lock file
+keeps two private benchmark runs from sharing that id at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.bench.core import BenchError
+from shoal.settings import REPO_ROOT, Settings, load
+
+INSTANCE = "bench"
+HOST_NAME = "benchhost"
+UP_TIMEOUT_S = 900
+TEMPLATE_TIMEOUT_S = 600
+LOCK_FILE = Path(tempfile.gettempdir()) / "shoal-bench.lock"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Target:
+    url: str
+    key: str
+    settings: Settings
+    private: bool
+    env: dict[str, str] | None = None
+    _lock_fd: int | None = None
+
+    def stop(self, keep_home: bool = False) -> str:
+        """Stop a private instance (nothing for one given by URL); what `down` said."""
+        if not self.private or self.env is None:
+            return ""
+        down = subprocess.run(
+            [sys.executable, "-m", "shoal.cli", "down"],
+            env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if not keep_home:
+            shutil.rmtree(self.settings.home, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        return (down.stdout + down.stderr).strip()
+
+
+def start_private(progress) -> Target:
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BenchError(f"another `shoal bench` run holds {LOCK_FILE}") from None
+    home = tempfile.mkdtemp(prefix="shoal-bench-home-")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SHOAL_HOME": home,
+        "SHOAL_PORT": str(port),
+        "SHOAL_TLS_PORT": "0",
+        "SHOAL_INSTANCE": INSTANCE,
+        "SHOAL_HOST_NAME": HOST_NAME,
+    }
+    env.pop("SHOAL_REDIS_URL", None)
+    progress(f"starting a private Shoal (SHOAL_HOME={home}, port {port})")
+    started = time.monotonic()
+    up = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "up", "--detach"],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=UP_TIMEOUT_S,
+    )  # fmt: skip
+    target = Target(f"http://127.0.0.1:{port}", "", load(env), True, env, fd)
+    if up.returncode != 0:
+        target.stop()
+        raise BenchError("`shoal up` failed:\n" + (up.stdout + up.stderr)[-3000:])
+    target.key = (Path(home) / "dev-api-key").read_text().strip()
+    progress(f"private Shoal up in {time.monotonic() - started:.0f} s at {target.url}")
+    return target
+
+
+def external(url: str, key: str, home: str) -> Target:
+    environ = dict(os.environ)
+    if home:
+        environ["SHOAL_HOME"] = home
+    settings = load(environ)
+    if not key:
+        path = Path(settings.home) / "dev-api-key"
+        try:
+            key = path.read_text().strip()
+        except OSError:
+            raise BenchError(f"pass --key (no {path})") from None
+    return Target(url.rstrip("/"), key, settings, False)
+
+
+def healthz(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.load(exc)
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def templates_of(report: dict) -> dict[str, dict]:
+    found = {}
+    for worker in report.get("workers", {}).values():
+        found.update(worker.get("libvirt", {}).get("templates", {}) or {})
+    return found
+
+
+def wait_ready(url: str, progress, timeout_s: float = TEMPLATE_TIMEOUT_S) -> dict:
+    """Wait for /healthz 200 and a ready snapshot template (else sessions cold boot)."""
+    deadline = time.monotonic() + timeout_s
+    said = 0.0
+    while True:
+        status, report = healthz(url)
+        states = {v.get("state") for v in templates_of(report).values()}
+        if status == 200 and "ready" in states:
+            return report
+        if "failed" in states and "building" not in states and "ready" not in states:
+            raise BenchError(f"the snapshot template failed: {templates_of(report)}")
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"no ready snapshot template after {timeout_s:.0f} s "
+                f"(/healthz {status}: {json.dumps(report)[:500]})"
+            )
+        if time.monotonic() - said > 15:
+            progress(f"waiting for the snapshot template (/healthz {status}, {states or '-'})")
+            said = time.monotonic()
+        time.sleep(1)
