@@ -15,7 +15,7 @@ from api import operations
 from api.auth import require_tenant
 from api.context import ctx
 from api.schemas import code_problem
-from api.v1_files import capped_chunks
+from api.v1_files import capped_chunks, check_part
 from pool.pools import get_pool
 from shoal import executions, sessions
 from shoal.errors import PayloadTooLarge, ValidationFailed
@@ -157,6 +157,7 @@ def _upload(pool: str) -> dict:
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise ValidationFailed("send the file as multipart/form-data part named `file`")
+    check_part(upload)
     name = upload.filename.removeprefix("/mnt/data/").strip("/")
     folder = _dir_param()
     target = f"{folder}/{name}" if folder else name

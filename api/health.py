@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import redis
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
 
 from api.context import ctx
-from shoal import keys, liveness
+from shoal import keys, liveness, metrics
 
 blp = Blueprint("health", __name__)
 
@@ -46,6 +46,13 @@ def health_report() -> tuple[dict, bool]:
         down.append("beat")
     report["down"] = down
     return report, not down
+
+
+@blp.get("/metrics")
+def prometheus_metrics():
+    """Prometheus text format: VMs per pool and host, acquisitions, expiries, lost sessions,
+    executions and their latency histogram."""
+    return Response(metrics.render(ctx().redis), mimetype="text/plain; version=0.0.4")
 
 
 @blp.get("/healthz")

@@ -28,6 +28,10 @@ TASK_EXPIRY_S = 600
 CREATE_MARGIN_S = 30
 # How often a request waiting on an execution checks that the session's host is still alive.
 LIVENESS_POLL_S = 5.0
+# An Idempotency-Key is remembered this long (per tenant); a repeat waits this long at most for
+# the execution record of the request that claimed the key first.
+IDEMPOTENCY_TTL_S = 86400
+IDEMPOTENCY_RACE_S = 5.0
 
 
 def create_session(c: Context, tenant: str, pool_name: str, identifier: str = "") -> dict:
@@ -80,24 +84,21 @@ def submit_execution(
             "create a new session"
         )
     r = c.redis
+    execution_id = executions.new_id()
     if idempotency_key:
-        earlier = _idempotent_earlier(c, entry["tenant"], idempotency_key)
-        if earlier is not None:
-            return earlier
+        # Claim the key before anything runs, so two requests racing with it make one execution.
+        idem = keys.idempotency(entry["tenant"], idempotency_key)
+        if not r.set(idem, execution_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            return _idempotent_earlier(c, r.get(idem) or "")
     seq = r.incr(keys.session_seq(entry["id"]))
     record = executions.new_record(
         entry, params["code"], params["language"], params["timeout_s"], params["max_output"], seq
     )
+    record["id"] = execution_id
     pipe = r.pipeline()
     executions.save(pipe, record, c.settings.execution_ttl_s)
     pipe.zadd(keys.session_executions(entry["id"]), {record["id"]: seq})
     sessions.touch(pipe, entry["id"], int(entry["cooldown_s"]))
-    if idempotency_key:
-        pipe.set(
-            keys.idempotency(entry["tenant"], idempotency_key),
-            record["id"],
-            ex=86400,
-        )
     pipe.execute()
     pool = get_pool(c.settings, entry["pool"])
     c.celery.send_task(
@@ -109,11 +110,19 @@ def submit_execution(
     return record
 
 
-def _idempotent_earlier(c: Context, tenant: str, idempotency_key: str) -> dict | None:
-    execution_id = c.redis.get(keys.idempotency(tenant, idempotency_key))
-    if execution_id is None:
-        return None
-    return executions.load(c.redis, execution_id)
+def _idempotent_earlier(c: Context, execution_id: str) -> dict:
+    """The execution that claimed an idempotency key; its record may be a moment behind."""
+    deadline = time.monotonic() + IDEMPOTENCY_RACE_S
+    while True:
+        record = executions.load(c.redis, execution_id) if execution_id else None
+        if record is not None:
+            return record
+        if time.monotonic() > deadline:
+            raise HostTimeout(
+                "an earlier request with this Idempotency-Key did not record its execution; "
+                "retry with a new key"
+            )
+        time.sleep(0.01)
 
 
 def wait_execution(c: Context, record: dict, timeout_s: float) -> dict:
@@ -177,7 +186,8 @@ def upload_file(c: Context, entry: dict, path: str, chunks: Iterable[bytes]) -> 
     """Stream `chunks` into the session's file `path`; return the guest's stat of it."""
     transfer_id = transfers.new_id()
     reply_key = _send_to_host(c, entry, "shoal.put_file", transfer_id, path)
-    transfers.produce(c.redis_bin, transfer_id, chunks)
+    # The host replies before the end only with an error (busy, a refused path): stop sending.
+    transfers.produce(c.redis_bin, transfer_id, chunks, lambda: bool(c.redis.exists(reply_key)))
     return replies.wait(c.redis, reply_key, FILE_OP_TIMEOUT_S)["file"]
 
 

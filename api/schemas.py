@@ -36,6 +36,7 @@ class SessionCreate(StrictSchema):
 class SessionOut(Schema):
     id = fields.String()
     pool = fields.String()
+    host = fields.String(metadata={"description": "the worker host running its VM"})
     state = fields.String(metadata={"description": "active | lost"})
     identifier = fields.String(allow_none=True)
     created_at = fields.String()

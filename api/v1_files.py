@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from flask import Response, g, request, stream_with_context
@@ -61,10 +62,25 @@ def capped_chunks(stream, limit: int) -> Iterator[bytes]:
         yield chunk
 
 
-def _check_length(length: int | None) -> None:
+# A multipart body carries its file plus boundaries and part headers.
+MULTIPART_SLACK = 1 << 20
+
+
+def _check_length(length: int | None, slack: int = 0) -> None:
     limit = ctx().settings.max_upload_bytes
-    if length is not None and length > limit:
+    if length is not None and length > limit + slack:
         raise PayloadTooLarge(f"the file ({length} bytes) is over the {limit}-byte upload limit")
+
+
+def check_part(upload) -> None:
+    """413 for a multipart file part over the cap, before any byte goes to the session. Werkzeug
+    has already spooled the part (to disk past 500 KB), so its size is known and the guest
+    never sees an upload that would be cut off halfway."""
+    stream = upload.stream
+    stream.seek(0, os.SEEK_END)
+    size = stream.tell()
+    stream.seek(0)
+    _check_length(size)
 
 
 @blp.get("/sessions/<session_id>/files")
@@ -90,10 +106,11 @@ def put_file(session_id: str, path: str):
 def post_file(session_id: str):
     """Multipart upload: part `file`; optional form field `path` names a directory."""
     entry = _session(session_id)
-    _check_length(request.content_length)
+    _check_length(request.content_length, MULTIPART_SLACK)
     upload = request.files.get("file")
     if upload is None or not upload.filename:
         raise ValidationFailed("send the file as multipart/form-data part named `file`")
+    check_part(upload)
     folder = request.form.get("path", "").strip("/")
     name = upload.filename.rsplit("/", 1)[-1]
     target = f"{folder}/{name}" if folder else name

@@ -14,7 +14,7 @@ import time
 import redis
 from celery import Celery
 
-from shoal import keys, sessions
+from shoal import keys, metrics, sessions
 
 log = logging.getLogger("shoal.expiry")
 
@@ -33,6 +33,7 @@ def expire_idle(r: redis.Redis, celery: Celery, now: float | None = None) -> lis
         if r.zcard(keys.session_executions(session_id)):
             continue  # busy: its host will touch it again when the execution ends
         sessions.end(r, entry, sessions.EXPIRED)
+        metrics.incr(r, "shoal_session_expiries_total", pool=entry["pool"])
         celery.send_task(
             "shoal.destroy_session",
             args=[session_id],

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from shoal import executions, keys, sessions
+from shoal import executions, keys, metrics, sessions
 
 log = logging.getLogger("shoal.liveness")
 
@@ -40,6 +40,7 @@ def check_hosts(r: redis.Redis, ttl_s: int = 86400) -> list[str]:
             if entry and entry["state"] in (sessions.CREATING, sessions.ACTIVE):
                 reason = f"host {host} stopped answering"
                 sessions.set_state(r, session_id, sessions.LOST, reason)
+                metrics.incr(r, "shoal_sessions_lost_total")
                 fail_pending(r, session_id, reason, ttl_s)
                 log.warning("session=%s host=%s marked lost: %s", session_id, host, reason)
     return silent

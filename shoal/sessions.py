@@ -153,6 +153,7 @@ def public_view(entry: dict[str, str]) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": entry["id"],
         "pool": entry["pool"],
+        "host": entry["host"],
         "state": entry["state"],
         "created_at": iso(float(entry["created_at"])),
         "last_used_at": iso(last_used),

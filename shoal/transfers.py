@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import redis
 
@@ -33,24 +33,40 @@ def new_id() -> str:
     return "xfer_" + secrets.token_hex(12)
 
 
-def _wait_for_room(rb: redis.Redis, key: str, deadline: float) -> None:
+def _wait_for_room(
+    rb: redis.Redis, key: str, deadline: float, stopped: Callable[[], bool] | None
+) -> bool:
+    """Wait until the list has room; False when `stopped()` says the consumer gave up."""
     delay = 0.001
     while rb.llen(key) >= MAX_IN_FLIGHT:
+        if stopped is not None and stopped():
+            return False
         if time.monotonic() > deadline:
             raise HostTimeout("the other side of the file transfer stopped reading")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+    return True
 
 
-def produce(rb: redis.Redis, transfer_id: str, chunks: Iterable[bytes]) -> int:
-    """Push every chunk, then END; return the byte count. On any error push ABORT."""
+def produce(
+    rb: redis.Redis,
+    transfer_id: str,
+    chunks: Iterable[bytes],
+    stopped: Callable[[], bool] | None = None,
+) -> int:
+    """Push every chunk, then END; return the byte count. On any error push ABORT.
+
+    `stopped` is asked while the consumer lags: when it answers True (say the consumer already
+    replied with an error and will read no more) the transfer ends with ABORT at once."""
     key = keys.transfer(transfer_id)
     total = 0
     try:
         for chunk in chunks:
             if not chunk:
                 continue
-            _wait_for_room(rb, key, time.monotonic() + CHUNK_TIMEOUT_S)
+            if not _wait_for_room(rb, key, time.monotonic() + CHUNK_TIMEOUT_S, stopped):
+                abort(rb, transfer_id)
+                return total
             pipe = rb.pipeline()
             pipe.rpush(key, _FLAG + chunk)
             pipe.expire(key, TRANSFER_TTL_S)

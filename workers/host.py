@@ -14,7 +14,7 @@ from typing import Any
 
 from pool.pools import Pool, all_pools
 from pool.ready import ReadyVMs, new_vm_id
-from shoal import executions, image, keys, redis_conn, replies, sessions, transfers
+from shoal import executions, image, keys, metrics, redis_conn, replies, sessions, transfers
 from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.settings import Settings
 from workers.agent_client import AgentClientError, AgentError
@@ -184,6 +184,8 @@ class HostRuntime:
         )
         if warm:
             self.replenish()
+        metrics.incr(self.r, "shoal_session_acquisitions_total", pool=pool.name,
+                     source="ready" if warm else "cold")  # fmt: skip
         self.beat_once()  # placement and pool counts see the acquisition at once
 
     def _vm_id(self, session_id: str) -> str:
@@ -201,6 +203,7 @@ class HostRuntime:
 
     def mark_session_lost(self, session_id: str, reason: str) -> None:
         sessions.set_state(self.r, session_id, sessions.LOST, reason)
+        metrics.incr(self.r, "shoal_sessions_lost_total")
         self.vms.destroy(self._vm_id(session_id))
         self.session_vm.pop(session_id, None)
 
@@ -261,6 +264,11 @@ class HostRuntime:
             record["stderr"] = exc.message
         executions.finish(self.r, record, ttl)
         sessions.touch(self.r, session_id, pool.cooldown_s)
+        pipe = self.r.pipeline()
+        metrics.incr(pipe, "shoal_executions_total", pool=pool.name, status=record["status"])
+        seconds = record["finished_at"] - record["started_at"]
+        metrics.observe(pipe, "shoal_execution_seconds", seconds, pool=pool.name)
+        pipe.execute()
         log.info(
             "session=%s execution=%s host=%s status=%s duration_ms=%s",
             session_id,

@@ -25,7 +25,7 @@ def make_app(url: str, queue: str) -> Celery:
         broker_connection_retry_on_startup=True,
     )
 
-    @app.task(name="bench.noop")
+    @app.task(name="bench.noop", shared=False)
     def noop() -> None:
         return None
 

@@ -109,7 +109,7 @@ class Bench:
         self.health: dict[str, Any] = {}
         self._sessions: set[str] = set()
         self._lock = threading.Lock()
-        self.created_sessions: list[str] = []  # every session made, for the worker-log timings
+        self.started_at = time.time()  # worker-log lines before this are not this run's
 
     # --- sizes and output --------------------------------------------------------------------
     def size(self, quick: int, full: int) -> int:
@@ -130,14 +130,13 @@ class Bench:
         kw.setdefault("timeout", REQUEST_TIMEOUT_S)
         return (http or self.http).request(method, self.url + path, **kw)
 
-    def new_session(self, http: requests.Session | None = None) -> str:
-        response = self.request("POST", "/v1/sessions", http, json={})
+    def new_session(self, http: requests.Session | None = None, pool: str = "default") -> str:
+        response = self.request("POST", "/v1/sessions", http, json={"pool": pool})
         if response.status_code != 201:
             raise BenchError(f"POST /v1/sessions: {response.status_code} {response.text[:300]}")
         session_id = response.json()["id"]
         with self._lock:
             self._sessions.add(session_id)
-            self.created_sessions.append(session_id)
         return session_id
 
     def delete_session(self, session_id: str, http: requests.Session | None = None) -> None:

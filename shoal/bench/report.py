@@ -192,7 +192,7 @@ def plots(report: dict, directory: Path) -> list[Path]:
     warm_v1 = by_name.get("warm_v1")
     if warm_v1 and "breakdown" in warm_v1["extra"]:
         parts = warm_v1["extra"]["breakdown"]
-        fig, ax = plt.subplots(figsize=(8, 2.6))
+        fig, ax = plt.subplots(figsize=(8, 2.2))
         left = 0.0
         for name, _what in SEGMENTS:
             width = parts[name]["p50"]
@@ -201,7 +201,7 @@ def plots(report: dict, directory: Path) -> list[Path]:
         ax.set_yticks([])
         ax.set_xlabel("ms (p50 of each segment)")
         ax.set_title(f"Where one warm execution's time goes\n{subtitle}", fontsize=10)
-        ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+        ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.45))
         made.append(_save(fig, directory / "breakdown.png"))
 
     density = by_name.get("density_sessions")
@@ -226,8 +226,7 @@ def plots(report: dict, directory: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

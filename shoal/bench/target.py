@@ -29,6 +29,7 @@ from shoal.settings import REPO_ROOT, Settings, load
 
 INSTANCE = "bench"
 HOST_NAME = "benchhost"
+ONDEMAND_POOL = "bench-ondemand"  # same shape as `default` (so the same template), never warm
 UP_TIMEOUT_S = 900
 TEMPLATE_TIMEOUT_S = 600
 LOCK_FILE = Path(tempfile.gettempdir()) / "shoal-bench.lock"
@@ -65,6 +66,16 @@ class Target:
         return (down.stdout + down.stderr).strip()
 
 
+def _pools_file(home: Path, given: str) -> str:
+    """The instance's pools (the repository's pools.toml, or SHOAL_POOLS_FILE) plus a pool of
+    the default shape with no ready VMs, for sessions restored on demand."""
+    source = Path(given) if given else REPO_ROOT / "pools.toml"
+    text = source.read_text() if source.exists() else ""
+    path = home / "pools.toml"
+    path.write_text(f"{text}\n[pools.{ONDEMAND_POOL}]\nready_target = 0\n")
+    return str(path)
+
+
 def start_private(progress) -> Target:
     fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -83,6 +94,7 @@ def start_private(progress) -> Target:
         "SHOAL_HOST_NAME": HOST_NAME,
     }
     env.pop("SHOAL_REDIS_URL", None)
+    env["SHOAL_POOLS_FILE"] = _pools_file(Path(home), os.environ.get("SHOAL_POOLS_FILE", ""))
     progress(f"starting a private Shoal (SHOAL_HOME={home}, port {port})")
     started = time.monotonic()
     up = subprocess.run(

@@ -17,7 +17,7 @@ from shoal.bench.core import Bench, BenchError, Result, Scenario, timed_loop
 
 NAMESPACE = {"instance": "benchvm", "host_name": "benchvm"}
 COLD_MEMORY_MIB = 448
-AGENT_WARM_UP = 20
+AGENT_WARM_UP = 50  # a guest just booted is still translating its first code paths
 
 
 def cold_boot(b: Bench) -> list[Result]:

@@ -318,6 +318,9 @@ def test_error_shapes(stack: Stack) -> None:
     assert_error(response, 404, "ExecutionNotFound")
     response = requests.get(f"{base}/listSessions?skip=x", headers=h, timeout=10)
     assert_error(response, 400, "SessionRequestValidationFailed")
+    too_big = {"code": "x" * (1024 * 1024 + 1)}
+    response = requests.post(f"{base}/executions?identifier=e1", json=too_big, headers=h)
+    assert_error(response, 400, "SessionRequestValidationFailed")
 
 
 MALFORMED = [

@@ -76,6 +76,11 @@ def tenant_b(stack: Stack) -> str:
     return stack.new_key("tenant-b")
 
 
+@pytest.fixture(scope="module")
+def b_session(stack: Stack, tenant_b: str) -> str:
+    return stack.new_session(tenant_b)
+
+
 # --- sessions --------------------------------------------------------------------------------
 def test_session_object_and_delete(stack: Stack) -> None:
     response = requests.post(
@@ -180,7 +185,9 @@ def test_concurrent_executions_run_in_arrival_order(stack: Stack, py: str) -> No
     assert starts == sorted(starts)
 
 
-def test_idempotency_key_runs_once_per_tenant(stack: Stack, py: str, tenant_b: str) -> None:
+def test_idempotency_key_runs_once_per_tenant(
+    stack: Stack, py: str, tenant_b: str, b_session: str
+) -> None:
     stack.execute(py, "counter = 0")
     headers = {**stack.headers(), "Idempotency-Key": "idem-once-1"}
     url = f"{stack.url}/v1/sessions/{py}/executions"
@@ -206,9 +213,8 @@ def test_idempotency_key_runs_once_per_tenant(stack: Stack, py: str, tenant_b: s
     assert stack.execute(py, "counter")["result"]["text/plain"] == "2"
 
     # The same key under another tenant is another execution.
-    theirs = stack.new_session(tenant_b)
     other = requests.post(
-        f"{stack.url}/v1/sessions/{theirs}/executions",
+        f"{stack.url}/v1/sessions/{b_session}/executions",
         json={"code": "'b ran'"},
         headers={**stack.headers(tenant_b), "Idempotency-Key": "idem-once-1"},
         timeout=60,
@@ -286,7 +292,7 @@ def test_code_ignoring_interrupts_is_killed_and_interpreter_restarted(
 
 
 # --- tenants ---------------------------------------------------------------------------------
-def test_tenant_isolation(stack: Stack, py: str, files: str, tenant_b: str) -> None:
+def test_tenant_isolation(stack: Stack, py: str, files: str, tenant_b: str, b_session: str) -> None:
     mine = stack.execute(py, "'a secret'")
     requests.put(
         f"{stack.url}/v1/sessions/{files}/files/secret.txt",
@@ -329,7 +335,7 @@ def test_tenant_isolation(stack: Stack, py: str, files: str, tenant_b: str) -> N
             f"{stack.url}/v1/sessions", headers=stack.headers(), timeout=10
         ).json()["sessions"]
     }
-    assert theirs and not theirs & ours
+    assert theirs == {b_session} and not theirs & ours
     assert {py, files} <= ours
     # A's things are untouched.
     assert stack.execute(py, "x")["result"]["text/plain"] == "41"
@@ -479,6 +485,15 @@ def test_upload_cap_and_one_byte_over(stack: Stack, files: str) -> None:
     )
     assert_error(over, 413, "PayloadTooLarge", str(cap))
 
+    # A multipart part one byte over: refused before any byte reaches the session.
+    over = requests.post(
+        files_url(stack, files),
+        files={"file": ("over.bin", b"\0" * (cap + 1))},
+        headers=stack.headers(),
+        timeout=300,
+    )
+    assert_error(over, 413, "PayloadTooLarge", str(cap))
+
     # Without a Content-Length the cap is found while streaming.
     def chunked(total: int):
         piece = b"\1" * (1 << 20)
@@ -592,7 +607,9 @@ def test_no_client_input_gives_a_500(stack: Stack, py: str, files: str) -> None:
     content_types = ["application/json", "text/plain", "multipart/form-data", None]
     for method, path in routes:
         for body in MALFORMED_JSON:
-            for content_type in content_types:
+            # A POST /v1/sessions whose body is not JSON is a plain `{}`: it would make sessions.
+            kinds = content_types[:1] if path == "/v1/sessions" else content_types
+            for content_type in kinds:
                 headers = {**h, **({"Content-Type": content_type} if content_type else {})}
                 response = requests.request(
                     method, stack.url + path, data=body, headers=headers, timeout=60

@@ -108,3 +108,15 @@ def test_unknown_route_is_json_404(client) -> None:
 def test_openapi_document_is_served(client) -> None:
     spec = client.get("/openapi.json").get_json()
     assert "/v1/sessions/{session_id}/executions" in spec["paths"]
+
+
+def test_metrics_are_prometheus_text(app, client) -> None:
+    from shoal import metrics
+
+    r = app.extensions["shoal"].redis
+    metrics.incr(r, "shoal_session_acquisitions_total", pool="default", source="ready")
+    metrics.observe(r, "shoal_execution_seconds", 0.004, pool="default")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'shoal_session_acquisitions_total{pool="default",source="ready"} 1' in text
+    assert 'shoal_execution_seconds_bucket{le="0.005",pool="default"} 1' in text
+    assert 'shoal_execution_seconds_count{pool="default"} 1' in text
