@@ -6,9 +6,12 @@ Contract: ../shared/contracts/azure-sessions-api.md. The bearer token is a Shoal
 
 from __future__ import annotations
 
+import io
 import re
 
 from flask import Blueprint, Response, g, jsonify, request, stream_with_context, url_for
+from werkzeug.datastructures import FileStorage
+from werkzeug.wrappers import Request
 
 from api import dynamic_shapes as shapes
 from api import operations
@@ -149,12 +152,53 @@ def _dir_param() -> str:
     return request.args.get("path", "").strip("/").removeprefix("mnt/data").strip("/")
 
 
+# A multipart body starts with its boundary line (RFC 2046: 1-70 of these characters).
+_BOUNDARY_LINE = re.compile(rb"--([0-9A-Za-z'()+_,./:=?-]{1,70})\r\n")
+
+
+class _Rewound(io.RawIOBase):
+    """The request body again: the bytes already read, then the rest of the stream."""
+
+    def __init__(self, head: bytes, rest) -> None:
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _file_part() -> FileStorage | None:
+    """The multipart part `file`. Semantic Kernel's SessionsPythonTool sends its upload labelled
+    with the Content-Type that its HTTP client kept from the last code/execute call
+    (application/json): a body that starts with a boundary line is multipart, whatever its label."""
+    if request.mimetype == "multipart/form-data":
+        return request.files.get("file")
+    head = request.stream.read(80)
+    match = _BOUNDARY_LINE.match(head)
+    if match is None:
+        return None
+    environ = {
+        **request.environ,
+        "CONTENT_TYPE": "multipart/form-data; boundary=" + match.group(1).decode("ascii"),
+        "wsgi.input": io.BufferedReader(_Rewound(head, request.stream)),
+    }
+    return Request(environ).files.get("file")
+
+
 def _upload(pool: str) -> dict:
     entry = _session(pool)
     limit = ctx().settings.max_upload_bytes
     if request.content_length and request.content_length > limit + (1 << 20):
         raise PayloadTooLarge(f"the upload is over the {limit}-byte limit")
-    upload = request.files.get("file")
+    upload = _file_part()
     if upload is None or not upload.filename:
         raise ValidationFailed("send the file as multipart/form-data part named `file`")
     check_part(upload)

@@ -42,6 +42,10 @@ def _json_value(text: str) -> Any:
         return text
     if isinstance(value, float) and not math.isfinite(value):
         return text
+    if isinstance(value, list | tuple | dict):
+        # Containers stay their (IPython pretty) repr: AutoGen's get_available_packages splits
+        # a list's text on ",\n", and functions with package requirements depend on it.
+        return text
     return value
 
 

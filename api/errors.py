@@ -40,6 +40,8 @@ def error_response(code: str, message: str, status: int, headers: dict | None = 
     if request.path.startswith("/pools/"):
         if code == "PoolExhausted":
             status = 404  # the reference service answers a full pool with 404
+        if code in ("SessionNotFound", "SessionExpired"):
+            status = 400  # ... and an unknown identifier with 400
         code = DYNAMIC_SESSIONS_CODES.get(code, code)
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status

@@ -35,8 +35,11 @@ def health_report() -> tuple[dict, bool]:
             "sessions": beat.get("sessions", 0),
             "libvirt": driver,
         }
+        report["workers"][host]["template"] = beat.get("template", "")
         if not driver.get("libvirt", {}).get("ok", False):
             down.append(f"libvirt on {host}")
+        if beat.get("template") == "building":
+            down.append(f"worker {host} (still building its snapshot template)")
     if not report["workers"]:
         down.append("workers (none registered)")
     beat_at = c.redis.get(keys.beat_heartbeat())

@@ -111,7 +111,8 @@ def post_file(session_id: str):
     if upload is None or not upload.filename:
         raise ValidationFailed("send the file as multipart/form-data part named `file`")
     check_part(upload)
-    folder = request.form.get("path", "").strip("/")
+    # Relative to /mnt/data, or absolute under it: the guest refuses anything else.
+    folder = request.form.get("path", "").rstrip("/")
     name = upload.filename.rsplit("/", 1)[-1]
     target = f"{folder}/{name}" if folder else name
     chunks = capped_chunks(upload.stream, ctx().settings.max_upload_bytes)

@@ -46,6 +46,9 @@ class HostRuntime:
         self.session_vm: dict[str, str] = {}  # session id -> the id its VM has in self.vms
         self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel)
         self._stop = threading.Event()
+        # The default pool's snapshot template: "building", "ready" or "failed: <why>". Until it
+        # is ready, /healthz says so: a session made before would cold-boot (seconds, not ms).
+        self.template_state = "building"
         self.started_at = time.time()
 
     # --- start-up and background duties -----------------------------------------------------
@@ -78,8 +81,11 @@ class HostRuntime:
         """Build the default pool's snapshot template, then fill the ready pools."""
         try:
             self.vms.ensure_template(spec)
-        except Exception:
+            self.template_state = "ready"
+        except Exception as exc:
             log.exception("host=%s building the snapshot template failed", self.host)
+            self.template_state = f"failed: {exc}"
+        self.beat_once()
         self.replenish()
 
     def _heartbeat_loop(self) -> None:
@@ -104,6 +110,7 @@ class HostRuntime:
             "sessions": len(live),
             "vms": len(live) + sum(c["ready"] + c["starting"] for c in pools.values()),
             "max_vms": self.settings.host_max_vms,
+            "template": self.template_state,
             "pools": pools,
             "pool_errors": {
                 name: state["last_error"]

@@ -477,39 +477,6 @@ def test_paths_outside_data_are_refused(stack: Stack, files: str) -> None:
 
 def test_upload_cap_and_one_byte_over(stack: Stack, files: str) -> None:
     cap = load(stack.env).max_upload_bytes
-    over = requests.put(
-        files_url(stack, files, "over.bin"),
-        data=b"\0" * (cap + 1),
-        headers=stack.headers(),
-        timeout=300,
-    )
-    assert_error(over, 413, "PayloadTooLarge", str(cap))
-
-    # A multipart part one byte over: refused before any byte reaches the session.
-    over = requests.post(
-        files_url(stack, files),
-        files={"file": ("over.bin", b"\0" * (cap + 1))},
-        headers=stack.headers(),
-        timeout=300,
-    )
-    assert_error(over, 413, "PayloadTooLarge", str(cap))
-
-    # Without a Content-Length the cap is found while streaming.
-    def chunked(total: int):
-        piece = b"\1" * (1 << 20)
-        sent = 0
-        while sent < total:
-            yield piece[: total - sent]
-            sent += len(piece[: total - sent])
-
-    over = requests.put(
-        files_url(stack, files, "over.bin"),
-        data=chunked(cap + 1),
-        headers=stack.headers(),
-        timeout=300,
-    )
-    assert_error(over, 413, "PayloadTooLarge", str(cap))
-
     blob = os.urandom(cap)
     started = time.monotonic()
     put = requests.put(
@@ -519,18 +486,58 @@ def test_upload_cap_and_one_byte_over(stack: Stack, files: str) -> None:
     assert put.status_code == 201, put.text
     assert put.json()["size"] == cap
     print(f"\n{cap} bytes uploaded in {elapsed:.1f} s")
-    # No partial file of the refused uploads, and the session still works.
-    listed = requests.get(files_url(stack, files), headers=stack.headers(), timeout=30).json()
-    names = {f["name"] for f in listed["files"]}
-    assert "cap.bin" in names and "over.bin" not in names
-    assert not [n for n in names if n.startswith(".shoal-upload")], names
     check = stack.execute(
         files,
         "import hashlib; hashlib.sha256(open('/mnt/data/cap.bin', 'rb').read()).hexdigest()",
         timeout_s=120,
     )
     assert check["result"]["text/plain"] == repr(hashlib.sha256(blob).hexdigest())
-    requests.delete(files_url(stack, files, "cap.bin"), headers=stack.headers(), timeout=30)
+    del blob
+
+    over = requests.put(
+        files_url(stack, files, "over.bin"),
+        data=b"\0" * (cap + 1),
+        headers=stack.headers(),
+        timeout=300,
+    )
+    assert_error(over, 413, "PayloadTooLarge", str(cap))
+    # A multipart part one byte over: refused before any byte reaches the session.
+    over = requests.post(
+        files_url(stack, files),
+        files={"file": ("over.bin", b"\0" * (cap + 1))},
+        headers=stack.headers(),
+        timeout=300,
+    )
+    assert_error(over, 413, "PayloadTooLarge", str(cap))
+
+    # Without a Content-Length the cap is found while streaming, once the guest has had `cap`
+    # bytes: the upload must be dropped there and the session stay usable.
+    def chunked(total: int):
+        piece = b"\1" * (1 << 20)
+        sent = 0
+        while sent < total:
+            yield piece[: total - sent]
+            sent += len(piece[: total - sent])
+
+    started = time.monotonic()
+    over = requests.put(
+        files_url(stack, files, "over.bin"),
+        data=chunked(cap + 1),
+        headers=stack.headers(),
+        timeout=300,
+    )
+    assert_error(over, 413, "PayloadTooLarge", str(cap))
+    print(f"streamed upload refused after {time.monotonic() - started:.1f} s")
+    listed = requests.get(files_url(stack, files), headers=stack.headers(), timeout=30)
+    assert listed.status_code == 200, listed.text
+    names = {f["name"] for f in listed.json()["files"]}
+    assert "cap.bin" in names and "over.bin" not in names
+    assert not [n for n in names if n.startswith(".shoal-upload")], names
+    assert stack.execute(files, "'still usable'")["status"] == "succeeded"
+    deleted = requests.delete(
+        files_url(stack, files, "cap.bin"), headers=stack.headers(), timeout=30
+    )
+    assert deleted.status_code == 204
 
 
 # --- errors ----------------------------------------------------------------------------------
