@@ -55,8 +55,13 @@ shoal_install_venv() {
   fi
   echo "shoal: installing Shoal into .venv"
   [ -x .venv/bin/python ] || "$(shoal_python)" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  mkdir -p .shoal/logs
+  if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]'; } \
+      >.shoal/logs/install.log 2>&1; then
+    echo "shoal: installing the Python packages failed; the end of .shoal/logs/install.log:" >&2
+    tail -n 30 .shoal/logs/install.log >&2
+    exit 1
+  fi
   echo "$want" >"$stamp"
 }
 
