@@ -6,7 +6,18 @@ from flask import g, request
 
 from api.context import ctx
 from shoal import tenants
-from shoal.errors import Unauthorized
+from shoal.errors import Unauthorized, UnsupportedMediaType
+
+
+def require_json_body() -> None:
+    """A before_request hook for JSON routes: a body in another format is refused, not
+    silently read as `{}`."""
+    has_body = bool(request.content_length) or request.headers.get("Transfer-Encoding")
+    if request.method in ("POST", "PUT", "PATCH") and has_body and not request.is_json:
+        raise UnsupportedMediaType(
+            f"send the body as JSON with `Content-Type: application/json` "
+            f"(got {request.mimetype or 'no Content-Type'})"
+        )
 
 
 def require_tenant() -> None:

@@ -6,13 +6,14 @@ from flask import g, request, url_for
 from flask_smorest import Blueprint
 
 from api import operations
-from api.auth import require_tenant
+from api.auth import require_json_body, require_tenant
 from api.context import ctx
 from api.schemas import ExecutionCreate, ExecutionOut, SessionCreate, SessionList, SessionOut
 from shoal import executions, sessions
 
 blp = Blueprint("v1_sessions", __name__, url_prefix="/v1", description="Sessions and executions")
 blp.before_request(require_tenant)
+blp.before_request(require_json_body)
 
 # Extra time a synchronous request waits beyond the execution's own timeout: queueing, the
 # interrupt grace and the VM kill that may follow.

@@ -44,6 +44,12 @@ class ExecutionNotFound(ShoalError):
     code, status = "ExecutionNotFound", 404
 
 
+class BatchNotFound(ShoalError):
+    """No such batch."""
+
+    code, status = "BatchNotFound", 404
+
+
 class PoolNotFound(ShoalError):
     """No such pool."""
 
@@ -66,6 +72,12 @@ class SessionBusy(ShoalError):
     """The session is busy."""
 
     code, status = "SessionBusy", 409
+
+
+class UnsupportedMediaType(ShoalError):
+    """Send the body as JSON with `Content-Type: application/json`."""
+
+    code, status = "UnsupportedMediaType", 415
 
 
 class PayloadTooLarge(ShoalError):
@@ -110,6 +122,12 @@ class NotAFile(ShoalError):
     code, status = "NotAFile", 400
 
 
+class DirectoryNotEmpty(ShoalError):
+    """The directory is not empty."""
+
+    code, status = "DirectoryNotEmpty", 409
+
+
 class NoSpace(ShoalError):
     """The session's disk is full."""
 
@@ -124,6 +142,9 @@ AGENT_ERRORS: dict[str, type[ShoalError]] = {
     "not_a_directory": NotAFile,
     "no_space": NoSpace,
     "invalid_argument": ValidationFailed,
+    "directory_not_empty": DirectoryNotEmpty,
+    "permission_denied": PathNotAllowed,
+    "not_a_regular_file": NotAFile,
     "busy": SessionBusy,
 }
 

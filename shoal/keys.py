@@ -124,3 +124,49 @@ def image_info(image: str) -> str:
 def usage(tenant: str) -> str:
     """Hash: pool -> session-seconds of the tenant's ended sessions."""
     return f"{PREFIX}:usage:{tenant}"
+
+
+# --- webhooks and batches (docs/async.md) ---------------------------------------------------
+def tenant_max_sessions(tenant: str) -> str:
+    """String: the tenant's own session cap, overriding SHOAL_TENANT_MAX_SESSIONS."""
+    return f"{PREFIX}:tenant:{tenant}:max_sessions"
+
+
+def webhook_secret(tenant: str) -> str:
+    """String: the tenant's webhook signing secret, encrypted with the server key."""
+    return f"{PREFIX}:tenant:{tenant}:webhook_secret"
+
+
+def webhook_delivery(owner_id: str) -> str:
+    """String (JSON): the webhook of an execution or batch: message id, body, attempts."""
+    return f"{PREFIX}:webhook:{owner_id}"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: a batch's tenant, pool, status, max_parallel, callback_url, times."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_items(batch_id: str) -> str:
+    """Hash: item index -> the item's state as JSON (status, execution, files, error)."""
+    return f"{PREFIX}:batch:{batch_id}:items"
+
+
+def batch_specs(batch_id: str) -> str:
+    """Hash: item index -> what the item runs (code, language, files, collect) as JSON."""
+    return f"{PREFIX}:batch:{batch_id}:specs"
+
+
+def batch_cancel(batch_id: str) -> str:
+    """String: set when a client asked to cancel the batch."""
+    return f"{PREFIX}:batch:{batch_id}:cancel"
+
+
+def batch_lease(batch_id: str) -> str:
+    """String (with a TTL): held by the coordinator running the batch."""
+    return f"{PREFIX}:batch:{batch_id}:lease"
+
+
+def batches_running() -> str:
+    """Set: ids of batches not yet finished, for resuming after a batch worker dies."""
+    return f"{PREFIX}:batches:running"

@@ -82,6 +82,23 @@ class Settings:
         default=2, metadata={"doc": "ready-VM restores a host runs at once"}
     )
     worker_concurrency: int = field(default=32, metadata={"doc": "worker threads per host"})
+    # --- webhooks and batches (docs/async.md) --------------------------------------------------
+    secret_key: str = field(
+        default="", metadata={"doc": "Fernet key sealing webhook secrets (default: SHOAL_HOME)"}
+    )
+    webhook_allow_hosts: str = field(
+        default="", metadata={"doc": "callback hosts exempt from the SSRF check (comma-separated)"}
+    )
+    webhook_timeout_s: float = field(default=10.0, metadata={"doc": "per delivery attempt"})
+    webhook_retry_first_s: float = field(
+        default=5.0, metadata={"doc": "first retry delay; doubles each time, with jitter"}
+    )
+    webhook_retry_max_s: float = field(default=600.0, metadata={"doc": "longest retry delay"})
+    webhook_retry_window_s: float = field(
+        default=3600.0, metadata={"doc": "no retry starts later than this after the first try"}
+    )
+    webhook_concurrency: int = field(default=8, metadata={"doc": "webhook delivery threads"})
+    batch_concurrency: int = field(default=4, metadata={"doc": "batches run at once"})
 
     @property
     def instance_id(self) -> str:

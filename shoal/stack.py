@@ -220,7 +220,8 @@ def _print_welcome(settings: Settings, key: str) -> None:
         f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{}}' "
         "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"id\"])')/executions "
         f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
-        '-d \'{"code": "print(1+1)"}\''
+        '-d \'{"code": "print(1+1)"}\' '
+        '| python3 -c \'import json,sys; print(json.load(sys.stdin)["stdout"], end="")\''
     )
     print(
         f"\nShoal is up.\n  Endpoint:  {url}{tls_line}\n"

@@ -67,3 +67,17 @@ def revoke(r: redis.Redis, key_id: str) -> bool:
     pipe.hdel(keys.api_key_ids(), key_id)
     pipe.execute()
     return True
+
+
+def max_sessions(r: redis.Redis, tenant: str, default: int) -> int:
+    """The tenant's session cap: its own (`shoal keys max-sessions`) or the instance default."""
+    own = r.get(keys.tenant_max_sessions(tenant))
+    return int(own) if own else default
+
+
+def set_max_sessions(r: redis.Redis, tenant: str, limit: int | None) -> None:
+    """Give `tenant` its own session cap; None goes back to SHOAL_TENANT_MAX_SESSIONS."""
+    if limit is None:
+        r.delete(keys.tenant_max_sessions(tenant))
+    else:
+        r.set(keys.tenant_max_sessions(tenant), str(int(limit)))

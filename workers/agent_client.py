@@ -254,10 +254,19 @@ class AgentClient:
                 raise AgentProtocolError("file_put: no go-ahead")
             header = {"id": rid, "op": protocol.OP_CHUNK}
             size = protocol.FILE_CHUNK
-            for chunk in chunks:
-                view = memoryview(chunk)
-                for start in range(0, len(view), size):
-                    self._send(protocol.encode(header, view[start : start + size]), timeout)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    for start in range(0, len(view), size):
+                        self._send(protocol.encode(header, view[start : start + size]), timeout)
+            except AgentClientError:
+                raise
+            except BaseException:
+                # The source failed (an abandoned or oversized upload): cancel the upload in
+                # the guest, which removes its temporary file, so the agent is free again.
+                with contextlib.suppress(AgentClientError):
+                    self.interrupt(timeout)
+                raise
             self._send(protocol.encode({**header, "eof": True}), timeout)
             answer = self._answer(rid, time.monotonic() + timeout)
         finally:

@@ -296,7 +296,7 @@ class HostRuntime:
         record = executions.load(self.r, execution_id)
         if record is None:
             return
-        slot = self.slots.get(record["session_id"])
+        slot = self.slots.get(record["session_id"], self._done_seq(record["session_id"]))
         if slot.running_execution == execution_id:
             vm = self.vms.get(self._vm_id(record["session_id"]))
             if vm is not None:
@@ -360,6 +360,9 @@ class HostRuntime:
             replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))
         except ShoalError as exc:
             replies.send_error(self.r, reply_key, exc)
+        except transfers.TransferAborted as exc:
+            log.info("session=%s host=%s upload abandoned by the client", session_id, self.host)
+            replies.send_error(self.r, reply_key, ShoalError(str(exc)))
         except (VMLost, VMError) as exc:
             self.mark_session_lost(session_id, str(exc))
             replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))

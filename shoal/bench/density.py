@@ -14,6 +14,7 @@ from shoal.bench.core import Bench, BenchError, Goal, Result, Scenario, timed_lo
 
 SETTLE_S = 5.0  # after the last restore of a step, before the idle window
 PROBE_CALLS = 50
+HELD_GOAL = 48  # issue 4: idle sessions this machine should hold; judged only when asked for
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -125,10 +126,12 @@ def density(b: Bench) -> list[Result]:
     return [
         Result(
             "density_sessions",
-            f"idle sessions held (asked for {limit})",
+            f"idle sessions held (asked for {limit}; ready-pool VMs not counted)",
             unit="sessions",
             value=float(last.get("sessions", 0)),
-            goals=(Goal(">= 48 idle sessions", "value", 48, at_least=True, issue=4),),
+            goals=(Goal(">= 48 idle sessions", "value", 48, at_least=True, issue=4),)
+            if limit >= HELD_GOAL
+            else (),
             notes=stopped,
             extra={"curve": curve, "window_s": window},
         ),

@@ -132,8 +132,9 @@ def write_json(report: dict, path: Path) -> None:
 # --- plots ----------------------------------------------------------------------------------------
 WARM = ("warm_v1", "warm_dynamic", "agent_direct", "http_floor", "ipykernel", "celery_noop",
         "kernel_gateway")  # fmt: skip
-STARTS = ("new_session", "new_session_create", "import_pandas", "restore_to_ready",
-          "cold_boot", "ipykernel_start")  # fmt: skip
+STARTS = ("new_session_create", "new_session", "new_session_ondemand_create",
+          "new_session_ondemand", "import_pandas", "restore_to_ready", "cold_boot",
+          "ipykernel_start")  # fmt: skip
 
 
 def plots(report: dict, directory: Path) -> list[Path]:

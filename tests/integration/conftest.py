@@ -35,6 +35,7 @@ class Stack:
     key: str
     env: dict[str, str]
     home: Path
+    up_output: str = ""
 
     def headers(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
@@ -89,7 +90,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
             "Shoal did not start (QEMU/libvirt guests are required here):\n" + up.stdout + up.stderr
         )
     key = (home / "dev-api-key").read_text().strip()
-    yield Stack(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", key, env, home)
+    yield Stack(
+        f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", key, env, home, up.stdout
+    )
     down = subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True, text=True)
     assert down.returncode == 0, down.stdout + down.stderr
     assert_nothing_left(load(env))

@@ -36,7 +36,7 @@ def test_quick_warm_execution_scenario(stack, tmp_path):
     warm = rows["warm_v1"]["summary"]
     assert warm["n"] == 10 and 0 < warm["p50"] <= warm["p99"]
     segments = rows["warm_v1"]["extra"]["breakdown"]
-    assert set(segments) == {"http_in", "queue", "host_channel", "guest", "http_out"}
+    assert {"http_in", "queue", "host_channel", "guest", "http_out"} <= set(segments)
     assert all(s["n"] == 10 for s in segments.values())
     assert rows["http_floor"]["summary"]["n"] > 0
     assert list(out.glob("*/warm_latency.png"))

@@ -253,7 +253,7 @@ def test_current_files(current: Pool) -> None:
 
 def test_session_management_routes(stack: Stack) -> None:
     pool = Pool(stack, new_identifier("managed"))
-    assert_error(pool.request("GET", "session"), 404, "SessionWithIdentifierNotFound")
+    assert_error(pool.request("GET", "session"), 400, "SessionWithIdentifierNotFound")
     pool.execute({"code": "kept = 1"})
 
     session = pool.request("GET", "session").json()
@@ -274,13 +274,13 @@ def test_session_management_routes(stack: Stack) -> None:
     assert {"numpy", "pandas", "matplotlib", "scikit-learn"} <= packages
 
     assert pool.request("DELETE", "session").status_code == 204
-    assert_error(pool.request("GET", "session"), 404, "SessionWithIdentifierNotFound")
+    assert_error(pool.request("GET", "session"), 400, "SessionWithIdentifierNotFound")
     # The identifier now names a fresh session.
     fresh = pool.execute({"code": "'kept' in dir()"}).json()
     assert fresh["result"]["executionResult"] == "False"
     assert pool.request("POST", ".management/stopSession").status_code == 204
     assert_error(
-        pool.request("POST", ".management/getSession"), 404, "SessionWithIdentifierNotFound"
+        pool.request("POST", ".management/getSession"), 400, "SessionWithIdentifierNotFound"
     )
 
 

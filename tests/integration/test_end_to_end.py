@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import requests
@@ -35,3 +36,10 @@ def test_https_endpoint_serves_the_same_api(stack: Stack) -> None:
     ca = stack.home / "tls" / "ca.pem"
     response = requests.get(f"{stack.tls_url}/healthz", verify=str(ca), timeout=10)
     assert response.status_code == 200
+
+
+def test_the_curl_line_that_up_prints_answers_2(stack: Stack) -> None:
+    lines = stack.up_output.strip().splitlines()
+    assert lines[-2] == "Run print(1+1) in a new session:"
+    answer = subprocess.run(["bash", "-c", lines[-1]], capture_output=True, text=True, timeout=120)
+    assert answer.stdout == "2\n", answer.stdout + answer.stderr

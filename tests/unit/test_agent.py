@@ -529,6 +529,18 @@ def test_file_put_get_list_stat_delete(agent):
         assert info.value.code == protocol.E_NOT_FOUND
 
 
+def test_an_abandoned_upload_is_cancelled_and_leaves_nothing(agent):
+    def source():
+        yield b"x" * 300_000
+        raise ValueError("the client went away")
+
+    with pytest.raises(ValueError):
+        agent.client.put_file("abandoned.bin", source())
+    names = [e["name"] for e in agent.client.list_files("", recursive=True)]
+    assert not any("abandoned" in n for n in names), names
+    assert agent.client.put_file("after.bin", [b"ok"])["size"] == 2
+
+
 def test_file_errors(agent):
     (agent.data / "fe").mkdir(exist_ok=True)
     (agent.data / "fe/file").write_text("f")

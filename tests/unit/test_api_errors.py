@@ -120,3 +120,13 @@ def test_metrics_are_prometheus_text(app, client) -> None:
     assert 'shoal_session_acquisitions_total{pool="default",source="ready"} 1' in text
     assert 'shoal_execution_seconds_bucket{le="0.005",pool="default"} 1' in text
     assert 'shoal_execution_seconds_count{pool="default"} 1' in text
+
+
+def test_a_body_that_is_not_json_is_415(app, client, key) -> None:
+    r = app.extensions["shoal"].redis
+    mine = sessions.create(r, "acme", Pool(name="default"), "h1")
+    for url in ("/v1/sessions", f"/v1/sessions/{mine['id']}/executions"):
+        response = client.post(
+            url, data="code=1", headers={**auth(key), "Content-Type": "text/plain"}
+        )
+        assert_error(response, 415, "UnsupportedMediaType", "application/json")

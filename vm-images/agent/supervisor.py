@@ -920,10 +920,11 @@ class Agent:
         if ex is not None:
             self._interrupt(ex, protocol.STATUS_INTERRUPTED)
             self.answer(rid, interrupted=True)
-        elif isinstance(t, GetTransfer):
-            t.close()
+        elif isinstance(t, GetTransfer | PutTransfer):
+            t.close()  # an upload's temporary file is removed: nothing half-written remains
             self.transfer = None
-            self.error(t.id, protocol.E_CANCELLED, "file_get cancelled by an interrupt")
+            op = "file_get" if isinstance(t, GetTransfer) else "file_put"
+            self.error(t.id, protocol.E_CANCELLED, f"{op} cancelled by an interrupt")
             self.answer(rid, interrupted=True)
         else:
             self.answer(rid, interrupted=False)
