@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from api import dynamic_sessions, errors, health, v1_files, v1_pools, v1_sessions
+from api import dynamic_sessions, errors, health, v1_batches, v1_files, v1_pools, v1_sessions
 from api.context import Context
 from shoal import redis_conn
 from shoal.settings import Settings, load
@@ -39,5 +39,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(v1_sessions.blp)
     api.register_blueprint(v1_files.blp)
     api.register_blueprint(v1_pools.blp)
+    api.register_blueprint(v1_batches.blp)
     logging.getLogger("shoal").setLevel(logging.INFO)
     return app

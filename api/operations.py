@@ -13,7 +13,7 @@ from typing import Any
 from api.context import Context
 from pool.placement import choose_host
 from pool.pools import get_pool
-from shoal import executions, keys, liveness, replies, sessions, transfers
+from shoal import executions, keys, liveness, replies, sessions, tenants, transfers
 from shoal.errors import (
     HostTimeout,
     PoolExhausted,
@@ -36,10 +36,11 @@ IDEMPOTENCY_RACE_S = 5.0
 
 def create_session(c: Context, tenant: str, pool_name: str, identifier: str = "") -> dict:
     pool = get_pool(c.settings, pool_name)
-    if sessions.count_for_tenant(c.redis, tenant) >= c.settings.tenant_max_sessions:
+    cap = tenants.max_sessions(c.redis, tenant, c.settings.tenant_max_sessions)
+    if sessions.count_for_tenant(c.redis, tenant) >= cap:
         raise TenantSessionLimit(
-            f"tenant {tenant!r} already has {c.settings.tenant_max_sessions} live sessions "
-            "(SHOAL_TENANT_MAX_SESSIONS); delete one first"
+            f"tenant {tenant!r} already has {cap} live sessions "
+            "(SHOAL_TENANT_MAX_SESSIONS, or its own cap); delete one first"
         )
     if sessions.count_for_pool(c.redis, pool.name) >= pool.max_sessions:
         raise PoolExhausted(
@@ -95,6 +96,7 @@ def submit_execution(
         entry, params["code"], params["language"], params["timeout_s"], params["max_output"], seq
     )
     record["id"] = execution_id
+    record["callback_url"] = params.get("callback_url") or None  # shoal/webhooks.py
     pipe = r.pipeline()
     executions.save(pipe, record, c.settings.execution_ttl_s)
     pipe.zadd(keys.session_executions(entry["id"]), {record["id"]: seq})

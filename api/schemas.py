@@ -5,6 +5,8 @@ from __future__ import annotations
 from flask import current_app
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
+from shoal import webhooks
+from shoal.errors import ShoalError
 from shoal.protocol import MAX_CODE_BYTES
 
 
@@ -22,6 +24,15 @@ def code_problem(code: str) -> str | None:
     if size > MAX_CODE_BYTES:
         return f"code is over the {MAX_CODE_BYTES}-byte limit"
     return None
+
+
+def check_callback_url(value: str | None) -> None:
+    """400 for a callback URL that is malformed or resolves to a forbidden address (SSRF)."""
+    if value is not None:
+        try:
+            webhooks.check_url(_settings(), value)
+        except ShoalError as exc:
+            raise ValidationError(exc.message) from None
 
 
 class StrictSchema(Schema):
@@ -55,6 +66,15 @@ class ExecutionCreate(StrictSchema):
     timeout_s = fields.Integer(load_default=None, allow_none=True)
     wait = fields.Boolean(load_default=True)
     max_output = fields.Integer(load_default=4096, validate=validate.Range(min=0))
+    callback_url = fields.String(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "POSTed the finished execution, signed (docs/async.md)"},
+    )
+
+    @validates("callback_url")
+    def _callback_url(self, value: str | None, **_: object) -> None:
+        check_callback_url(value)
 
     @validates("code")
     def _code_size(self, value: str, **_: object) -> None:
@@ -103,3 +123,7 @@ class ExecutionOut(Schema):
     started_at = fields.String(allow_none=True)
     finished_at = fields.String(allow_none=True)
     duration_ms = fields.Float(allow_none=True)
+    callback_url = fields.String(metadata={"description": "only when one was given"})
+    webhook = fields.Dict(
+        metadata={"description": "the callback's delivery: id, status and every attempt"}
+    )

@@ -9,7 +9,7 @@ from api import operations
 from api.auth import require_json_body, require_tenant
 from api.context import ctx
 from api.schemas import ExecutionCreate, ExecutionOut, SessionCreate, SessionList, SessionOut
-from shoal import executions, sessions
+from shoal import executions, sessions, webhooks
 
 blp = Blueprint("v1_sessions", __name__, url_prefix="/v1", description="Sessions and executions")
 blp.before_request(require_tenant)
@@ -65,7 +65,7 @@ def create_execution(body: dict, session_id: str):
         record = operations.wait_execution(
             c, record, record["timeout_s"] + c.settings.interrupt_grace_s + WAIT_MARGIN_S
         )
-    view = executions.public_view(record)
+    view = webhooks.execution_view(c.redis, record)
     if record["status"] in executions.FINAL:
         return view
     location = url_for("v1_sessions.get_execution", execution_id=record["id"])
@@ -75,7 +75,8 @@ def create_execution(body: dict, session_id: str):
 @blp.get("/executions/<execution_id>")
 @blp.response(200, ExecutionOut)
 def get_execution(execution_id: str):
-    return executions.public_view(executions.get_for_tenant(ctx().redis, g.tenant, execution_id))
+    record = executions.get_for_tenant(ctx().redis, g.tenant, execution_id)
+    return webhooks.execution_view(ctx().redis, record)
 
 
 @blp.post("/executions/<execution_id>/cancel")
@@ -83,4 +84,4 @@ def get_execution(execution_id: str):
 def cancel_execution(execution_id: str):
     c = ctx()
     record = executions.get_for_tenant(c.redis, g.tenant, execution_id)
-    return executions.public_view(operations.cancel_execution(c, record))
+    return webhooks.execution_view(c.redis, operations.cancel_execution(c, record))

@@ -53,6 +53,19 @@ def _cmd_keys_revoke(s: Settings, a: argparse.Namespace) -> int:
     return 1
 
 
+def _cmd_keys_webhook_secret(s: Settings, a: argparse.Namespace) -> int:
+    from shoal import webhooks
+
+    print(webhooks.rotate_secret(s, redis_conn.client(s), a.tenant))
+    return 0
+
+
+def _cmd_keys_max_sessions(s: Settings, a: argparse.Namespace) -> int:
+    tenants.set_max_sessions(redis_conn.client(s), a.tenant, a.limit or None)
+    print(f"tenant {a.tenant}: at most {a.limit or s.tenant_max_sessions} live sessions")
+    return 0
+
+
 def _cmd_settings(s: Settings, a: argparse.Namespace) -> int:
     """Print the settings table (the one in README.md) with this machine's values."""
     print("| variable | default here | meaning |\n|---|---|---|")
@@ -84,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(func=_cmd_keys_revoke)
+    secret = keys.add_parser(
+        "webhook-secret", help="rotate a tenant's webhook signing secret and print the new one"
+    )
+    secret.add_argument("--tenant", required=True)
+    secret.set_defaults(func=_cmd_keys_webhook_secret)
+    cap = keys.add_parser("max-sessions", help="give a tenant its own session cap (0: default)")
+    cap.add_argument("--tenant", required=True)
+    cap.add_argument("limit", type=int)
+    cap.set_defaults(func=_cmd_keys_max_sessions)
     sub.add_parser("settings", help="print every setting").set_defaults(func=_cmd_settings)
     from shoal.bench.options import add_parser as add_bench_parser
 

@@ -20,7 +20,10 @@ from shoal import daemons, processes, redis_conn, tenants, tls
 from shoal.keys import host_queue
 from shoal.settings import Settings
 
-COMPONENTS = ("api-tls", "api", "beat", "worker", "redis")  # stop order; start is reversed
+# stop order; start is reversed. `webhooks` and `batches` are Celery workers of their own
+# (workers/async_app.py, docs/async.md), so deliveries and batch coordinators never take a thread
+# that an execution needs.
+COMPONENTS = ("api-tls", "api", "beat", "webhooks", "batches", "worker", "redis")
 CONTROL_QUEUE = "shoal.control"
 HEALTH_TIMEOUT_S = 240
 
@@ -91,8 +94,16 @@ def start_services(settings: Settings) -> None:
     gunicorn = [python, "-m", "gunicorn", "-k", "gthread", "-w", str(settings.api_workers)]
     gunicorn += ["--threads", str(settings.api_threads), "--timeout", "600"]
     gunicorn += ["--access-logfile", "-", "--error-logfile", "-"]
+    asynchronous = [python, "-m", "celery", "-A", "workers.async_app", "worker", "-P", "threads"]
+    asynchronous += ["-l", "INFO", "--without-gossip", "--without-mingle"]
+    batches = asynchronous + ["-Q", "shoal.batches", "-c", str(settings.batch_concurrency)]
+    batches += ["-n", f"batches-{host}@{settings.instance_id}"]
+    webhooks = asynchronous + ["-Q", "shoal.webhooks", "-c", str(settings.webhook_concurrency)]
+    webhooks += ["-n", f"webhooks-{host}@{settings.instance_id}"]
     plan = {
         "worker": worker,
+        "batches": batches,
+        "webhooks": webhooks,
         "beat": beat,
         "api": gunicorn + ["-b", f"{settings.bind}:{settings.port}", "api.app:create_app()"],
     }

@@ -14,10 +14,21 @@ from typing import Any
 
 from pool.pools import Pool, all_pools
 from pool.ready import ReadyVMs, new_vm_id
-from shoal import executions, image, keys, metrics, redis_conn, replies, sessions, transfers
+from shoal import (
+    executions,
+    image,
+    keys,
+    metrics,
+    redis_conn,
+    replies,
+    sessions,
+    transfers,
+    webhooks,
+)
 from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.settings import Settings
 from workers.agent_client import AgentClientError, AgentError
+from workers.celery_app import celery_for
 from workers.session_slots import SlotTable
 from workers.vm import VMManager, VMSpec
 from workers.vm_errors import AgentRefused, VMError, VMLost
@@ -245,6 +256,14 @@ class HostRuntime:
         record["status"] = executions.CANCELLED
         record["cancel_requested"] = True
         executions.finish(self.r, record, self.settings.execution_ttl_s)
+        self._notify(record)
+
+    def _notify(self, record: dict[str, Any]) -> None:
+        """Queue the execution's webhook (shoal/webhooks.py) when it asked for one."""
+        if record.get("callback_url"):
+            webhooks.schedule_for_execution(
+                self.r, celery_for(self.settings), record, self.settings.execution_ttl_s
+            )
 
     def _run(self, record: dict[str, Any], pool: Pool) -> None:
         ttl = self.settings.execution_ttl_s
@@ -270,6 +289,7 @@ class HostRuntime:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
         executions.finish(self.r, record, ttl)
+        self._notify(record)
         sessions.touch(self.r, session_id, pool.cooldown_s)
         pipe = self.r.pipeline()
         metrics.incr(pipe, "shoal_executions_total", pool=pool.name, status=record["status"])

@@ -28,7 +28,14 @@ from shoal.bench.core import Bench, BenchError, Result, Scenario, timed_loop
 
 WARM_UP = 20
 START_TIMEOUT_S = 60
-PEER_DB = 15  # the Celery peer's keys live in their own database of the same Redis server
+PEER_DB = 15
+# A local kernel as jupyter_client starts it; its start-up warnings kept off the progress lines.
+KERNEL = {
+    "kernel_name": "python3",
+    "startup_timeout": START_TIMEOUT_S,
+    "stdout": subprocess.DEVNULL,
+    "stderr": subprocess.DEVNULL,
+}  # the Celery peer's keys live in their own database of the same Redis server
 
 
 def _free_port() -> int:
@@ -70,14 +77,14 @@ def ipykernel(b: Bench) -> list[Result]:
     with _runtime_dir():
         for _ in range(b.size(2, 3)):
             started = time.perf_counter()
-            km, kc = start_new_kernel(kernel_name="python3", startup_timeout=START_TIMEOUT_S)
+            km, kc = start_new_kernel(**KERNEL)
             try:
                 _kernel_execute(kc, "1")
                 starts.append((time.perf_counter() - started) * 1000)
             finally:
                 kc.stop_channels()
                 km.shutdown_kernel(now=True)
-        km, kc = start_new_kernel(kernel_name="python3", startup_timeout=START_TIMEOUT_S)
+        km, kc = start_new_kernel(**KERNEL)
         try:
             _kernel_execute(kc, "x = 0")
             for _ in range(WARM_UP):

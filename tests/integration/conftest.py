@@ -79,6 +79,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         "SHOAL_HEARTBEAT_S": "1",
         "SHOAL_HEARTBEAT_TTL_S": "5",
         "SHOAL_POOLS_FILE": str(REPO / "tests" / "integration" / "pools.toml"),
+        # Webhook tests: a receiver on loopback, and retries within seconds, not an hour.
+        "SHOAL_WEBHOOK_ALLOW_HOSTS": "127.0.0.1",
+        "SHOAL_WEBHOOK_RETRY_FIRST_S": "0.5",
+        "SHOAL_WEBHOOK_RETRY_MAX_S": "2",
+        "SHOAL_WEBHOOK_RETRY_WINDOW_S": "30",
+        "SHOAL_WEBHOOK_TIMEOUT_S": "3",
     }
     env.pop("SHOAL_REDIS_URL", None)
     up = subprocess.run(

@@ -1,0 +1,287 @@
+"""Runs a batch: one coordinator per batch, on the batch worker (queue `shoal.batches`).
+
+The coordinator is a plain Celery task that drives the batch's items through the same
+operations the API uses (api/operations.py): create a session, upload the item's files, submit
+the execution, wait for it, collect output files, delete the session. So an item is exactly
+what a client would do by hand, and every rule the API enforces (pool caps, tenant caps, the
+host's one-execution-at-a-time slot, the liveness check) applies to batch items too.
+
+Concurrency: up to `max_parallel` items at a time (a thread each), and never more sessions than
+the tenant's cap allows: an item waits while the tenant is at its cap (or the pool at its own)
+and starts when a session frees up, so a batch larger than the cap still finishes.
+
+Failure: an item's failure, timeout or lost VM ends only that item. The coordinator holds a
+lease in Redis (renewed every few seconds); when its worker dies the lease runs out, and the
+batch worker's resume loop (workers/async_tasks.py) starts a new coordinator, which ends the
+items that were in flight as `lost` (an execution is never run twice) and runs the rest.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from api import operations
+from api.context import Context
+from pool.pools import get_pool
+from shoal import batches, executions, keys, redis_conn, sessions, tenants, webhooks
+from shoal.errors import NoHostAvailable, PoolExhausted, ShoalError, TenantSessionLimit
+from shoal.protocol import FILE_CHUNK
+from shoal.settings import Settings
+from workers.celery_app import celery_for
+
+log = logging.getLogger("shoal.batches")
+
+LEASE_S = 30
+LEASE_RENEW_S = 5
+CAP_POLL_S = 0.25  # how often an item waiting for a free session slot looks again
+# Beyond the execution's own timeout: queueing on the host, the interrupt grace, a VM kill.
+WAIT_MARGIN_S = 30
+
+
+def context(settings: Settings) -> Context:
+    """What api/app.py builds per app, built here per worker process."""
+    return Context(
+        settings=settings,
+        redis=redis_conn.client(settings),
+        redis_bin=redis_conn.binary_client(settings),
+        celery=celery_for(settings),
+    )
+
+
+def enqueue(celery, batch_id: str) -> None:
+    celery.send_task(batches.TASK, args=[batch_id], queue=batches.QUEUE)
+
+
+def resume_orphans(c: Context) -> list[str]:
+    """Start a coordinator again for each batch whose coordinator started and then died."""
+    resumed = []
+    for batch_id in c.redis.smembers(keys.batches_running()):
+        meta = batches.load(c.redis, batch_id)
+        if meta is None:
+            c.redis.srem(keys.batches_running(), batch_id)
+            continue
+        if meta.get("started_at") and not c.redis.exists(keys.batch_lease(batch_id)):
+            log.warning("batch=%s its coordinator stopped; resuming it", batch_id)
+            enqueue(c.celery, batch_id)
+            resumed.append(batch_id)
+    return resumed
+
+
+class BatchRunner:
+    def __init__(self, c: Context, batch_id: str) -> None:
+        self.c = c
+        self.r = c.redis
+        self.batch_id = batch_id
+        self.token = secrets.token_hex(8)
+        self._cap_lock = threading.Lock()
+        self._creating = 0
+        self._done = threading.Event()
+
+    # --- the batch ---------------------------------------------------------------------------
+    def run(self) -> None:
+        meta = batches.load(self.r, self.batch_id)
+        if meta is None or meta.get("finished_at"):
+            return
+        lease = keys.batch_lease(self.batch_id)
+        if not self.r.set(lease, self.token, nx=True, ex=LEASE_S):
+            return  # another coordinator runs it
+        self.meta = meta
+        self.r.hset(keys.batch(self.batch_id), "started_at", f"{time.time():.6f}")
+        renewer = threading.Thread(target=self._renew_lease, name="batch-lease", daemon=True)
+        renewer.start()
+        try:
+            self._recover_in_flight()
+            pending = [
+                i
+                for i, item in sorted(batches.load_items(self.r, self.batch_id).items())
+                if item["status"] == batches.PENDING
+            ]
+            log.info("batch=%s running %d item(s)", self.batch_id, len(pending))
+            with ThreadPoolExecutor(int(meta["max_parallel"]), "batch-item") as pool:
+                list(pool.map(self._run_item_safely, pending))
+            meta = batches.finish(self.r, self.batch_id)
+            log.info("batch=%s %s", self.batch_id, meta.get("status"))
+            if meta.get("callback_url"):
+                webhooks.schedule(
+                    self.r,
+                    self.c.celery,
+                    self.batch_id,
+                    meta["tenant"],
+                    meta["callback_url"],
+                    batches.payload(self.r, meta),
+                    self.c.settings.execution_ttl_s,
+                )
+        finally:
+            self._done.set()
+            if self.r.get(lease) == self.token:
+                self.r.delete(lease)
+
+    def _renew_lease(self) -> None:
+        lease = keys.batch_lease(self.batch_id)
+        while not self._done.wait(LEASE_RENEW_S):
+            self.r.set(lease, self.token, ex=LEASE_S)
+
+    def _recover_in_flight(self) -> None:
+        """Items a dead coordinator left `running`: keep a finished execution's result, else end
+        them `lost`. Their sessions are deleted; nothing is run twice."""
+        for item in batches.load_items(self.r, self.batch_id).values():
+            if item["status"] != batches.RUNNING:
+                continue
+            record = executions.load(self.r, item.get("execution_id") or "")
+            if record and record["status"] in executions.FINAL:
+                item["status"] = record["status"]
+                item["execution"] = executions.public_view(record)
+            else:
+                if record:
+                    operations.cancel_execution(self.c, record)
+                item["status"] = executions.LOST
+                item["error"] = "the batch worker stopped while this item ran; it was not rerun"
+            if item.get("own_session"):
+                entry = sessions.load(self.r, item["own_session"])
+                if entry:
+                    operations.delete_session(self.c, entry)
+            batches.save_item(self.r, self.batch_id, item)
+
+    def _cancelled(self) -> bool:
+        return batches.cancel_requested(self.r, self.batch_id)
+
+    # --- one item ----------------------------------------------------------------------------
+    def _run_item_safely(self, index: int) -> None:
+        try:
+            self._run_item(index)
+        except Exception as exc:  # one item's trouble never stops the others
+            log.exception("batch=%s item=%d failed unexpectedly", self.batch_id, index)
+            item = batches.load_item(self.r, self.batch_id, index)
+            item.update(index=index, status=batches.ERROR, error=f"internal error: {exc}")
+            batches.save_item(self.r, self.batch_id, item)
+
+    def _run_item(self, index: int) -> None:
+        c, r = self.c, self.r
+        spec = batches.load_spec(r, self.batch_id, index)
+        item = batches.load_item(r, self.batch_id, index)
+        if self._cancelled():
+            return self._end(item, executions.CANCELLED)
+        own = not spec.get("session_id")
+        entry = None
+        try:
+            if own:
+                entry = self._new_session()
+                if entry is None:
+                    return self._end(item, executions.CANCELLED)
+                item["own_session"] = entry["id"]
+            else:
+                entry = sessions.get_for_tenant(r, self.meta["tenant"], spec["session_id"])
+            item["status"] = batches.RUNNING
+            batches.save_item(r, self.batch_id, item)
+            for name, content in spec["files"].items():
+                data = base64.b64decode(content)
+                chunks = (data[i : i + FILE_CHUNK] for i in range(0, len(data), FILE_CHUNK))
+                operations.upload_file(c, entry, name, chunks)
+            if self._cancelled():
+                return self._end(item, executions.CANCELLED)
+            params = {k: spec[k] for k in ("code", "language", "timeout_s", "max_output")}
+            record = operations.submit_execution(c, entry, params)
+            item["execution_id"] = record["id"]
+            batches.save_item(r, self.batch_id, item)
+            if self._cancelled():  # a cancel that came before the execution id was saved
+                operations.cancel_execution(c, record)
+            wait_s = record["timeout_s"] + c.settings.interrupt_grace_s + WAIT_MARGIN_S
+            record = operations.wait_execution(c, record, wait_s)
+            item["execution"] = executions.public_view(record)
+            if spec["collect"] and record["status"] != executions.LOST:
+                item["files"], item["error"] = self._collect(entry, spec["collect"])
+            self._end(item, record["status"])
+        except ShoalError as exc:
+            status = executions.LOST if exc.code == "SessionLost" else batches.ERROR
+            self._end(item, status, exc.message)
+        finally:
+            if own and entry is not None:
+                operations.delete_session(c, entry)
+
+    def _end(self, item: dict[str, Any], status: str, error: str | None = None) -> None:
+        item["status"] = status
+        if error:
+            item["error"] = error
+        batches.save_item(self.r, self.batch_id, item)
+
+    def _new_session(self) -> dict | None:
+        """A fresh session from the batch's pool once the tenant (and the pool) have room;
+        None if the batch is cancelled while waiting."""
+        tenant, pool = self.meta["tenant"], self.meta["pool"]
+        default_cap = self.c.settings.tenant_max_sessions
+        while not self._cancelled():
+            with self._cap_lock:
+                cap = tenants.max_sessions(self.r, tenant, default_cap)
+                room = sessions.count_for_tenant(self.r, tenant) + self._creating < cap
+                if room:
+                    self._creating += 1
+            if room:
+                try:
+                    return operations.create_session(self.c, tenant, pool)
+                except (TenantSessionLimit, PoolExhausted, NoHostAvailable):
+                    pass  # another client took the room first; wait for the next
+                finally:
+                    with self._cap_lock:
+                        self._creating -= 1
+            time.sleep(CAP_POLL_S)
+        return None
+
+    def _collect(self, entry: dict, patterns: list[str]) -> tuple[dict[str, str], str | None]:
+        """Files under /mnt/data matching `patterns`, base64; matched on the host against the
+        guest's listing (plain strings: the host never opens a guest path)."""
+        listing = operations.file_op(self.c, entry, "list", path="", recursive=True)["files"]
+        wanted = [
+            f for f in listing if f["type"] == "file" and batches.matches(f["path"], patterns)
+        ]
+        files: dict[str, str] = {}
+        skipped: list[str] = []
+        budget = batches.MAX_COLLECT_BYTES
+        for f in wanted:
+            if len(files) >= batches.MAX_COLLECT_FILES or f["size"] > budget:
+                skipped.append(f["path"])
+                continue
+            _, chunks = operations.download_file(self.c, entry, f["path"])
+            data = b"".join(chunks)
+            budget -= len(data)
+            files[f["path"]] = base64.b64encode(data).decode()
+        note = None
+        if skipped:
+            note = (
+                f"collect: {len(skipped)} file(s) left out (limits: {batches.MAX_COLLECT_FILES} "
+                f"files, {batches.MAX_COLLECT_BYTES} bytes per item): {skipped[:5]}"
+            )
+        return files, note
+
+
+# --- what the API asks of batches --------------------------------------------------------------
+def submit(
+    c: Context,
+    tenant: str,
+    pool: str,
+    items: list,
+    max_parallel: int,
+    callback_url: str | None = None,
+) -> dict[str, str]:
+    """Store the batch and queue its coordinator; return the batch's hash."""
+    get_pool(c.settings, pool)
+    meta = batches.create(c.settings, c.redis, tenant, pool, items, max_parallel, callback_url)
+    enqueue(c.celery, meta["id"])
+    return meta
+
+
+def cancel(c: Context, meta: dict[str, str]) -> None:
+    """Cancel what has not finished: pending items end when the runner reaches them, running
+    executions are interrupted (they end `cancelled`)."""
+    batches.request_cancel(c.redis, meta, c.settings.execution_ttl_s)
+    for item in batches.load_items(c.redis, meta["id"]).values():
+        if item["status"] != batches.RUNNING or not item.get("execution_id"):
+            continue
+        record = executions.load(c.redis, item["execution_id"])
+        if record is not None:
+            operations.cancel_execution(c, record)
