@@ -105,7 +105,7 @@ def address_problem(address: str) -> str | None:
         ip = ip.ipv4_mapped
     if str(ip) in METADATA_ADDRESSES:
         return "a cloud metadata address"
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return f"a {kind.replace('_', '-')} address"
     if not ip.is_global:

@@ -94,6 +94,8 @@ def density(b: Bench) -> list[Result]:
                 except Exception as exc:  # noqa: BLE001 - the machine's limit, recorded
                     stopped = f"session {len(sessions) + 1} failed: {exc}"
                     break
+            if not sessions:
+                raise BenchError(f"no idle session could be made: {stopped}")
             time.sleep(SETTLE_S)
             pids = list(qemu_pids(prefix))
             cores = idle_cpu(pids, window)

@@ -6,6 +6,7 @@ with `shoal down` at the end."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -101,7 +102,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
     )
     down = subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True, text=True)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert_nothing_left(load(env))
+    settings = load(env)
+    assert_nothing_left(settings)
+    # The instance's snapshot templates (~250 MB) belong to this run alone.
+    shutil.rmtree(settings.instance_vm_dir, ignore_errors=True)
 
 
 def processes_of(home: str) -> list[int]:

@@ -1,8 +1,7 @@
 """The host VM driver against real libvirtd and QEMU guests (TCG on our machines).
 
-One snapshot template is shared by the whole module (built once, then cached under the test
-instance's VM directory, like the image itself); most tests use clones of it, which restore in
-about a second. Only `test_cold_boot` boots a guest from scratch, with a shape that has no
+One snapshot template is shared by the whole module (built once per run, under the run's own
+instance directory); most tests use clones of it, which restore in about a second. Only `test_cold_boot` boots a guest from scratch, with a shape that has no
 template. Every domain of the test instance is destroyed at the end, even on failure, and the
 test checks that nothing is left behind.
 
@@ -15,6 +14,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -41,9 +42,9 @@ COLD_SPEC = VMSpec(image="python", vcpus=1, memory_mib=384, data_disk_mib=256, c
 
 
 def _settings() -> Settings:
-    # A fixed instance id of its own: names never clash with a running instance, and the
-    # template survives between runs (it is rebuilt when the image or the shape changes).
-    return Settings(instance="drvtest", host_name="drvhost")
+    # An instance id of this run's own: names never clash with a running instance or another
+    # test run on the machine; its files (the template included) are removed at the end.
+    return Settings(instance="drv" + secrets.token_hex(3), host_name="drvhost")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,7 @@ def manager(settings):
     vms.destroy_all()
     assert not our_domains(settings, vms.libvirt)
     assert not any(dom.vms_dir(settings).iterdir())
+    shutil.rmtree(settings.instance_vm_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
