@@ -60,7 +60,7 @@ def seal(settings: Settings, plaintext: str) -> str:
 
 
 def open_sealed(settings: Settings, token: str) -> str:
-    """The plaintext; SystemError-free: a token sealed under another key raises ValueError."""
+    """The plaintext; ValueError when `token` was sealed under another server key."""
     try:
         return _fernet(settings).decrypt(token.encode()).decode()
     except InvalidToken:

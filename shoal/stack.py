@@ -175,7 +175,11 @@ def running(settings: Settings) -> bool:
 def up(settings: Settings, detach: bool) -> int:
     if running(settings):
         _say(f"already running at {endpoint(settings)} (stop it with ./scripts/down)")
-        restarted = [n for n in ("worker", "beat") if processes.running_pid(settings, n) is None]
+        restarted = [
+            n
+            for n in ("worker", "beat", "batches", "webhooks")
+            if processes.running_pid(settings, n) is None
+        ]
         if restarted:
             start_services(settings)
             _say(f"restarted {', '.join(restarted)}, which had stopped")

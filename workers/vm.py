@@ -190,6 +190,7 @@ class VMManager:
         self._lock = threading.Lock()
         self._vms: dict[str, VM] = {}
         self._busy: set[str] = set()
+        self._images: dict[str, images.ImageArtifacts] = {}  # image name -> pinned build
         self._accel: accel_mod.AccelChoice | None = None
         self._cpu_probe: CpuControllerProbe | None = None
         self._quota_verified: bool | None = None
@@ -223,7 +224,16 @@ class VMManager:
         return self._versions
 
     def _artifacts(self, spec: VMSpec) -> images.ImageArtifacts:
+        """The image this process first found for the recipe: a worker keeps its image (and so
+        its templates) until it restarts, even when a newer build of the recipe lands."""
+        with self._lock:
+            pinned = self._images.get(spec.image)
+        if pinned is not None and pinned.rootfs.exists():
+            return pinned
         artifacts = images.locate(self.settings, spec.image)
+        if artifacts is not None:
+            with self._lock:
+                self._images[spec.image] = artifacts
         if artifacts is None:
             raise VMStartFailed(
                 f"guest image {spec.image!r} is not built: run `shoal image build {spec.image}`"

@@ -529,6 +529,21 @@ def test_file_put_get_list_stat_delete(agent):
         assert info.value.code == protocol.E_NOT_FOUND
 
 
+def test_plain_and_ipython_cells_keep_ipython_semantics(agent):
+    # Plain Python takes the kernel's fast path, IPython syntax the full run_cell: both keep
+    # the execution count, `_`, magics, dedenting and tracebacks as IPython has them.
+    assert run(agent, "fp = 3")["status"] == "ok"
+    assert run(agent, "fp * 2")["result"]["text/plain"] == "6"
+    assert run(agent, "_ + 1")["result"]["text/plain"] == "7"
+    assert run(agent, "%time fp2 = fp")["status"] == "ok"
+    assert run(agent, "    fp3 = fp2 + 1\n    fp3")["result"]["text/plain"] == "4"
+    failed = run(agent, "def f():\n    return 1 / 0\nf()")
+    assert failed["error"]["name"] == "ZeroDivisionError"
+    assert "return 1 / 0" in failed["error"]["traceback"]
+    first, second = (run(agent, "1")["execution_count"] for _ in range(2))
+    assert second == first + 1
+
+
 def test_an_abandoned_upload_is_cancelled_and_leaves_nothing(agent):
     def source():
         yield b"x" * 300_000

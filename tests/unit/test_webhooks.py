@@ -137,3 +137,19 @@ def test_batch_items_are_validated_one_by_one(settings: Settings) -> None:
     for raw, word in bad:
         spec, error = batches.validate_item(settings, r, "t", raw)
         assert spec is None and word in error, (raw, error)
+
+
+def test_delivery_rechecks_dns_and_connects_to_the_checked_address(monkeypatch) -> None:
+    """DNS rebinding: a host that was public at submission and private at delivery is refused,
+    without a retry, and the connection never goes to a name resolved a second time."""
+    s = Settings()
+    answers = {"hook.example": "93.184.216.34"}
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        return [(2, 1, 6, "", (answers[host], port))]
+
+    monkeypatch.setattr(webhooks.socket, "getaddrinfo", fake_getaddrinfo)
+    assert webhooks.resolve(s, "https://hook.example/x")[3] == "93.184.216.34"
+    answers["hook.example"] = "10.0.0.7"
+    status, error, retry = webhooks.post_once(s, "https://hook.example/x", {}, b"{}")
+    assert status is None and "10.0.0.7" in error and retry is False
