@@ -96,6 +96,7 @@ def main(settings: Settings, args) -> int:
         meta["target"] = {"url": tgt.url, "private": tgt.private,
                           "instance": tgt.settings.instance_id}  # fmt: skip
         meta["accelerator"] = accelerator(health)
+        meta["templates_at_start"] = ready_templates(health)
         meta["versions"] = versions(tgt.settings)
         for i, scenario in enumerate(chosen, 1):
             progress(f"[{i}/{len(chosen)}] {scenario.name}: {scenario.title}")
@@ -114,6 +115,13 @@ def main(settings: Settings, args) -> int:
             for r in produced:
                 progress(f"  {r.name}: {_one_line(r)}")
             progress(f"  ({time.monotonic() - started:.1f} s)")
+        meta["templates_at_end"] = ready_templates(target.healthz(tgt.url)[1])
+        if meta["templates_at_end"] != meta["templates_at_start"]:
+            meta["warning"] = (
+                "the snapshot template changed during the run (the guest image was rebuilt?): "
+                "figures taken while it was rebuilt came from cold boots"
+            )
+            progress(f"WARNING: {meta['warning']}")
     except BenchError as exc:
         errors["setup"] = str(exc)
         progress(f"FAILED: {exc}")
@@ -143,6 +151,8 @@ def main(settings: Settings, args) -> int:
         print("\nWhere one warm execution's time goes (warm_v1):\n" + breakdown)
     print(f"\nload average at start {meta['machine']['loadavg_start']}, "
           f"at end {meta['machine']['loadavg_end']}; {meta['duration_s']} s in all")  # fmt: skip
+    if meta.get("warning"):
+        print(f"WARNING: {meta['warning']}")
     print(f"results: {json_path}")
     for png in pngs:
         print(f"plot:    {png}")
@@ -187,6 +197,11 @@ def accelerator(health: dict) -> str:
         for w in health.get("workers", {}).values()
     }
     return ",".join(sorted(kinds)).upper() or "unknown"
+
+
+def ready_templates(health: dict) -> dict[str, str]:
+    """{template key: state} as the workers report them."""
+    return {k: v.get("state", "") for k, v in sorted(target.templates_of(health).items())}
 
 
 def _first_line(argv: list[str]) -> str:
