@@ -1,9 +1,10 @@
 """The host VM driver against real libvirtd and QEMU guests (TCG on our machines).
 
 One snapshot template is shared by the whole module (built once per run, under the run's own
-instance directory); most tests use clones of it, which restore in about a second. Only `test_cold_boot` boots a guest from scratch, with a shape that has no
-template. Every domain of the test instance is destroyed at the end, even on failure, and the
-test checks that nothing is left behind.
+instance directory); most tests use clones of it, which restore in about a second. Only
+`test_cold_boot` boots a guest from scratch, with a shape that has no template. Every domain of
+the test instance is destroyed at the end, even on failure, and the test checks that nothing is
+left behind.
 
 Needs root; starts virtlogd and libvirtd when they are not running and builds the guest image
 when the cache lacks it (./scripts/test has built it already).
