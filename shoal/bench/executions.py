@@ -227,6 +227,7 @@ def throughput(b: Bench) -> list[Result]:
 def _drive(b: Bench, session_ids: list[str], duration_s: float) -> tuple[float, list[float]]:
     """One client thread per session, each running `x += 1` back to back for duration_s."""
     latencies: list[float] = []
+    failures: list[Exception] = []
     lock = threading.Lock()
     start = threading.Barrier(len(session_ids) + 1)
     stop_at: list[float] = []
@@ -235,8 +236,11 @@ def _drive(b: Bench, session_ids: list[str], duration_s: float) -> tuple[float, 
         http = b.client()
         mine = []
         start.wait()
-        while time.monotonic() < stop_at[0]:
-            mine.append(b.execute(session_id, "x += 1", http)[0])
+        try:
+            while time.monotonic() < stop_at[0]:
+                mine.append(b.execute(session_id, "x += 1", http)[0])
+        except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
+            failures.append(exc)
         with lock:
             latencies.extend(mine)
 
@@ -249,6 +253,8 @@ def _drive(b: Bench, session_ids: list[str], duration_s: float) -> tuple[float, 
     for thread in threads:
         thread.join(duration_s + 60)
     elapsed = time.monotonic() - began
+    if failures:
+        raise BenchError(f"{len(failures)} client(s) failed: {failures[0]}")
     return len(latencies) / elapsed, latencies
 
 

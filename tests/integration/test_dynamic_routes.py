@@ -94,7 +94,8 @@ def test_legacy_execute_creates_the_session_and_keeps_state(stack: Stack, legacy
     ).json()
     assert shaped["$id"] == "1" and shaped["properties"]["$id"] == "2"
     assert shaped["properties"]["result"] == 43
-    assert legacy.legacy_execute("{'a': [1, 2]}")["result"] == {"a": [1, 2]}
+    # Containers come back as their repr: AutoGen parses a list result by splitting its text.
+    assert legacy.legacy_execute("{'a': [1, 2]}")["result"] == "{'a': [1, 2]}"
     assert legacy.legacy_execute("float('nan')")["result"] == "nan"
     assert legacy.legacy_execute("None")["result"] == ""
 
