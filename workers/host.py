@@ -166,7 +166,10 @@ class HostRuntime:
     def _start_ready_vm(self, vm_id: str, pool: Pool) -> None:
         spec = spec_for(pool)
         self.vms.ensure_template(spec)
-        self.vms.create(vm_id, spec)
+        vm = self.vms.create(vm_id, spec)
+        # The first execution after a restore is slow under TCG (~100-300 ms) while QEMU
+        # translates the guest's code again; pay it here, not in the user's first request.
+        vm.execute("pass", "python", 60, 64)
 
     def replenish(self) -> None:
         """Top every pool up to its ready target on this host (bounded, in the background)."""
