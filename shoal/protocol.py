@@ -52,6 +52,7 @@ OP_FILE_LIST = "file_list"
 OP_FILE_STAT = "file_stat"
 OP_FILE_DELETE = "file_delete"
 OP_CHUNK = "chunk"
+OP_PREPARE_SNAPSHOT = "prepare_snapshot"  # before a template is saved: sync, drop caches
 OPS = frozenset(
     {
         OP_HELLO,
@@ -65,6 +66,7 @@ OPS = frozenset(
         OP_FILE_STAT,
         OP_FILE_DELETE,
         OP_CHUNK,
+        OP_PREPARE_SNAPSHOT,
     }
 )
 

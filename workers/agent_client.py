@@ -194,6 +194,10 @@ class AgentClient:
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
         return self._call({"op": protocol.OP_PING}, timeout)
 
+    def prepare_snapshot(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Sync and drop the guest's page cache before the VM is saved as a template."""
+        return self._call({"op": protocol.OP_PREPARE_SNAPSHOT}, timeout)
+
     def execute(
         self,
         code: str,

@@ -48,7 +48,7 @@ log = logging.getLogger("shoal.templates")
 # Bump when what a template holds, or how it is made, changes.
 TEMPLATE_FORMAT = 1
 # What a template's guest runs before it is saved: every clone starts with these imported.
-WARM_CODE = "import numpy, pandas, matplotlib\nimport matplotlib.pyplot\n"
+WARM_CODE = "import numpy, pandas, matplotlib\nimport matplotlib.pyplot\nimport gc\ngc.collect()\n"
 WARM_TIMEOUT_S = 300
 LOCK_WAIT_S = 900.0
 

@@ -726,6 +726,8 @@ class VMManager:
                         f"{error.get('name', '')} {error.get('value', '')} "
                         f"{answer.get('stderr', '')[-1000:]}"
                     )
+                with self._step(who, "prepare", timings):
+                    agent.prepare_snapshot()
             finally:
                 agent.close()
             time.sleep(TEMPLATE_SETTLE_S)

@@ -544,6 +544,12 @@ def test_plain_and_ipython_cells_keep_ipython_semantics(agent):
     assert second == first + 1
 
 
+def test_prepare_snapshot_answers_and_leaves_the_host_alone(agent):
+    # On the host (--no-system) the agent syncs but never writes to /proc/sys.
+    assert agent.client.prepare_snapshot()["dropped"] is False
+    assert run(agent, "1 + 1")["result"]["text/plain"] == "2"
+
+
 def test_an_abandoned_upload_is_cancelled_and_leaves_nothing(agent):
     def source():
         yield b"x" * 300_000

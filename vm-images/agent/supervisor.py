@@ -914,6 +914,24 @@ class Agent:
             kernel=self._kernel_state(),
         )
 
+    def op_prepare_snapshot(self, rid: int, message: dict) -> None:
+        """Before the host saves this VM as a template: write dirty pages out and drop the page
+        cache, which every restored clone would otherwise carry (measured: ~5% of a clone's
+        resident memory)."""
+        if self.execution is not None or self.transfer is not None:
+            self.error(rid, protocol.E_BUSY, "an execution or transfer is running")
+            return
+        os.sync()
+        dropped = False
+        if self.system:
+            try:
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3")
+                dropped = True
+            except OSError:
+                pass
+        self.answer(rid, dropped=dropped)
+
     def op_interrupt(self, rid: int, message: dict) -> None:
         ex = self.execution
         t = self.transfer
@@ -1455,6 +1473,7 @@ class Agent:
     HANDLERS = {
         protocol.OP_HELLO: op_hello,
         protocol.OP_PING: op_ping,
+        protocol.OP_PREPARE_SNAPSHOT: op_prepare_snapshot,
         protocol.OP_INTERRUPT: op_interrupt,
         protocol.OP_RESEED: op_reseed,
         protocol.OP_EXECUTE: op_execute,
