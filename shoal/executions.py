@@ -105,16 +105,18 @@ def apply_agent_result(record: dict[str, Any], answer: dict[str, Any]) -> None:
     record["duration_ms"] = answer.get("duration_ms")
 
 
-def finish(r: redis.Redis, record: dict[str, Any], ttl_s: int) -> None:
-    """Store the final record and wake whoever waits for it."""
+def finish(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> None:
+    """Store the final record and wake whoever waits for it. Given a pipeline, only queue the
+    commands (the caller executes it with its own)."""
     record["finished_at"] = time.time()
     done = keys.execution_done(record["id"])
-    pipe = r.pipeline()
+    pipe = r if isinstance(r, redis.client.Pipeline) else r.pipeline()
     save(pipe, record, ttl_s)
     pipe.rpush(done, "1")
     pipe.expire(done, 600)
     pipe.zrem(keys.session_executions(record["session_id"]), record["id"])
-    pipe.execute()
+    if pipe is not r:
+        pipe.execute()
 
 
 def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> bool:

@@ -190,7 +190,7 @@ class HostRuntime:
             vm_id = new_vm_id()
             self.vms.create(vm_id, spec_for(pool))
         self.session_vm[session_id] = vm_id
-        self.slots.get(session_id, last_seq=0)
+        self.slots.get(session_id)
         self.r.hset(
             keys.session(session_id),
             mapping={"vm": vm_id, "state": sessions.ACTIVE, "warm": "1" if warm else "0"},
@@ -241,13 +241,12 @@ class HostRuntime:
         if record is None:
             return
         session_id = record["session_id"]
-        slot = self.slots.get(session_id, self._done_seq(session_id))
+        slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         with slot.turn(record["seq"], execution_id):
             if self._cancel_requested(execution_id):
                 self._finish_cancelled(record)
             else:
                 self._run(record, pool)
-        self.r.hset(keys.session(session_id), "done_seq", record["seq"])
 
     def _done_seq(self, session_id: str) -> int:
         return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
@@ -258,7 +257,10 @@ class HostRuntime:
     def _finish_cancelled(self, record: dict[str, Any]) -> None:
         record["status"] = executions.CANCELLED
         record["cancel_requested"] = True
-        executions.finish(self.r, record, self.settings.execution_ttl_s)
+        pipe = self.r.pipeline()
+        executions.finish(pipe, record, self.settings.execution_ttl_s)
+        pipe.hset(keys.session(record["session_id"]), "done_seq", record["seq"])
+        pipe.execute()
         self._notify(record)
 
     def _notify(self, record: dict[str, Any]) -> None:
@@ -279,7 +281,8 @@ class HostRuntime:
             answer = vm.execute(
                 record["code"], record["language"], record["timeout_s"], record["max_output"]
             )
-            record["cancel_requested"] = self._cancel_requested(record["id"])
+            if answer.get("status") == "interrupted":
+                record["cancel_requested"] = self._cancel_requested(record["id"])
             executions.apply_agent_result(record, answer)
         except AgentRefused as exc:
             record["status"] = executions.FAILED
@@ -291,14 +294,16 @@ class HostRuntime:
         except ShoalError as exc:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
-        executions.finish(self.r, record, ttl)
-        self._notify(record)
-        sessions.touch(self.r, session_id, pool.cooldown_s)
+        # One round trip: the final record, the waiter's wake-up, the turn, idle clock, metrics.
         pipe = self.r.pipeline()
+        executions.finish(pipe, record, ttl)
+        pipe.hset(keys.session(session_id), "done_seq", record["seq"])
+        sessions.touch(pipe, session_id, pool.cooldown_s)
         metrics.incr(pipe, "shoal_executions_total", pool=pool.name, status=record["status"])
         seconds = record["finished_at"] - record["started_at"]
         metrics.observe(pipe, "shoal_execution_seconds", seconds, pool=pool.name)
         pipe.execute()
+        self._notify(record)
         log.info(
             "session=%s execution=%s host=%s status=%s duration_ms=%s",
             session_id,
@@ -319,7 +324,7 @@ class HostRuntime:
         record = executions.load(self.r, execution_id)
         if record is None:
             return
-        slot = self.slots.get(record["session_id"], self._done_seq(record["session_id"]))
+        slot = self.slots.get(record["session_id"], lambda: self._done_seq(record["session_id"]))
         if slot.running_execution == execution_id:
             vm = self.vms.get(self._vm_id(record["session_id"]))
             if vm is not None:
@@ -366,7 +371,7 @@ class HostRuntime:
         self._reply(reply_key, get, session_id, pool, reply_on_success=False)
 
     def _reply(self, reply_key, action, session_id, pool, reply_on_success=True) -> None:
-        slot = self.slots.get(session_id, self._done_seq(session_id))
+        slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         try:
             with slot.turn():
                 result = action(self._vm(session_id, pool))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # How long an execution waits for a predecessor that never shows up (its task expired, or
@@ -53,12 +53,15 @@ class SlotTable:
         self._lock = threading.Lock()
         self._slots: dict[str, SessionSlot] = {}
 
-    def get(self, session_id: str, last_seq: int = 0) -> SessionSlot:
+    def get(self, session_id: str, last_seq: Callable[[], int] = lambda: 0) -> SessionSlot:
+        """The session's slot; a new one starts after `last_seq()` (asked only then)."""
         with self._lock:
             slot = self._slots.get(session_id)
-            if slot is None:
-                slot = self._slots[session_id] = SessionSlot(last_seq)
+        if slot is not None:
             return slot
+        initial = last_seq()
+        with self._lock:
+            return self._slots.setdefault(session_id, SessionSlot(initial))
 
     def drop(self, session_id: str) -> None:
         with self._lock:

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from shoal.bench import density, executions, files, peers, report, sessions, target, vms
+from shoal.bench import batches, density, executions, files, peers, report, sessions, target, vms
 from shoal.bench.core import Bench, BenchError, Result, Scenario
 from shoal.settings import REPO_ROOT, Settings
 
@@ -30,6 +30,7 @@ SCENARIOS: list[Scenario] = [
     *vms.SCENARIOS,
     executions.SCENARIOS[2],
     *files.SCENARIOS,
+    *batches.SCENARIOS,
     *density.SCENARIOS,
 ]
 
