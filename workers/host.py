@@ -240,6 +240,7 @@ class HostRuntime:
         record = executions.load(self.r, execution_id)
         if record is None:
             return
+        record["received_at"] = time.time()  # for the latency breakdown in scripts/bench
         session_id = record["session_id"]
         slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         with slot.turn(record["seq"], execution_id):
@@ -281,6 +282,7 @@ class HostRuntime:
             answer = vm.execute(
                 record["code"], record["language"], record["timeout_s"], record["max_output"]
             )
+            record["answered_at"] = time.time()
             if answer.get("status") == "interrupted":
                 record["cancel_requested"] = self._cancel_requested(record["id"])
             executions.apply_agent_result(record, answer)
