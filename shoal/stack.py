@@ -19,12 +19,12 @@ from pathlib import Path
 from shoal import daemons, processes, redis_conn, tenants, tls
 from shoal.keys import host_queue
 from shoal.settings import Settings
+from workers.celery_app import CONTROL_QUEUE
 
 # stop order; start is reversed. `webhooks` and `batches` are Celery workers of their own
 # (workers/async_app.py, docs/async.md), so deliveries and batch coordinators never take a thread
 # that an execution needs.
 COMPONENTS = ("api-tls", "api", "beat", "webhooks", "batches", "worker", "redis")
-CONTROL_QUEUE = "shoal.control"
 HEALTH_TIMEOUT_S = 240
 
 
@@ -39,7 +39,8 @@ def endpoint(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,7 +56,7 @@ def start_redis(settings: Settings) -> None:
     url_file = redis_conn.private_url_file(settings)
     if processes.running_pid(settings, "redis") and url_file.exists():
         return
-    port = _free_port()
+    port = free_port()
     data = Path(settings.home) / "redis"
     data.mkdir(parents=True, exist_ok=True)
     argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
@@ -120,8 +121,13 @@ def start_services(settings: Settings) -> None:
 
 
 def health(settings: Settings) -> tuple[int, dict]:
+    return healthz_at(endpoint(settings))
+
+
+def healthz_at(url: str) -> tuple[int, dict]:
+    """GET {url}/healthz: (status, report); (0, {}) when nothing answers."""
     try:
-        with urllib.request.urlopen(endpoint(settings) + "/healthz", timeout=5) as response:
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
         try:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from urllib.parse import urlparse, urlunparse
 import requests
 
 from shoal.bench.core import Bench, BenchError, Result, Scenario, timed_loop
+from shoal.stack import free_port
 
 WARM_UP = 20
 START_TIMEOUT_S = 60
@@ -36,12 +36,6 @@ KERNEL = {
     "stdout": subprocess.DEVNULL,
     "stderr": subprocess.DEVNULL,
 }  # the Celery peer's keys live in their own database of the same Redis server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -181,7 +175,7 @@ def celery_noop(b: Bench) -> list[Result]:
 def kernel_gateway(b: Bench) -> list[Result]:
     import websocket
 
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     gateway_bin = Path(sys.executable).parent / "jupyter-kernelgateway"
     argv = [str(gateway_bin), "--KernelGatewayApp.ip=127.0.0.1", f"--KernelGatewayApp.port={port}"]

@@ -14,18 +14,16 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.bench.core import BenchError
 from shoal.settings import REPO_ROOT, Settings, load
+from shoal.stack import free_port, healthz_at
 
 INSTANCE = "bench"
 HOST_NAME = "benchhost"
@@ -33,12 +31,6 @@ ONDEMAND_POOL = "bench-ondemand"  # same shape as `default` (so the same templat
 UP_TIMEOUT_S = 900
 TEMPLATE_TIMEOUT_S = 600
 LOCK_FILE = Path(tempfile.gettempdir()) / "shoal-bench.lock"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -84,7 +76,7 @@ def start_private(progress) -> Target:
         os.close(fd)
         raise BenchError(f"another `shoal bench` run holds {LOCK_FILE}") from None
     home = tempfile.mkdtemp(prefix="shoal-bench-home-")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "SHOAL_HOME": home,
@@ -124,17 +116,7 @@ def external(url: str, key: str, home: str) -> Target:
     return Target(url.rstrip("/"), key, settings, False)
 
 
-def healthz(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.load(exc)
-        except ValueError:
-            return exc.code, {}
-    except (OSError, ValueError):
-        return 0, {}
+healthz = healthz_at  # the same check `shoal up` waits on
 
 
 def templates_of(report: dict) -> dict[str, dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,15 +17,10 @@ import requests
 
 from shoal import processes
 from shoal.settings import load
+from shoal.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHOAL = [sys.executable, "-m", "shoal.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
