@@ -17,7 +17,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from shoal.bench import batches, density, executions, files, peers, report, sessions, target, vms
+from shoal.bench import (
+    batches,
+    density,
+    executions,
+    files,
+    peers,
+    pools,
+    report,
+    sessions,
+    target,
+    vms,
+)
 from shoal.bench.core import Bench, BenchError, Result, Scenario
 from shoal.settings import REPO_ROOT, Settings
 
@@ -27,6 +38,7 @@ SCENARIOS: list[Scenario] = [
     *peers.SCENARIOS,
     *executions.SCENARIOS[:2],
     *sessions.SCENARIOS,
+    *pools.SCENARIOS,
     *vms.SCENARIOS,
     executions.SCENARIOS[2],
     *files.SCENARIOS,

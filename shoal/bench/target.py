@@ -28,6 +28,13 @@ from shoal.stack import free_port, healthz_at
 INSTANCE = "bench"
 HOST_NAME = "benchhost"
 ONDEMAND_POOL = "bench-ondemand"  # same shape as `default` (so the same template), never warm
+REFILL_POOL = "bench-refill"  # same shape, 3 ready VMs: taken at once, then timed refilling
+BRIEF_POOL = "bench-brief"  # same shape, a 5 s idle cooldown: for expiry accuracy
+EXTRA_POOLS = (
+    f"\n[pools.{ONDEMAND_POOL}]\nready_target = 0\n"
+    f"\n[pools.{REFILL_POOL}]\nready_target = 3\n"
+    f"\n[pools.{BRIEF_POOL}]\nready_target = 0\ncooldown_s = 5\n"
+)
 UP_TIMEOUT_S = 900
 TEMPLATE_TIMEOUT_S = 600
 LOCK_FILE = Path(tempfile.gettempdir()) / "shoal-bench.lock"
@@ -59,12 +66,12 @@ class Target:
 
 
 def _pools_file(home: Path, given: str) -> str:
-    """The instance's pools (the repository's pools.toml, or SHOAL_POOLS_FILE) plus a pool of
-    the default shape with no ready VMs, for sessions restored on demand."""
+    """The instance's pools (the repository's pools.toml, or SHOAL_POOLS_FILE) plus the
+    benchmark's own pools of the default shape (EXTRA_POOLS)."""
     source = Path(given) if given else REPO_ROOT / "pools.toml"
     text = source.read_text() if source.exists() else ""
     path = home / "pools.toml"
-    path.write_text(f"{text}\n[pools.{ONDEMAND_POOL}]\nready_target = 0\n")
+    path.write_text(text + EXTRA_POOLS)
     return str(path)
 
 

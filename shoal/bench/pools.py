@@ -1,0 +1,98 @@
+"""Pools over time (issue 6): how fast a host refills a drained ready pool, and how late idle
+sessions expire. Both need the benchmark's own pools (target.EXTRA_POOLS); against a Shoal that
+lacks them they report nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from shoal.bench.core import Bench, Goal, Result, Scenario
+from shoal.bench.target import BRIEF_POOL, REFILL_POOL
+
+WAIT_S = 180  # for a pool to fill, or a session to expire
+POLL_S = 0.25
+
+
+def _pools(b: Bench) -> dict[str, dict]:
+    return {p["name"]: p for p in b.request("GET", "/v1/pools").json().get("pools", [])}
+
+
+def _ready(b: Bench, pool: str) -> int:
+    return int(b.request("GET", f"/v1/pools/{pool}").json()["counts"]["ready"])
+
+
+def _wait_ready(b: Bench, pool: str, count: int) -> float:
+    """Seconds until the pool shows `count` ready VMs (at most WAIT_S)."""
+    started = time.monotonic()
+    while _ready(b, pool) < count and time.monotonic() - started < WAIT_S:
+        time.sleep(POLL_S)
+    return time.monotonic() - started
+
+
+def refill(b: Bench) -> list[Result]:
+    pool = _pools(b).get(REFILL_POOL)
+    if not pool:
+        b.progress(f"  no pool {REFILL_POOL!r}: no refill figure")
+        return []
+    target = int(pool["ready_target"])
+    _wait_ready(b, REFILL_POOL, target)
+    taken = [b.new_session(pool=REFILL_POOL) for _ in range(target)]
+    elapsed = _wait_ready(b, REFILL_POOL, target)
+    for session_id in taken:
+        b.delete_session(session_id)
+    per_minute = target / elapsed * 60 if elapsed > 0 else 0.0
+    b.progress(f"  {target} ready VMs taken; refilled in {elapsed:.1f} s")
+    return [
+        Result(
+            "refill_rate",
+            f"ready VMs restored per minute refilling a drained pool of {target} (one host)",
+            unit="VMs/min",
+            value=per_minute,
+            notes=f"{target} VMs in {elapsed:.1f} s, at most SHOAL_RESTORE_PARALLEL at a time",
+        )
+    ]
+
+
+def _epoch(iso: str) -> float:
+    return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def expiry(b: Bench) -> list[Result]:
+    if BRIEF_POOL not in _pools(b):
+        b.progress(f"  no pool {BRIEF_POOL!r}: no expiry figure")
+        return []
+    count = b.size(2, 5)
+    deadlines = {}
+    for _ in range(count):
+        session_id = b.new_session(pool=BRIEF_POOL)
+        view = b.request("GET", f"/v1/sessions/{session_id}").json()
+        deadlines[session_id] = _epoch(view["expires_at"])
+    late: list[float] = []
+    give_up = time.monotonic() + WAIT_S
+    while deadlines and time.monotonic() < give_up:
+        for session_id, deadline in list(deadlines.items()):
+            if b.request("GET", f"/v1/sessions/{session_id}").status_code == 404:
+                late.append(max(time.time() - deadline, 0.0))
+                del deadlines[session_id]
+        time.sleep(POLL_S)
+    b.progress(f"  {len(late)} of {count} sessions expired; late by {late}")
+    return [
+        Result(
+            "expiry_delay",
+            "idle cooldown end to the session gone (GET answers 404; its VM destroy follows)",
+            unit="s",
+            samples=late,
+            goals=(Goal("p99 <= 15 s", "p99", 15.0, issue=6),),
+            notes=f"{len(deadlines)} sessions had not expired after {WAIT_S} s"
+            if deadlines
+            else "",
+        )
+    ]
+
+
+SCENARIOS = [
+    Scenario("refill", "(6) refill rate of a drained ready pool", refill),
+    Scenario("expiry", "(6) expiry accuracy: idle deadline to session gone", expiry),
+]
