@@ -153,6 +153,16 @@ class VM:
         return _qemu_pid(self.domain_name)
 
 
+def _lookup(c: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    """The domain called `name`, or None when there is none."""
+    try:
+        return c.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if libvirt_conn.is_no_domain(exc):
+            return None
+        raise
+
+
 def _tail(path: Path, max_bytes: int) -> str:
     try:
         with open(path, "rb") as f:
@@ -275,12 +285,8 @@ class VMManager:
 
     def _domain_active(self, name: str) -> bool:
         def active(c: libvirt.virConnect) -> bool:
-            try:
-                return bool(c.lookupByName(name).isActive())
-            except libvirt.libvirtError as exc:
-                if libvirt_conn.is_no_domain(exc):
-                    return False
-                raise
+            domain = _lookup(c, name)
+            return domain is not None and bool(domain.isActive())
 
         return self.libvirt.call(f"look up {name}", active)
 
@@ -288,12 +294,9 @@ class VMManager:
         """Destroy (and undefine, if persistent) a domain; True if there was one."""
 
         def destroy(c: libvirt.virConnect) -> bool:
-            try:
-                domain = c.lookupByName(name)
-            except libvirt.libvirtError as exc:
-                if libvirt_conn.is_no_domain(exc):
-                    return False
-                raise
+            domain = _lookup(c, name)
+            if domain is None:
+                return False
             try:
                 domain.destroy()
             except libvirt.libvirtError as exc:
@@ -616,13 +619,8 @@ class VMManager:
         paths = dom.vm_paths(self.settings, key)
 
         def lookup(c: libvirt.virConnect) -> tuple[str, str] | None:
-            try:
-                domain = c.lookupByName(name)
-            except libvirt.libvirtError as exc:
-                if libvirt_conn.is_no_domain(exc):
-                    return None
-                raise
-            if not domain.isActive():
+            domain = _lookup(c, name)
+            if domain is None or not domain.isActive():
                 return None
             return domain.UUIDString(), domain.XMLDesc(0)
 
