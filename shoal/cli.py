@@ -23,6 +23,14 @@ def _cmd_status(s: Settings, a: argparse.Namespace) -> int:
     return stack.status(s)
 
 
+def _cmd_daemons(s: Settings, a: argparse.Namespace) -> int:
+    from shoal import daemons
+
+    print(f"shoal: virtlogd {daemons.ensure_virtlogd()}", flush=True)
+    print(f"shoal: libvirtd {daemons.ensure_libvirtd()}", flush=True)
+    return 0
+
+
 def _cmd_image_build(s: Settings, a: argparse.Namespace) -> int:
     from shoal import image
 
@@ -84,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=_cmd_down
     )
     sub.add_parser("status", help="show components and /healthz").set_defaults(func=_cmd_status)
+    sub.add_parser(
+        "daemons", help="start the host's virtlogd and libvirtd unless they run"
+    ).set_defaults(func=_cmd_daemons)
     image = sub.add_parser("image", help="guest images").add_subparsers(dest="sub", required=True)
     build = image.add_parser("build", help="build a guest image (cached by recipe hash)")
     build.add_argument("name", nargs="?", default="python")

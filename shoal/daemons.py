@@ -2,9 +2,11 @@
 
 Nothing starts them at boot on our machines (no systemd), so `shoal up` starts each one that is
 not already running, and leaves them running at `shoal down`: other instances on the host may
-use them. Where the CPU has no hardware virtualization, libvirtd is started in a private mount
-namespace with /dev/kvm hidden behind an unopenable device, or it re-probes QEMU on every
-domain start (host.md: 56 s).
+use them. They are the host's, not an instance's: they start in their own session with a
+clean environment, so nothing of the instance that happened to start them (SHOAL_HOME, its
+Redis URL) lives on in them. Where the CPU has no hardware virtualization, libvirtd is started
+in a private mount namespace with /dev/kvm hidden behind an unopenable device, or it re-probes
+QEMU on every domain start (host.md: 56 s).
 """
 
 from __future__ import annotations
@@ -41,10 +43,15 @@ def libvirt_answers() -> bool:
     return result.returncode == 0
 
 
+def _start_daemon(argv: list[str]) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+    subprocess.run(argv, check=True, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+
+
 def ensure_virtlogd() -> str:
     if _running("virtlogd"):
         return "already running"
-    subprocess.run(["virtlogd", "-d"], check=True)
+    _start_daemon(["virtlogd", "-d"])
     return "started"
 
 
@@ -67,13 +74,11 @@ def ensure_libvirtd(timeout_s: float = 30.0) -> str:
         state = "already running"
     else:
         if hardware_virtualization():
-            subprocess.run(["libvirtd", "-d"], check=True)
+            _start_daemon(["libvirtd", "-d"])
             state = "started"
         else:
             hide_kvm = f"mount --bind {_no_kvm_device()} /dev/kvm && exec libvirtd -d"
-            subprocess.run(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm], check=True
-            )
+            _start_daemon(["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm])
             state = "started (with /dev/kvm hidden: no hardware virtualization, guests use TCG)"
     deadline = time.monotonic() + timeout_s
     while not libvirt_answers():

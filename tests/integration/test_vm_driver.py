@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import subprocess
 import time
 import uuid
@@ -302,14 +301,8 @@ def test_reconcile(settings, manager, clone):
 # --- libvirtd restart (last: it restarts the daemon other tests use) -------------------------
 
 
-def _restart_libvirtd(settings: Settings) -> None:
-    """Stop libvirtd and start it again the way `shoal up` does (running domains survive).
-
-    Without hardware virtualization /dev/kvm is hidden from libvirtd by a bind mount of a
-    mode-000 character device: libvirt then finds KVM unusable, as it is. (Hiding it behind
-    /dev/null, which everyone may open, makes libvirt believe KVM became usable and re-probe
-    QEMU on every domain start: 30 s each here.)
-    """
+def _restart_libvirtd() -> None:
+    """Stop libvirtd and start it again the way `shoal up` does (running domains survive)."""
     pids = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout
     for pid in pids.split():
         os.kill(int(pid), signal.SIGTERM)
@@ -318,28 +311,14 @@ def _restart_libvirtd(settings: Settings) -> None:
         assert time.monotonic() < deadline, "libvirtd did not stop"
         time.sleep(0.2)
     daemons.ensure_virtlogd()
-    if daemons.hardware_virtualization():
-        subprocess.run(["libvirtd", "-d"], check=True)
-    else:
-        node = Path(settings.vm_dir) / ".no-kvm"
-        if not node.is_char_device():
-            node.parent.mkdir(parents=True, exist_ok=True)
-            node.unlink(missing_ok=True)
-            os.mknod(node, stat.S_IFCHR | 0o000, os.makedev(1, 3))
-        os.chmod(node, 0o000)
-        hide = f"mount --bind {node} /dev/kvm && exec libvirtd -d"
-        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", hide], check=True)
-    deadline = time.monotonic() + 30
-    while not daemons.libvirt_answers():
-        assert time.monotonic() < deadline, "libvirtd did not come back"
-        time.sleep(0.3)
+    daemons.ensure_libvirtd()
 
 
 def test_a_libvirtd_restart_during_a_session(settings, manager, clone):
     vm = clone()
     out(vm, "before = 1")
     reconnects = manager.libvirt.reconnects
-    _restart_libvirtd(settings)
+    _restart_libvirtd()
     assert out(vm, "print(before + 1)") == "2"  # the guest and its channel never noticed
     status = manager.status()  # the dead connection is noticed and reopened
     assert status["libvirt"]["ok"], status
