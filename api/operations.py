@@ -97,15 +97,19 @@ def submit_execution(
     )
     record["id"] = execution_id
     record["callback_url"] = params.get("callback_url") or None  # shoal/webhooks.py
-    pipe = r.pipeline()
-    executions.save(pipe, record, c.settings.execution_ttl_s)
+    pipe = r.pipeline(transaction=False)  # one round trip; nothing reads these in between
+    body = executions.save(pipe, record, c.settings.execution_ttl_s)
     pipe.zadd(keys.session_executions(entry["id"]), {record["id"]: seq})
     sessions.touch(pipe, entry["id"], int(entry["cooldown_s"]))
     pipe.execute()
     pool = get_pool(c.settings, entry["pool"])
+    # The record rides along (the worker need not read it back); the short argsrepr spares
+    # Celery a repr of the whole message for its logs.
     c.celery.send_task(
         "shoal.execute",
-        args=[record["id"], pool.to_dict()],
+        args=[record["id"], pool.to_dict(), body],
+        argsrepr=repr(record["id"]),
+        kwargsrepr="",
         queue=keys.host_queue(entry["host"]),
         expires=TASK_EXPIRY_S,
     )
@@ -137,14 +141,14 @@ def wait_execution(c: Context, record: dict, timeout_s: float) -> dict:
                 f"execution {record['id']} did not finish within {timeout_s:.0f} s; "
                 f"poll GET /v1/executions/{record['id']}"
             )
-        if executions.wait_done(c.redis, record["id"], min(remaining, LIVENESS_POLL_S)):
-            break
+        final = executions.wait_done(c.redis, record["id"], min(remaining, LIVENESS_POLL_S))
+        if final is not None:
+            return final
         latest = executions.load(c.redis, record["id"])
         if latest is None or latest["status"] in executions.FINAL:
-            break
+            return latest or record
         if record["host"] not in liveness.live_hosts(c.redis):
             liveness.check_hosts(c.redis, c.settings.execution_ttl_s)
-    return executions.load(c.redis, record["id"]) or record
 
 
 def cancel_execution(c: Context, record: dict) -> dict:

@@ -5,6 +5,7 @@ Statuses: queued -> running -> succeeded | failed | timed_out | cancelled | lost
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -77,8 +78,26 @@ def new_record(
     }
 
 
-def save(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> None:
-    r.set(keys.execution(record["id"]), json.dumps(record), ex=ttl_s)
+def save(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> str:
+    """Store the record; return the JSON stored."""
+    body = json.dumps(record)
+    r.set(keys.execution(record["id"]), body, ex=ttl_s)
+    return body
+
+
+# Atomically: unless a cancel is waiting for the execution (KEYS[2]), store its running record.
+_MARK_RUNNING = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+
+def mark_running(r: redis.Redis, record: dict[str, Any], ttl_s: int) -> bool:
+    """Store the (running) record in one round trip; False, storing nothing, when the
+    execution was cancelled before it started."""
+    keys_ = [keys.execution(record["id"]), keys.execution_cancel(record["id"])]
+    return bool(r.eval(_MARK_RUNNING, 2, *keys_, json.dumps(record), int(ttl_s)))
 
 
 def load(r: redis.Redis, execution_id: str) -> dict[str, Any] | None:
@@ -105,24 +124,53 @@ def apply_agent_result(record: dict[str, Any], answer: dict[str, Any]) -> None:
     record["duration_ms"] = answer.get("duration_ms")
 
 
+def guest_phases(answer: dict[str, Any]) -> dict[str, float] | None:
+    """The agent's `phases_ms` (where the guest's time went) when well formed, for the latency
+    breakdown of scripts/bench; anything else from the guest is dropped."""
+    phases = answer.get("phases_ms")
+    if not isinstance(phases, dict) or len(phases) > 8:
+        return None
+    if not all(
+        isinstance(k, str) and len(k) <= 32 and isinstance(v, int | float) and v == v
+        for k, v in phases.items()
+    ):
+        return None
+    return phases
+
+
+# A final record up to this size also travels in the done list, so a waiting request has it
+# without reading it back; a larger one (images, long output) is read from its key.
+INLINE_DONE_BYTES = 64 << 10
+
+
 def finish(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> None:
     """Store the final record and wake whoever waits for it. Given a pipeline, only queue the
     commands (the caller executes it with its own)."""
     record["finished_at"] = time.time()
     done = keys.execution_done(record["id"])
+    body = json.dumps(record)
     pipe = r if isinstance(r, redis.client.Pipeline) else r.pipeline()
-    save(pipe, record, ttl_s)
-    pipe.rpush(done, "1")
+    pipe.set(keys.execution(record["id"]), body, ex=ttl_s)
+    pipe.rpush(done, body if len(body) <= INLINE_DONE_BYTES else "1")
     pipe.expire(done, 600)
     pipe.zrem(keys.session_executions(record["session_id"]), record["id"])
     if pipe is not r:
         pipe.execute()
 
 
-def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> bool:
-    """Block until the execution ends or `timeout_s` passes; True when it ended."""
+def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> dict[str, Any] | None:
+    """Block until the execution ends or `timeout_s` passes; its final record when it ended."""
     done = keys.execution_done(execution_id)
-    return r.blpop([done], timeout=max(timeout_s, 0.01)) is not None
+    popped = r.blpop([done], timeout=max(timeout_s, 0.01))
+    if popped is None:
+        return None
+    _key, body = popped
+    if body != "1":
+        with contextlib.suppress(ValueError):
+            record = json.loads(body)
+            if isinstance(record, dict) and record.get("id") == execution_id:
+                return record
+    return load(r, execution_id)
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:

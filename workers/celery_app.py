@@ -33,7 +33,15 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         # Loopback Redis answers in well under a millisecond; don't let a dead one hang requests.
-        broker_transport_options={"socket_timeout": 10, "socket_connect_timeout": 5},
+        # No ack emulation: with early acks it only bought the restore of messages a dead
+        # worker had prefetched but not started, at two Redis round trips per task in the
+        # worker's consumer. A dead host's sessions and executions are marked lost anyway
+        # (shoal/liveness.py), and replenish and housekeeping run again from beat.
+        broker_transport_options={
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "ack_emulation": False,
+        },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,

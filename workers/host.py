@@ -236,18 +236,17 @@ class HostRuntime:
         return vm
 
     # --- executions --------------------------------------------------------------------------
-    def execute(self, execution_id: str, pool: Pool) -> None:
-        record = executions.load(self.r, execution_id)
-        if record is None:
+    def execute(self, execution_id: str, pool: Pool, record_json: str = "") -> None:
+        """Run an execution in its turn. The task carries the record as the API stored it
+        (status queued); an older message without it has it read from Redis."""
+        record = json.loads(record_json) if record_json else executions.load(self.r, execution_id)
+        if record is None or record.get("id") != execution_id:
             return
         record["received_at"] = time.time()  # for the latency breakdown in scripts/bench
         session_id = record["session_id"]
         slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         with slot.turn(record["seq"], execution_id):
-            if self._cancel_requested(execution_id):
-                self._finish_cancelled(record)
-            else:
-                self._run(record, pool)
+            self._run(record, pool)
 
     def _done_seq(self, session_id: str) -> int:
         return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
@@ -273,9 +272,12 @@ class HostRuntime:
 
     def _run(self, record: dict[str, Any], pool: Pool) -> None:
         ttl = self.settings.execution_ttl_s
+        queued = dict(record)
         record["status"] = executions.RUNNING
         record["started_at"] = time.time()
-        executions.save(self.r, record, ttl)
+        if not executions.mark_running(self.r, record, ttl):
+            self._finish_cancelled(queued)  # a cancel came first: it never runs
+            return
         session_id = record["session_id"]
         try:
             vm = self._vm(session_id, pool)
@@ -283,6 +285,7 @@ class HostRuntime:
                 record["code"], record["language"], record["timeout_s"], record["max_output"]
             )
             record["answered_at"] = time.time()
+            record["guest_phases"] = executions.guest_phases(answer)
             if answer.get("status") == "interrupted":
                 record["cancel_requested"] = self._cancel_requested(record["id"])
             executions.apply_agent_result(record, answer)
@@ -297,7 +300,9 @@ class HostRuntime:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
         # One round trip: the final record, the waiter's wake-up, the turn, idle clock, metrics.
-        pipe = self.r.pipeline()
+        # In order on one connection, so the waiter woken by the push finds the record stored;
+        # no MULTI/EXEC needed.
+        pipe = self.r.pipeline(transaction=False)
         executions.finish(pipe, record, ttl)
         pipe.hset(keys.session(session_id), "done_seq", record["seq"])
         sessions.touch(pipe, session_id, pool.cooldown_s)

@@ -55,8 +55,8 @@ def create_session(session_id: str, pool: dict, reply_key: str) -> None:
 
 
 @shared_task(name="shoal.execute")
-def execute(execution_id: str, pool: dict) -> None:
-    runtime().execute(execution_id, Pool(**pool))
+def execute(execution_id: str, pool: dict, record_json: str = "") -> None:
+    runtime().execute(execution_id, Pool(**pool), record_json)
 
 
 @shared_task(name="shoal.cancel")

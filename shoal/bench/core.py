@@ -8,6 +8,7 @@ be shown with its ratio to them, and the goals of the issues it answers.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 import requests
 
 from shoal.bench import stats
+from shoal.bench.lean_http import LeanClient
 
 # Every request of the benchmark waits at most this long (an execution with wait true included).
 REQUEST_TIMEOUT_S = 180
@@ -109,6 +111,7 @@ class Bench:
         self.health: dict[str, Any] = {}
         self._sessions: set[str] = set()
         self._lock = threading.Lock()
+        self._local = threading.local()
         self.started_at = time.time()  # worker-log lines before this are not this run's
 
     # --- sizes and output --------------------------------------------------------------------
@@ -144,21 +147,26 @@ class Bench:
         with self._lock:
             self._sessions.discard(session_id)
 
-    def execute(
-        self, session_id: str, code: str, http: requests.Session | None = None
-    ) -> tuple[float, dict[str, Any], float, float]:
+    def lean(self) -> LeanClient:
+        """This thread's kept-alive client for timed executions (shoal/bench/lean_http.py)."""
+        client = getattr(self._local, "lean", None)
+        if client is None:
+            client = self._local.lean = LeanClient(self.url, self.key, REQUEST_TIMEOUT_S)
+        return client
+
+    def execute(self, session_id: str, code: str) -> tuple[float, dict[str, Any], float, float]:
         """Run code with wait true: (round trip ms, the execution record, sent, received)
         where sent and received are this process's wall clock (time.time())."""
         sent = time.time()
         started = time.perf_counter()
-        response = self.request(
-            "POST", f"/v1/sessions/{session_id}/executions", http, json={"code": code}
+        status, body = self.lean().post_json(
+            f"/v1/sessions/{session_id}/executions", {"code": code}
         )
         ms = (time.perf_counter() - started) * 1000
         received = time.time()
-        if response.status_code != 200:
-            raise BenchError(f"execute: {response.status_code} {response.text[:300]}")
-        record = response.json()
+        if status != 200:
+            raise BenchError(f"execute: {status} {body[:300]!r}")
+        record = json.loads(body)
         if record["status"] != "succeeded":
             raise BenchError(
                 f"execute {code!r}: {record['status']}: {record.get('stderr', '')[-300:]}"

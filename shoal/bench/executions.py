@@ -5,11 +5,13 @@ and 16 concurrent sessions.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from urllib.parse import urlencode
 
 from shoal.bench import stats
 from shoal.bench.core import Bench, BenchError, Goal, Result, Scenario, timed_loop
@@ -42,6 +44,13 @@ FINER = (
     ("channel", "started -> agent answer, less the guest (channel both ways, framing)"),
     ("finish", "agent answered -> finished stamp (cancel check, apply the answer)"),
 )
+# And `guest` into its phases, when the agent reports them (phases_ms, docs/agent-protocol.md).
+GUEST_PHASES = (
+    ("agent_in", "guest: the agent reads and checks the request, hands it over"),
+    ("to_kernel", "guest: the interpreter process wakes and reads it"),
+    ("kernel", "guest: the interpreter runs the cell and encodes the reply"),
+    ("from_kernel", "guest: the agent wakes and reads the reply"),
+)
 
 
 def breakdown(
@@ -49,7 +58,8 @@ def breakdown(
 ) -> dict[str, dict]:
     """Per-segment summaries (ms) from (ms, record, sent, received) rows of warm executions;
     `raw` (execution id -> stored record) adds the finer segments when stamped."""
-    parts: dict[str, list[float]] = {name: [] for name, _ in SEGMENTS + FINER}
+    every = SEGMENTS + FINER + GUEST_PHASES
+    parts: dict[str, list[float]] = {name: [] for name, _ in every}
     for _ms, record, sent, received in rows:
         stored = (raw or {}).get(record["id"], {})
         if stored.get("received_at") and stored.get("answered_at"):
@@ -60,6 +70,10 @@ def breakdown(
                 - float(record["duration_ms"] or 0.0)
             )
             parts["finish"].append((stored["finished_at"] - stored["answered_at"]) * 1000)
+        for name, _ in GUEST_PHASES:
+            value = (stored.get("guest_phases") or {}).get(name)
+            if isinstance(value, int | float):
+                parts[name].append(float(value))
         created = _epoch(record["created_at"])
         started = _epoch(record["started_at"])
         finished = _epoch(record["finished_at"])
@@ -70,9 +84,7 @@ def breakdown(
         parts["guest"].append(guest)
         parts["http_out"].append((received - finished) * 1000)
     return {
-        name: {**stats.summarize(parts[name]), "what": what}
-        for name, what in SEGMENTS + FINER
-        if parts[name]
+        name: {**stats.summarize(parts[name]), "what": what} for name, what in every if parts[name]
     }
 
 
@@ -104,8 +116,13 @@ def warm_v1(b: Bench) -> list[Result]:
             return row[0]
 
         samples = timed_loop(count, LOOP_BUDGET_S, one)
+        # The guest reuses the compiled code of a cell run again verbatim; a new cell each
+        # call shows the cost without that.
+        fresh = timed_loop(
+            max(count // 2, 1), LOOP_BUDGET_S, lambda i: b.execute(session_id, f"x += 1  # {i}")[0]
+        )
         _ms, last, _s, _r = b.execute(session_id, "x")
-        expected = str(WARM_UP_CALLS + len(samples))
+        expected = str(WARM_UP_CALLS + len(samples) + len(fresh))
         if (last.get("result") or {}).get("text/plain") != expected:
             raise BenchError(f"state lost: x is {last.get('result')}, expected {expected}")
         floor = timed_loop(
@@ -127,12 +144,18 @@ def warm_v1(b: Bench) -> list[Result]:
         ),
         extra={"breakdown": breakdown(rows, stored_records(b, [r[1]["id"] for r in rows]))},
     )
+    new_cell = Result(
+        "warm_v1_new_cell",
+        "warm execution, a new cell each call (`x += 1  # n`: no compiled-cell reuse), /v1",
+        samples=fresh,
+        peers=("ipykernel", "celery_noop"),
+    )
     http_floor = Result(
         "http_floor",
         "GET /v1/sessions/{id} (HTTP + auth + one Redis read: the API's own floor)",
         samples=floor,
     )
-    return [warm, http_floor]
+    return [warm, new_cell, http_floor]
 
 
 def _timed_get(b: Bench, path: str) -> float:
@@ -149,19 +172,19 @@ def warm_dynamic(b: Bench) -> list[Result]:
     identifier = "bench-" + secrets.token_hex(6)
     query = {"identifier": identifier, "api-version": LEGACY_API}
 
+    path = "/pools/default/code/execute?" + urlencode(query)
+
     def run(code: str) -> float:
         started = time.perf_counter()
-        response = b.request(
-            "POST",
-            "/pools/default/code/execute",
-            params=query,
-            json={"properties": {"codeInputType": "inline", "executionType": "synchronous",
-                                 "code": code}},
+        status, raw = b.lean().post_json(
+            path,
+            {"properties": {"codeInputType": "inline", "executionType": "synchronous",
+                            "code": code}},
         )  # fmt: skip
         ms = (time.perf_counter() - started) * 1000
-        body = response.json() if response.status_code == 200 else {}
+        body = json.loads(raw) if status == 200 else {}
         if body.get("properties", {}).get("status") != "Success":
-            raise BenchError(f"code/execute: {response.status_code} {response.text[:300]}")
+            raise BenchError(f"code/execute: {status} {raw[:300]!r}")
         guest.append(float(body["properties"].get("executionTimeInMilliseconds", 0)))
         return ms
 
@@ -233,12 +256,11 @@ def _drive(b: Bench, session_ids: list[str], duration_s: float) -> tuple[float, 
     stop_at: list[float] = []
 
     def client(session_id: str) -> None:
-        http = b.client()
         mine = []
         start.wait()
         try:
             while time.monotonic() < stop_at[0]:
-                mine.append(b.execute(session_id, "x += 1", http)[0])
+                mine.append(b.execute(session_id, "x += 1")[0])
         except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
             failures.append(exc)
         with lock:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.bench.core import Result
-from shoal.bench.executions import FINER, SEGMENTS
+from shoal.bench.executions import FINER, GUEST_PHASES, SEGMENTS
 
 
 def build(results: list[Result], errors: dict[str, str], meta: dict[str, Any]) -> dict:
@@ -117,7 +117,7 @@ def breakdown_markdown(report: dict) -> str:
         lines.append(f"| {name} | {_fmt(p['p50'])} | {_fmt(p['p90'])} | {share:.0f}% | {what} |")
     lines.append(f"| sum of p50s | {_fmt(total)} | | | (warm_v1 p50: "
                  f"{_fmt(warm['summary'].get('p50'))} ms) |")  # fmt: skip
-    for name, what in FINER:
+    for name, what in FINER + GUEST_PHASES:
         if name in parts:
             p = parts[name]
             lines.append(f"| ({name}) | {_fmt(p['p50'])} | {_fmt(p['p90'])} | | {what} |")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -542,6 +543,24 @@ def test_plain_and_ipython_cells_keep_ipython_semantics(agent):
     assert "return 1 / 0" in failed["error"]["traceback"]
     first, second = (run(agent, "1")["execution_count"] for _ in range(2))
     assert second == first + 1
+
+
+def test_a_repeated_cell_behaves_as_a_new_one(agent):
+    # A cell run again verbatim reuses its compiled code: it must still be its own cell.
+    run(agent, "rc = 0")
+    for expected in (1, 2):
+        answer = run(agent, "rc += 1\nrc")
+        assert answer["result"]["text/plain"] == str(expected)
+    tracebacks = []
+    for _ in range(2):
+        failed = run(agent, "rc / 0")
+        assert failed["error"]["name"] == "ZeroDivisionError"
+        tracebacks.append(failed["error"]["traceback"])
+        count = failed["execution_count"]
+        assert re.search(rf"Cell In ?\[{count}\]", tracebacks[-1]), tracebacks[-1]
+    for _ in range(2):  # input history (`In`, `_i`) is kept for repeated cells too
+        assert run(agent, "In[-1]")["result"]["text/plain"] == "'In[-1]'"
+    assert run(agent, "_i")["result"]["text/plain"] == "'In[-1]'"
 
 
 def test_prepare_snapshot_answers_and_leaves_the_host_alone(agent):

@@ -14,7 +14,8 @@ kernel.py only imports this module (so the byte-code compiled at image build tim
                      {"op": "reseed", "seed": base64}
     kernel -> agent  {"op": "ready", "pid": int, "ipython": str}
                      {"op": "done", "id": n, "status": "ok"|"error", "result", "outputs",
-                      "outputs_truncated", "error", "execution_count"}
+                      "outputs_truncated", "error", "execution_count",
+                      "kernel_at": [received, replied] (time.monotonic(), for the phases)}
   The kernel runs user code, so the agent treats everything it says as untrusted.
 - SHOAL_INTERRUPT_FD is a shared 8-byte memfd: the agent writes an execution id there before it
   sends SIGINT, and KeyboardInterrupt is raised only in that execution's cell (see Interrupts).
@@ -40,6 +41,7 @@ import struct
 import sys
 import threading
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTH = struct.Struct(">I")
@@ -436,26 +438,31 @@ def execute(shell, message: dict) -> dict:
 
 
 _ASYNC_NODES = (ast.Await, ast.AsyncFor, ast.AsyncWith)
+# Cells run again verbatim (a retried call, a polling loop, a re-run notebook cell) skip parsing
+# and compiling: under TCG that is about half of a small cell's time in the interpreter.
+COMPILED_CELLS = 64
+COMPILED: dict[tuple[str, int], tuple] = {}
 
 
 def run_cell_fast(shell, code: str):
-    """Run a plain-Python cell the way `shell.run_cell` would, without its input transformers.
+    """Run a plain-Python cell the way `shell.run_cell` would, with far less machinery.
 
-    Under TCG, run_cell's tokenizer-based input transformation and async checks are most of the
-    guest's time for a small cell (~6 ms of ~7 ms for `x += 1`). IPython only transforms text
-    that is not valid Python (magics, `!cmd`, `x?`, prompts, leading indentation), so a cell
-    that parses as Python and has no await runs through the same steps without them: the same
-    events, displayhook (`_`, Out), traceback formatting and execution count. Anything else, or
-    a shell with extra transformers, returns None: the caller uses run_cell.
+    Under TCG every step of IPython's run_cell costs tens to hundreds of microseconds, and after
+    the context switch from the agent each one costs about three times its hot-loop time: the
+    tokenizer-based input transformers, the async checks, a compile per statement, the trap
+    context managers. IPython only transforms text that is not valid Python (magics, `!cmd`,
+    `x?`, prompts, leading indentation), so a cell that parses and compiles as Python, with no
+    await, runs here through the steps that matter: the same events, input history (`In`,
+    `_i`), displayhook for the last expression (`_`, `Out`), run_code's exception handling and
+    tracebacks, and the execution count. Anything else, or a shell with extra transformers,
+    returns None: the caller uses run_cell.
     """
     if shell.ast_transformers or shell.input_transformers_post:
         return None
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
+    compiled = _compile_cell(shell, code)
+    if compiled is None:
         return None
-    if any(isinstance(node, _ASYNC_NODES) for node in ast.walk(tree)):
-        return None
+    body, last = compiled
     from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult
 
     info = ExecutionInfo(code, True, False, True, None)
@@ -463,14 +470,14 @@ def run_cell_fast(shell, code: str):
     shell.displayhook.exec_result = result
     shell.events.trigger("pre_execute")
     shell.events.trigger("pre_run_cell", info)
-    shell.history_manager.store_inputs(shell.execution_count, code, code)
-    cell_name = shell.compile.cache(code, shell.execution_count, raw_code=code)
-    with shell.builtin_trap, shell.display_trap:
-        runner = shell.run_ast_nodes(
-            tree.body, cell_name, interactivity="last_expr", compiler=shell.compile, result=result
-        )
-        with contextlib.suppress(StopIteration):
-            runner.send(None)  # a coroutine with nothing to await: one step runs it all
+    _store_input(shell, code)
+    hook, sys.displayhook = sys.displayhook, shell.displayhook
+    try:
+        failed = body is not None and _run_compiled(shell, body, result)
+        if last is not None and not failed:
+            _run_compiled(shell, last, result)
+    finally:
+        sys.displayhook = hook
     shell.displayhook.exec_result = None
     shell.last_execution_succeeded = result.error_in_exec is None
     shell.last_execution_result = result
@@ -478,6 +485,71 @@ def run_cell_fast(shell, code: str):
     shell.events.trigger("post_execute")
     shell.events.trigger("post_run_cell", result)
     return result
+
+
+def _compile_cell(shell, code: str):
+    """(statements, last expression) compiled as IPython's "last_expr" interactivity does (the
+    last expression in "single" mode, which calls the displayhook), or None for run_cell."""
+    name = shell.compile.cache(code, shell.execution_count, raw_code=code)
+    key = (code, shell.compile.flags)  # `from __future__` imports change how code compiles
+    compiled = COMPILED.pop(key, None)
+    if compiled is None:
+        compiled = _compile_fresh(shell, code, name)
+        if compiled is None:
+            return None
+    body, last = compiled
+    if _cacheable(body) and _cacheable(last):
+        COMPILED[key] = compiled  # most recently used last
+        if len(COMPILED) > COMPILED_CELLS:
+            del COMPILED[next(iter(COMPILED))]
+    # The traceback of this run names this cell ("Cell In[n]"), not the one compiled first.
+    return (
+        body.replace(co_filename=name) if body is not None else None,
+        last.replace(co_filename=name) if last is not None else None,
+    )
+
+
+def _compile_fresh(shell, code: str, name: str):
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if ("await" in code or "async" in code) and any(
+        isinstance(node, _ASYNC_NODES) for node in ast.walk(tree)
+    ):
+        return None
+    nodes = tree.body
+    last = nodes.pop() if nodes and isinstance(nodes[-1], ast.Expr) else None
+    try:
+        body = shell.compile(ast.Module(nodes, []), name, "exec") if nodes else None
+        tail = shell.compile(ast.Interactive([last]), name, "single") if last else None
+    except Exception:  # e.g. `return` outside a function: run_cell reports it as IPython does
+        return None
+    return body, tail
+
+
+def _cacheable(code_obj) -> bool:
+    """Code with no nested code object (function, lambda, class, comprehension): re-stamping
+    its file name is then exact for tracebacks."""
+    return code_obj is None or not any(isinstance(c, types.CodeType) for c in code_obj.co_consts)
+
+
+def _run_compiled(shell, code_obj, result) -> bool:
+    """shell.run_code to its end (a coroutine with nothing to await); True when it raised."""
+    runner = shell.run_code(code_obj, result)
+    try:
+        runner.send(None)
+    except StopIteration as finished:
+        return bool(finished.value)
+    runner.close()
+    raise RuntimeError("a cell without await awaited")
+
+
+def _store_input(shell, code: str) -> None:
+    history = shell.history_manager
+    history.store_inputs(shell.execution_count, code, code)
+    if not history.enabled:
+        history.db_input_cache.clear()  # nothing saves it with history off: it only grew
 
 
 def warm_up(shell) -> None:
@@ -517,6 +589,8 @@ def main() -> None:
     sys.meta_path.append(_BackendFinder())
     os.environ.setdefault("MPLBACKEND", "module://" + MPL_BACKEND_MODULE)
     shell = make_shell()
+    # Entered for good (run_cell nests inside): `get_ipython` in builtins, IPython's exit/quit.
+    shell.builtin_trap.__enter__()
     warm_up(shell)
     FLUSHER.start()
     import IPython
@@ -538,7 +612,10 @@ def main() -> None:
             return  # the agent went away
         op = message.get("op")
         if op == "execute":
-            link.send(encode_reply(execute(shell, message)))
+            received = time.monotonic()
+            reply = execute(shell, message)
+            reply["kernel_at"] = [received, time.monotonic()]
+            link.send(encode_reply(reply))
             if shell.exit_now:
                 _flush_std()
                 os._exit(0)

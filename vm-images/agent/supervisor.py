@@ -501,6 +501,8 @@ class Execution:
         self.abandon_at: float | None = None  # killed but not reaped: answer anyway
         self.kernel: Kernel | None = None  # python: the kernel it was sent to
         self.seq = 0
+        self.sent_at: float | None = None  # python: handed to the kernel
+        self.phases: dict[str, float] | None = None  # python: where the time went (ms)
         self.proc: subprocess.Popen | None = None  # shell
         self.pipes: dict[int, Capture] = {}
 
@@ -1048,6 +1050,7 @@ class Agent:
         ex.seq = self.exec_seq
         ex.kernel = k
         k.used = True
+        ex.sent_at = time.monotonic()  # before: on one vCPU the kernel may run the cell at once
         k.send(
             {
                 "op": "execute",
@@ -1147,6 +1150,7 @@ class Agent:
             "interpreter_restarted": restarted,
             "execution_count": execution_count,
             "duration_ms": round((time.monotonic() - ex.started) * 1000, 3),
+            "phases_ms": ex.phases,
             "id": ex.id,
             "ok": True,
         }
@@ -1244,6 +1248,7 @@ class Agent:
         if message.get("exiting") is True:
             k.retiring = True
             k.kill_at = time.monotonic() + CTRL_EOF_KILL_S
+        ex.phases = self._phases(ex, message.get("kernel_at"))
         count = message.get("execution_count")
         restarted, self.state_lost = self.state_lost, False
         self._finish(
@@ -1256,6 +1261,23 @@ class Agent:
             execution_count=count if isinstance(count, int) else None,
             restarted=restarted,
         )
+
+    @staticmethod
+    def _phases(ex: Execution, kernel_at: Any) -> dict[str, float] | None:
+        """Where an execution's time went, from the kernel's own stamps (same clock as ours):
+        handing it over, the kernel's work, and the way back (reported, not trusted)."""
+        if ex.sent_at is None or not isinstance(kernel_at, list) or len(kernel_at) != 2:
+            return None
+        received, replied = kernel_at
+        if not (_number(received) and _number(replied)):
+            return None
+        now = time.monotonic()
+        return {
+            "agent_in": round((ex.sent_at - ex.started) * 1000, 3),
+            "to_kernel": round((received - ex.sent_at) * 1000, 3),
+            "kernel": round((replied - received) * 1000, 3),
+            "from_kernel": round((now - replied) * 1000, 3),
+        }
 
     @staticmethod
     def _check_done(message: dict) -> tuple[Any, list, dict | None, bool]:
