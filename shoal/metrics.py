@@ -4,6 +4,7 @@ figures), and their Prometheus text exposition for GET /metrics."""
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import redis
 
@@ -11,9 +12,12 @@ from shoal import liveness
 from shoal.keys import PREFIX
 
 COUNTERS = f"{PREFIX}:metrics:counters"
-HISTOGRAMS = f"{PREFIX}:metrics:histograms"
+# Per-bucket counts (not cumulative: an observation is one HINCRBY, not one per bucket above it);
+# render() adds them up into Prometheus' cumulative buckets.
+HISTOGRAMS = f"{PREFIX}:metrics:histogram-buckets"
 # Execution latency buckets (seconds): from a warm x += 1 to the 220 s limit.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 220)
+INF = "+Inf"
 
 HELP = {
     "shoal_session_acquisitions_total": "Sessions created, by pool and source (ready or cold).",
@@ -23,21 +27,20 @@ HELP = {
 }
 
 
-def _field(name: str, labels: dict[str, str]) -> str:
-    return json.dumps([name, sorted(labels.items())])
+@lru_cache(maxsize=1024)
+def _field(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps([name, sorted(labels)])
 
 
 def incr(r: redis.Redis | redis.client.Pipeline, name: str, **labels: str) -> None:
-    r.hincrby(COUNTERS, _field(name, labels), 1)
+    r.hincrby(COUNTERS, _field(name, tuple(labels.items())), 1)
 
 
 def observe(r: redis.Redis | redis.client.Pipeline, name: str, seconds: float, **labels: str):
-    """Add one observation to a cumulative histogram."""
-    for bound in BUCKETS:
-        if seconds <= bound:
-            r.hincrby(HISTOGRAMS, _field(name, {**labels, "le": str(bound)}), 1)
-    r.hincrby(HISTOGRAMS, _field(name, {**labels, "le": "+Inf"}), 1)
-    r.hincrbyfloat(HISTOGRAMS, _field(name + "_sum", labels), seconds)
+    """Add one observation to a histogram: its bucket's count and the sum."""
+    bound = next((str(b) for b in BUCKETS if seconds <= b), INF)
+    r.hincrby(HISTOGRAMS, _field(name, (*labels.items(), ("le", bound))), 1)
+    r.hincrbyfloat(HISTOGRAMS, _field(name + "_sum", tuple(labels.items())), seconds)
 
 
 def _line(name: str, labels: list | dict, value: float) -> str:
@@ -67,21 +70,34 @@ def render(r: redis.Redis) -> str:
             seen.add(name)
             lines += [f"# HELP {name} {HELP.get(name, name)}", f"# TYPE {name} counter"]
         lines.append(_line(name, labels, value))
-    histograms = sorted((json.loads(k), float(v)) for k, v in r.hgetall(HISTOGRAMS).items())
-    if histograms:
-        lines += [
-            "# HELP shoal_execution_seconds Execution wall time on the host, by pool.",
-            "# TYPE shoal_execution_seconds histogram",
-        ]
-    counts: dict[str, float] = {}
-    for (name, labels), value in histograms:
-        if name.endswith("_sum"):
-            lines.append(_line(name, labels, value))
-            continue
-        lines.append(_line(name + "_bucket", labels, value))
-        if dict(labels).get("le") == "+Inf":
-            rest = [(k, v) for k, v in labels if k != "le"]
-            counts[json.dumps(rest)] = value
-    for rest, value in counts.items():
-        lines.append(_line("shoal_execution_seconds_count", json.loads(rest), value))
+    lines += _histogram_lines(r.hgetall(HISTOGRAMS))
     return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(fields: dict[str, str]) -> list[str]:
+    """Cumulative `_bucket`, `_count` and `_sum` lines from the per-bucket counts."""
+    counts: dict[tuple[str, str], dict[str, float]] = {}  # (name, other labels) -> le -> n
+    sums: dict[tuple[str, str], float] = {}
+    for raw, value in fields.items():
+        name, labels = json.loads(raw)
+        rest = json.dumps([pair for pair in labels if pair[0] != "le"])
+        if name.endswith("_sum"):
+            sums[(name[: -len("_sum")], rest)] = float(value)
+        else:
+            le = dict(labels).get("le", INF)
+            counts.setdefault((name, rest), {})[le] = float(value)
+    if not counts:
+        return []
+    lines = [
+        "# HELP shoal_execution_seconds Execution wall time on the host, by pool.",
+        "# TYPE shoal_execution_seconds histogram",
+    ]
+    for (name, rest), by_bound in sorted(counts.items()):
+        labels = json.loads(rest)
+        total = 0.0
+        for bound in [*map(str, BUCKETS), INF]:
+            total += by_bound.get(bound, 0.0)
+            lines.append(_line(name + "_bucket", sorted([*labels, ["le", bound]]), total))
+        lines.append(_line(name + "_count", labels, total))
+        lines.append(_line(name + "_sum", labels, sums.get((name, rest), 0.0)))
+    return lines

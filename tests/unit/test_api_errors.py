@@ -116,10 +116,18 @@ def test_metrics_are_prometheus_text(app, client) -> None:
     r = app.extensions["shoal"].redis
     metrics.incr(r, "shoal_session_acquisitions_total", pool="default", source="ready")
     metrics.observe(r, "shoal_execution_seconds", 0.004, pool="default")
+    metrics.observe(r, "shoal_execution_seconds", 0.02, pool="default")
+    metrics.observe(r, "shoal_execution_seconds", 500, pool="default")
     text = client.get("/metrics").get_data(as_text=True)
     assert 'shoal_session_acquisitions_total{pool="default",source="ready"} 1' in text
+    # Cumulative buckets, as Prometheus reads them.
     assert 'shoal_execution_seconds_bucket{le="0.005",pool="default"} 1' in text
-    assert 'shoal_execution_seconds_count{pool="default"} 1' in text
+    assert 'shoal_execution_seconds_bucket{le="0.01",pool="default"} 1' in text
+    assert 'shoal_execution_seconds_bucket{le="0.025",pool="default"} 2' in text
+    assert 'shoal_execution_seconds_bucket{le="220",pool="default"} 2' in text
+    assert 'shoal_execution_seconds_bucket{le="+Inf",pool="default"} 3' in text
+    assert 'shoal_execution_seconds_count{pool="default"} 3' in text
+    assert 'shoal_execution_seconds_sum{pool="default"} 500.024' in text
 
 
 def test_a_body_that_is_not_json_is_415(app, client, key) -> None:
