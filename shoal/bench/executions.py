@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
-from shoal.bench import stats
+from shoal.bench import cpu, stats
 from shoal.bench.core import Bench, BenchError, Goal, Result, Scenario, timed_loop
 
 WARM_UP_CALLS = 5  # the first executions after a restore re-translate code under TCG
@@ -115,7 +115,13 @@ def warm_v1(b: Bench) -> list[Result]:
                 b.progress(f"  {i + 1}/{count} calls")
             return row[0]
 
-        samples = timed_loop(count, LOOP_BUDGET_S, one)
+        samples: list[float] = []
+
+        def loop() -> int:
+            samples.extend(timed_loop(count, LOOP_BUDGET_S, one))
+            return len(samples)
+
+        cpu_ms = cpu.per_call(b.settings, loop)
         # The guest reuses the compiled code of a cell run again verbatim; a new cell each
         # call shows the cost without that.
         fresh = timed_loop(
@@ -142,7 +148,10 @@ def warm_v1(b: Bench) -> list[Result]:
             Goal("p50 <= 8 ms (stretch)", "p50", 8.0, issue=5),
             Goal("p50 below the local ipykernel's", "ratio:ipykernel", 1.0, issue=8),
         ),
-        extra={"breakdown": breakdown(rows, stored_records(b, [r[1]["id"] for r in rows]))},
+        extra={
+            "breakdown": breakdown(rows, stored_records(b, [r[1]["id"] for r in rows])),
+            "cpu_ms_per_call": cpu_ms,
+        },
     )
     new_cell = Result(
         "warm_v1_new_cell",

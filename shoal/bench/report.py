@@ -121,6 +121,10 @@ def breakdown_markdown(report: dict) -> str:
         if name in parts:
             p = parts[name]
             lines.append(f"| ({name}) | {_fmt(p['p50'])} | {_fmt(p['p90'])} | | {what} |")
+    cpu = warm["extra"].get("cpu_ms_per_call")
+    if cpu:
+        spent = ", ".join(f"{part} {ms:g}" for part, ms in cpu.items())
+        lines.append(f"\nCPU per call (ms, /proc of each part over the loop): {spent}")
     return "\n".join(lines)
 
 
