@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import g, request
 
 from api.context import ctx
-from shoal import tenants
+from shoal import keys, sessions, tenants
 from shoal.errors import Unauthorized, UnsupportedMediaType
 
 
@@ -21,12 +21,28 @@ def require_json_body() -> None:
 
 
 def require_tenant() -> None:
-    """A before_request hook: sets g.tenant or answers 401."""
+    """A before_request hook: sets g.tenant or answers 401. On a route about one session it
+    reads that session in the same round trip (see tenant_session)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send `Authorization: Bearer <api key>`")
-    tenant = tenants.authenticate(ctx().redis, token.strip())
+    session_id = (request.view_args or {}).get("session_id", "")
+    if isinstance(session_id, str) and session_id.startswith("ses_"):
+        r = ctx().redis
+        tenant, entry = tenants.authenticate_reading(r, token.strip(), keys.session(session_id))
+        g.session_read = (session_id, entry or None)
+    else:
+        tenant = tenants.authenticate(ctx().redis, token.strip())
     if tenant is None:
         raise Unauthorized("the API key is not valid (revoked, or never issued here)")
     g.tenant = tenant
+
+
+def tenant_session(session_id: str) -> dict[str, str]:
+    """The request's session if it is a live one of the request's tenant (404 otherwise),
+    from the read require_tenant made with the key when it did."""
+    read = g.get("session_read")
+    if read is not None and read[0] == session_id:
+        return sessions.owned_by(g.tenant, session_id, read[1])
+    return sessions.get_for_tenant(ctx().redis, g.tenant, session_id)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from flask import Response, g, request, stream_with_context
+from flask import Response, request, stream_with_context
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 
 from api import operations
-from api.auth import require_tenant
+from api.auth import require_tenant, tenant_session
 from api.context import ctx
-from shoal import sessions
 from shoal.errors import PayloadTooLarge, ValidationFailed
 from shoal.protocol import FILE_CHUNK
 from shoal.timeutil import iso
@@ -46,10 +45,6 @@ def file_view(info: dict) -> dict:
         "size": info["size"],
         "modified_at": iso(info["mtime"]),
     }
-
-
-def _session(session_id: str) -> dict:
-    return sessions.get_for_tenant(ctx().redis, g.tenant, session_id)
 
 
 def capped_chunks(stream, limit: int) -> Iterator[bytes]:
@@ -87,7 +82,7 @@ def check_part(upload) -> None:
 @blp.arguments(ListQuery, location="query")
 @blp.response(200, FileList)
 def list_files(query: dict, session_id: str):
-    answer = operations.file_op(ctx(), _session(session_id), "list", **query)
+    answer = operations.file_op(ctx(), tenant_session(session_id), "list", **query)
     return {"files": [file_view(f) for f in answer["files"]]}
 
 
@@ -95,7 +90,7 @@ def list_files(query: dict, session_id: str):
 @blp.response(201, FileOut)
 def put_file(session_id: str, path: str):
     """Upload the raw request body to `path`; parent directories are created."""
-    entry = _session(session_id)
+    entry = tenant_session(session_id)
     _check_length(request.content_length)
     chunks = capped_chunks(request.stream, ctx().settings.max_upload_bytes)
     return file_view(operations.upload_file(ctx(), entry, path, chunks))
@@ -105,7 +100,7 @@ def put_file(session_id: str, path: str):
 @blp.response(201, FileOut)
 def post_file(session_id: str):
     """Multipart upload: part `file`; optional form field `path` names a directory."""
-    entry = _session(session_id)
+    entry = tenant_session(session_id)
     _check_length(request.content_length, MULTIPART_SLACK)
     upload = request.files.get("file")
     if upload is None or not upload.filename:
@@ -122,7 +117,7 @@ def post_file(session_id: str):
 @blp.get("/sessions/<session_id>/files/<path:path>")
 def get_file(session_id: str, path: str):
     """Download a file, streamed from the guest."""
-    info, chunks = operations.download_file(ctx(), _session(session_id), path)
+    info, chunks = operations.download_file(ctx(), tenant_session(session_id), path)
     response = Response(stream_with_context(chunks), mimetype="application/octet-stream")
     response.headers["Content-Length"] = str(info["size"])
     response.headers["Content-Disposition"] = f'attachment; filename="{info["name"]}"'
@@ -132,4 +127,4 @@ def get_file(session_id: str, path: str):
 @blp.delete("/sessions/<session_id>/files/<path:path>")
 @blp.response(204)
 def delete_file(session_id: str, path: str):
-    operations.file_op(ctx(), _session(session_id), "delete", path=path)
+    operations.file_op(ctx(), tenant_session(session_id), "delete", path=path)

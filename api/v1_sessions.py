@@ -6,7 +6,7 @@ from flask import g, request, url_for
 from flask_smorest import Blueprint
 
 from api import operations
-from api.auth import require_json_body, require_tenant
+from api.auth import require_json_body, require_tenant, tenant_session
 from api.context import ctx
 from api.schemas import ExecutionCreate, ExecutionOut, SessionCreate, SessionList, SessionOut
 from shoal import executions, sessions, webhooks
@@ -41,13 +41,13 @@ def list_sessions():
 @blp.get("/sessions/<session_id>")
 @blp.response(200, SessionOut)
 def get_session(session_id: str):
-    return sessions.public_view(sessions.get_for_tenant(ctx().redis, g.tenant, session_id))
+    return sessions.public_view(tenant_session(session_id))
 
 
 @blp.delete("/sessions/<session_id>")
 @blp.response(204)
 def delete_session(session_id: str):
-    entry = sessions.get_for_tenant(ctx().redis, g.tenant, session_id)
+    entry = tenant_session(session_id)
     operations.delete_session(ctx(), entry)
 
 
@@ -57,7 +57,7 @@ def delete_session(session_id: str):
 @blp.alt_response(202, schema=ExecutionOut, description="queued (wait false)")
 def create_execution(body: dict, session_id: str):
     c = ctx()
-    entry = sessions.get_for_tenant(c.redis, g.tenant, session_id)
+    entry = tenant_session(session_id)
     if body["timeout_s"] is None:
         body["timeout_s"] = c.settings.default_timeout_s
     record = operations.submit_execution(c, entry, body, request.headers.get("Idempotency-Key", ""))

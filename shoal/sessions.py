@@ -62,6 +62,12 @@ def load(r: redis.Redis, session_id: str) -> dict[str, str] | None:
 def get_for_tenant(r: redis.Redis, tenant: str, session_id: str) -> dict[str, str]:
     """The live session `session_id` of `tenant`; another tenant's id is simply not found."""
     entry = load(r, session_id) if session_id.startswith("ses_") else None
+    return owned_by(tenant, session_id, entry)
+
+
+def owned_by(tenant: str, session_id: str, entry: dict[str, str] | None) -> dict[str, str]:
+    """`entry` (the registry hash of `session_id`, None when absent) if it is a live session
+    of `tenant`; the same errors as get_for_tenant otherwise."""
     if entry is None or entry["tenant"] != tenant:
         raise SessionNotFound(f"no session {session_id!r}")
     if entry["state"] == EXPIRED:

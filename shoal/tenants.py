@@ -49,6 +49,20 @@ def authenticate(r: redis.Redis, api_key: str) -> str | None:
     return r.hget(keys.api_key(hash_key(api_key)), "tenant")
 
 
+def authenticate_reading(
+    r: redis.Redis, api_key: str, key: str
+) -> tuple[str | None, dict[str, str]]:
+    """authenticate() and the hash at `key` in one round trip (the request's session, read
+    before its owner is known: the caller checks the owner before using it)."""
+    if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
+        return None, {}
+    pipe = r.pipeline(transaction=False)
+    pipe.hget(keys.api_key(hash_key(api_key)), "tenant")
+    pipe.hgetall(key)
+    tenant, entry = pipe.execute()
+    return tenant, entry
+
+
 def list_keys(r: redis.Redis) -> list[dict[str, str]]:
     rows = []
     for _key_id, digest in sorted(r.hgetall(keys.api_key_ids()).items()):
