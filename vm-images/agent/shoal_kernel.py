@@ -46,6 +46,7 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTH = struct.Struct(">I")
 MAX_COMMAND = 8 << 20
+RECV_SIZE = 64 << 10  # under malloc's mmap threshold: recv(n) allocates n bytes each call
 MAX_REPLY = 28 << 20
 FLUSH_INTERVAL_S = 0.1
 FLUSH_LINGER_S = 2.0  # the agent kills a kernel whose message is over 30 MiB
@@ -84,28 +85,26 @@ class AgentLink:
         self.sock = socket.socket(fileno=fd)
         self.sock.set_inheritable(False)
         self.sock.setblocking(True)
+        self.buf = bytearray()
 
     def recv(self) -> dict | None:
-        header = self._exact(LENGTH.size)
-        if header is None:
-            return None
-        (length,) = LENGTH.unpack(header)
-        if length > MAX_COMMAND:
-            raise SystemExit(f"kernel: command of {length} bytes from the agent")
-        body = self._exact(length)
-        if body is None:
-            return None
-        return json.loads(body)
-
-    def _exact(self, n: int) -> bytes | None:
-        parts = []
-        while n:
-            data = self.sock.recv(min(n, 1 << 20))
+        """The next message; None when the agent went away. One recv() usually brings a
+        whole message (each syscall counts under TCG)."""
+        buf = self.buf
+        while True:
+            if len(buf) >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(buf)
+                if length > MAX_COMMAND:
+                    raise SystemExit(f"kernel: command of {length} bytes from the agent")
+                end = LENGTH.size + length
+                if len(buf) >= end:
+                    body = bytes(buf[LENGTH.size : end])
+                    del buf[:end]
+                    return json.loads(body)
+            data = self.sock.recv(RECV_SIZE)
             if not data:
                 return None
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
+            buf += data
 
     def send(self, message: dict | bytes) -> None:
         body = message if isinstance(message, bytes) else encode(message)
