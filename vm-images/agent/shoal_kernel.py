@@ -602,6 +602,23 @@ def warm_up(shell) -> None:
     RICH.reset(0)
 
 
+def warm_paths(shell) -> None:
+    """Run the paths of a typical small cell once, on throwaway inputs: parse and compile, run,
+    format a value for the result, encode the reply. A restored snapshot has the interpreter's
+    state but not QEMU's translations of its code, so without this the session's first cell
+    that returns a value costs ~20 ms more than the next ones. Nothing the user sees changes:
+    no execution count, history, `_` or variable."""
+    try:
+        compiled = _compile_fresh(shell, "w = 1\nw += 1\nw", "<shoal-warm-up>")
+        if compiled is not None:
+            exec(compiled[0], {})
+        reply = {"result": shell.display_formatter.format(12345)[0], "outputs": []}
+        shell.display_formatter.format("text")
+        encode_reply({**reply, "error": None, "op": "done", "status": "ok"})
+    except Exception:  # a warm-up must never cost the session
+        pass
+
+
 def reseed(seed: bytes) -> None:
     """New seeds for the generators a restored snapshot would otherwise share with its siblings."""
     import random
@@ -659,5 +676,6 @@ def main() -> None:
             if shell.exit_now:
                 _flush_std()
                 os._exit(0)
-        elif op == "reseed":
+        elif op == "reseed":  # right after a snapshot restore
             reseed(base64.b64decode(message.get("seed", "")))
+            warm_paths(shell)
