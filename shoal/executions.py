@@ -148,9 +148,8 @@ def finish(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s
     commands (the caller executes it with its own)."""
     record["finished_at"] = time.time()
     done = keys.execution_done(record["id"])
-    body = json.dumps(record)
     pipe = r if isinstance(r, redis.client.Pipeline) else r.pipeline()
-    pipe.set(keys.execution(record["id"]), body, ex=ttl_s)
+    body = save(pipe, record, ttl_s)
     pipe.rpush(done, body if len(body) <= INLINE_DONE_BYTES else "1")
     pipe.expire(done, 600)
     pipe.zrem(keys.session_executions(record["session_id"]), record["id"])

@@ -42,9 +42,14 @@ def create_key(r: redis.Redis, tenant: str) -> tuple[str, str]:
     return key_id, api_key
 
 
+def _well_formed(api_key: str) -> bool:
+    """A key of ours can be looked up; anything else is refused without a Redis call."""
+    return api_key.startswith(KEY_PREFIX) and len(api_key) <= 200
+
+
 def authenticate(r: redis.Redis, api_key: str) -> str | None:
     """The tenant owning `api_key`, or None."""
-    if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
+    if not _well_formed(api_key):
         return None
     return r.hget(keys.api_key(hash_key(api_key)), "tenant")
 
@@ -54,7 +59,7 @@ def authenticate_reading(
 ) -> tuple[str | None, dict[str, str]]:
     """authenticate() and the hash at `key` in one round trip (the request's session, read
     before its owner is known: the caller checks the owner before using it)."""
-    if not api_key.startswith(KEY_PREFIX) or len(api_key) > 200:
+    if not _well_formed(api_key):
         return None, {}
     pipe = r.pipeline(transaction=False)
     pipe.hget(keys.api_key(hash_key(api_key)), "tenant")

@@ -257,11 +257,16 @@ class HostRuntime:
     def _finish_cancelled(self, record: dict[str, Any]) -> None:
         record["status"] = executions.CANCELLED
         record["cancel_requested"] = True
-        pipe = self.r.pipeline()
-        executions.finish(pipe, record, self.settings.execution_ttl_s)
-        pipe.hset(keys.session(record["session_id"]), "done_seq", record["seq"])
+        pipe = self.r.pipeline(transaction=False)
+        self._end_turn(pipe, record)
         pipe.execute()
         self._notify(record)
+
+    def _end_turn(self, pipe: Any, record: dict[str, Any]) -> None:
+        """Queue on `pipe`: the final record (which wakes its waiter) and the session's turn
+        passed on. One connection keeps them in order, so no MULTI/EXEC is needed."""
+        executions.finish(pipe, record, self.settings.execution_ttl_s)
+        pipe.hset(keys.session(record["session_id"]), "done_seq", record["seq"])
 
     def _notify(self, record: dict[str, Any]) -> None:
         """Queue the execution's webhook (shoal/webhooks.py) when it asked for one."""
@@ -300,11 +305,8 @@ class HostRuntime:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
         # One round trip: the final record, the waiter's wake-up, the turn, idle clock, metrics.
-        # In order on one connection, so the waiter woken by the push finds the record stored;
-        # no MULTI/EXEC needed.
         pipe = self.r.pipeline(transaction=False)
-        executions.finish(pipe, record, ttl)
-        pipe.hset(keys.session(session_id), "done_seq", record["seq"])
+        self._end_turn(pipe, record)
         sessions.touch(pipe, session_id, pool.cooldown_s)
         metrics.incr(pipe, "shoal_executions_total", pool=pool.name, status=record["status"])
         seconds = record["finished_at"] - record["started_at"]

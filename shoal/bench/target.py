@@ -123,9 +123,6 @@ def external(url: str, key: str, home: str) -> Target:
     return Target(url.rstrip("/"), key, settings, False)
 
 
-healthz = healthz_at  # the same check `shoal up` waits on
-
-
 def templates_of(report: dict) -> dict[str, dict]:
     found = {}
     for worker in report.get("workers", {}).values():
@@ -138,7 +135,7 @@ def wait_ready(url: str, progress, timeout_s: float = TEMPLATE_TIMEOUT_S) -> dic
     deadline = time.monotonic() + timeout_s
     said = 0.0
     while True:
-        status, report = healthz(url)
+        status, report = healthz_at(url)  # the same check `shoal up` waits on
         states = {v.get("state") for v in templates_of(report).values()}
         if status == 200 and "ready" in states:
             return report

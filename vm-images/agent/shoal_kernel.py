@@ -43,6 +43,8 @@ import threading
 import time
 import types
 
+from traitlets import All  # IPython's own dependency; it reads nothing from the environment
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTH = struct.Struct(">I")
 MAX_COMMAND = 8 << 20
@@ -560,8 +562,6 @@ def _set_quietly(obj, **values) -> None:
 
 def _unwatched(obj, name: str) -> bool:
     """The trait has a value already and no observer or cross-validator (traitlets 5)."""
-    from traitlets import All
-
     store = getattr(obj, "_trait_values", None)
     notifiers = getattr(obj, "_trait_notifiers", None)
     validators = getattr(obj, "_trait_validators", None)
@@ -612,9 +612,9 @@ def warm_paths(shell) -> None:
         compiled = _compile_fresh(shell, "w = 1\nw += 1\nw", "<shoal-warm-up>")
         if compiled is not None:
             exec(compiled[0], {})
-        reply = {"result": shell.display_formatter.format(12345)[0], "outputs": []}
         shell.display_formatter.format("text")
-        encode_reply({**reply, "error": None, "op": "done", "status": "ok"})
+        result = shell.display_formatter.format(12345)[0]
+        encode_reply({"op": "done", "status": "ok", "result": result, "outputs": [], "error": None})
     except Exception:  # a warm-up must never cost the session
         pass
 
