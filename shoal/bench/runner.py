@@ -31,6 +31,7 @@ from shoal.bench import (
 )
 from shoal.bench.core import Bench, BenchError, Result, Scenario
 from shoal.settings import REPO_ROOT, Settings
+from shoal.stack import healthz_at
 
 # Run order: the peers first (on an idle machine, like the warm loops right after them); the
 # worker-log `restore` scenario after the scenarios that make sessions.
@@ -128,7 +129,7 @@ def main(settings: Settings, args) -> int:
             for r in produced:
                 progress(f"  {r.name}: {_one_line(r)}")
             progress(f"  ({time.monotonic() - started:.1f} s)")
-        meta["templates_at_end"] = ready_templates(target.healthz(tgt.url)[1])
+        meta["templates_at_end"] = ready_templates(healthz_at(tgt.url)[1])
         if meta["templates_at_end"] != meta["templates_at_start"]:
             meta["warning"] = (
                 "the snapshot template changed during the run (the guest image was rebuilt?): "
