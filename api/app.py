@@ -7,10 +7,8 @@ import logging
 from flask import Flask
 
 from api import dynamic_sessions, errors, health, v1_batches, v1_files, v1_pools, v1_sessions
-from api.context import Context
-from shoal import redis_conn
+from shoal.context import make_context
 from shoal.settings import Settings, load
-from workers.celery_app import make_celery
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -26,12 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
         MAX_CONTENT_LENGTH=settings.max_upload_bytes + (1 << 20),
     )
-    app.extensions["shoal"] = Context(
-        settings=settings,
-        redis=redis_conn.client(settings),
-        redis_bin=redis_conn.binary_client(settings),
-        celery=make_celery(settings),
-    )
+    app.extensions["shoal"] = make_context(settings)
     api = errors.ShoalApi(app)
     errors.register(app)
     app.register_blueprint(health.blp)

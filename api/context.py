@@ -1,22 +1,10 @@
-"""What every request needs, built once per app: settings, a Redis client, the Celery app."""
+"""The request's view of the core's Context (shoal/context.py), built once per app."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import redis
-from celery import Celery
 from flask import current_app
 
-from shoal.settings import Settings
-
-
-@dataclass
-class Context:
-    settings: Settings
-    redis: redis.Redis
-    redis_bin: redis.Redis  # bytes in and out, for file chunks
-    celery: Celery
+from shoal.context import Context
 
 
 def ctx() -> Context:

@@ -14,15 +14,18 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.wrappers import Request
 
 from api import dynamic_shapes as shapes
-from api import operations
 from api.auth import require_tenant
 from api.context import ctx
 from api.schemas import code_problem
 from api.v1_files import capped_chunks, check_part
-from pool.pools import get_pool
 from shoal import executions, sessions
 from shoal.errors import PayloadTooLarge, ValidationFailed
+from shoal.pools import get_pool
 from shoal.protocol import DEFAULT_MAX_OUTPUT
+from shoal.use_cases import executions as execution_cases
+from shoal.use_cases import files as file_cases
+from shoal.use_cases import pools as pool_cases
+from shoal.use_cases import sessions as session_cases
 
 blp = Blueprint("dynamic_sessions", __name__, url_prefix="/pools/<pool>")
 blp.before_request(require_tenant)
@@ -52,7 +55,7 @@ def _api_version() -> str:
 
 
 def _session(pool: str, create: bool = True) -> dict:
-    return operations.session_for_identifier(ctx(), g.tenant, pool, _identifier(), create)
+    return session_cases.session_for_identifier(ctx(), g.tenant, pool, _identifier(), create)
 
 
 def _body() -> dict:
@@ -97,12 +100,11 @@ def _execution_params(body: dict, code_names: tuple[str, ...]) -> dict:
 
 def _run(entry: dict, params: dict, wait: bool) -> dict:
     c = ctx()
-    record = operations.submit_execution(
+    record = execution_cases.submit_execution(
         c, entry, params, request.headers.get("Idempotency-Key", "")
     )
     if wait and record["status"] not in executions.FINAL:
-        margin = c.settings.interrupt_grace_s + 30
-        record = operations.wait_execution(c, record, record["timeout_s"] + margin)
+        record = execution_cases.wait_execution(c, record)
     return record
 
 
@@ -205,7 +207,7 @@ def _upload(pool: str) -> dict:
     name = upload.filename.removeprefix("/mnt/data/").strip("/")
     folder = _dir_param()
     target = f"{folder}/{name}" if folder else name
-    return operations.upload_file(ctx(), entry, target, capped_chunks(upload.stream, limit))
+    return file_cases.upload_file(ctx(), entry, target, capped_chunks(upload.stream, limit))
 
 
 @blp.post("/files/upload")
@@ -222,7 +224,7 @@ def upload(pool: str):
 @blp.get("/files")
 def list_files(pool: str):
     recursive = request.args.get("recursive", "").lower() == "true"
-    answer = operations.file_op(
+    answer = file_cases.file_op(
         ctx(), _session(pool), "list", path=_dir_param(), recursive=recursive
     )
     if shapes.is_legacy(_api_version()):
@@ -237,7 +239,7 @@ def _file_path(name: str) -> str:
 
 
 def _download(pool: str, name: str) -> Response:
-    info, chunks = operations.download_file(ctx(), _session(pool), _file_path(name))
+    info, chunks = file_cases.download_file(ctx(), _session(pool), _file_path(name))
     response = Response(stream_with_context(chunks), mimetype="application/octet-stream")
     response.headers["Content-Length"] = str(info["size"])
     return response
@@ -255,13 +257,13 @@ def download(pool: str, name: str):
 
 @blp.get("/files/<path:name>")
 def stat_file(pool: str, name: str):
-    answer = operations.file_op(ctx(), _session(pool), "stat", path=_file_path(name))
+    answer = file_cases.file_op(ctx(), _session(pool), "stat", path=_file_path(name))
     return jsonify(shapes.current_file(answer["file"]))
 
 
 @blp.delete("/files/<path:name>")
 def delete_file(pool: str, name: str):
-    operations.file_op(ctx(), _session(pool), "delete", path=_file_path(name))
+    file_cases.file_op(ctx(), _session(pool), "delete", path=_file_path(name))
     return "", 204
 
 
@@ -273,7 +275,7 @@ def get_session(pool: str):
 
 @blp.delete("/session")
 def delete_session(pool: str):
-    operations.delete_session(ctx(), _session(pool, create=False))
+    session_cases.delete_session(ctx(), _session(pool, create=False))
     return "", 204
 
 
@@ -301,7 +303,7 @@ def list_sessions(pool: str):
 
 @blp.get("/metadata")
 def metadata(pool: str):
-    return jsonify(operations.pool_metadata(ctx(), pool))
+    return jsonify(pool_cases.pool_metadata(ctx(), pool))
 
 
 @blp.post("/.management/getSession")
@@ -311,7 +313,7 @@ def management_get_session(pool: str):
 
 @blp.post("/.management/stopSession")
 def management_stop_session(pool: str):
-    operations.delete_session(ctx(), _session(pool, create=False))
+    session_cases.delete_session(ctx(), _session(pool, create=False))
     return "", 204
 
 

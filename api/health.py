@@ -8,7 +8,7 @@ import redis
 from flask import Blueprint, Response, jsonify
 
 from api.context import ctx
-from shoal import keys, liveness, metrics
+from shoal import hosts, keys, metrics
 
 blp = Blueprint("health", __name__)
 
@@ -23,7 +23,7 @@ def health_report() -> tuple[dict, bool]:
         report["redis"]["error"] = str(exc)
         return report, False
     down: list[str] = []
-    for host, beat in liveness.heartbeats(c.redis).items():
+    for host, beat in hosts.heartbeats(c.redis).items():
         if beat is None:
             report["workers"][host] = {"up": False}
             down.append(f"worker {host}")

@@ -10,7 +10,7 @@ from api.auth import require_tenant
 from api.context import ctx
 from api.schemas import StrictSchema, check_callback_url
 from shoal import batches
-from workers import batch_runner
+from shoal.use_cases import batches as batch_cases
 
 blp = Blueprint("v1_batches", __name__, url_prefix="/v1", description="Batches")
 blp.before_request(require_tenant)
@@ -75,7 +75,7 @@ class BatchOut(Schema):
 @blp.response(202, BatchOut)
 def create_batch(body: dict):
     c = ctx()
-    meta = batch_runner.submit(c, g.tenant, **body)
+    meta = batch_cases.submit_batch(c, g.tenant, **body)
     location = url_for("v1_batches.get_batch", batch_id=meta["id"])
     return batches.view(c.redis, meta), 202, {"Location": location}
 
@@ -93,5 +93,5 @@ def get_batch(query: dict, batch_id: str):
 def cancel_batch(batch_id: str):
     c = ctx()
     meta = batches.get_for_tenant(c.redis, g.tenant, batch_id)
-    batch_runner.cancel(c, meta)
+    batch_cases.cancel_batch(c, meta)
     return batches.view(c.redis, meta)

@@ -9,12 +9,12 @@ from flask import Response, request, stream_with_context
 from flask_smorest import Blueprint
 from marshmallow import Schema, fields
 
-from api import operations
 from api.auth import require_tenant, tenant_session
 from api.context import ctx
 from shoal.errors import PayloadTooLarge, ValidationFailed
 from shoal.protocol import FILE_CHUNK
 from shoal.timeutil import iso
+from shoal.use_cases import files as file_cases
 
 blp = Blueprint("v1_files", __name__, url_prefix="/v1", description="Files in /mnt/data")
 blp.before_request(require_tenant)
@@ -82,7 +82,7 @@ def check_part(upload) -> None:
 @blp.arguments(ListQuery, location="query")
 @blp.response(200, FileList)
 def list_files(query: dict, session_id: str):
-    answer = operations.file_op(ctx(), tenant_session(session_id), "list", **query)
+    answer = file_cases.file_op(ctx(), tenant_session(session_id), "list", **query)
     return {"files": [file_view(f) for f in answer["files"]]}
 
 
@@ -93,7 +93,7 @@ def put_file(session_id: str, path: str):
     entry = tenant_session(session_id)
     _check_length(request.content_length)
     chunks = capped_chunks(request.stream, ctx().settings.max_upload_bytes)
-    return file_view(operations.upload_file(ctx(), entry, path, chunks))
+    return file_view(file_cases.upload_file(ctx(), entry, path, chunks))
 
 
 @blp.post("/sessions/<session_id>/files")
@@ -111,13 +111,13 @@ def post_file(session_id: str):
     name = upload.filename.rsplit("/", 1)[-1]
     target = f"{folder}/{name}" if folder else name
     chunks = capped_chunks(upload.stream, ctx().settings.max_upload_bytes)
-    return file_view(operations.upload_file(ctx(), entry, target, chunks))
+    return file_view(file_cases.upload_file(ctx(), entry, target, chunks))
 
 
 @blp.get("/sessions/<session_id>/files/<path:path>")
 def get_file(session_id: str, path: str):
     """Download a file, streamed from the guest."""
-    info, chunks = operations.download_file(ctx(), tenant_session(session_id), path)
+    info, chunks = file_cases.download_file(ctx(), tenant_session(session_id), path)
     response = Response(stream_with_context(chunks), mimetype="application/octet-stream")
     response.headers["Content-Length"] = str(info["size"])
     response.headers["Content-Disposition"] = f'attachment; filename="{info["name"]}"'
@@ -127,4 +127,4 @@ def get_file(session_id: str, path: str):
 @blp.delete("/sessions/<session_id>/files/<path:path>")
 @blp.response(204)
 def delete_file(session_id: str, path: str):
-    operations.file_op(ctx(), tenant_session(session_id), "delete", path=path)
+    file_cases.file_op(ctx(), tenant_session(session_id), "delete", path=path)

@@ -8,8 +8,8 @@ from marshmallow import Schema, fields
 
 from api.auth import require_tenant
 from api.context import ctx
-from pool.pools import Pool, all_pools, get_pool
-from shoal import liveness, sessions
+from shoal import hosts, sessions
+from shoal.pools import Pool, all_pools, get_pool
 
 blp = Blueprint("v1_pools", __name__, url_prefix="/v1", description="Pools and usage")
 blp.before_request(require_tenant)
@@ -62,14 +62,14 @@ def pool_view(pool: Pool, beats: dict) -> dict:
 @blp.get("/pools")
 @blp.response(200, PoolList)
 def list_pools():
-    beats = liveness.live_hosts(ctx().redis)
+    beats = hosts.live_hosts(ctx().redis)
     return {"pools": [pool_view(p, beats) for p in all_pools(ctx().settings).values()]}
 
 
 @blp.get("/pools/<name>")
 @blp.response(200, PoolOut)
 def get_pool_view(name: str):
-    return pool_view(get_pool(ctx().settings, name), liveness.live_hosts(ctx().redis))
+    return pool_view(get_pool(ctx().settings, name), hosts.live_hosts(ctx().redis))
 
 
 @blp.get("/usage")

@@ -5,26 +5,23 @@ from __future__ import annotations
 from flask import g, request, url_for
 from flask_smorest import Blueprint
 
-from api import operations
 from api.auth import require_json_body, require_tenant, tenant_session
 from api.context import ctx
 from api.schemas import ExecutionCreate, ExecutionOut, SessionCreate, SessionList, SessionOut
 from shoal import executions, sessions, webhooks
+from shoal.use_cases import executions as execution_cases
+from shoal.use_cases import sessions as session_cases
 
 blp = Blueprint("v1_sessions", __name__, url_prefix="/v1", description="Sessions and executions")
 blp.before_request(require_tenant)
 blp.before_request(require_json_body)
-
-# Extra time a synchronous request waits beyond the execution's own timeout: queueing, the
-# interrupt grace and the VM kill that may follow.
-WAIT_MARGIN_S = 30
 
 
 @blp.post("/sessions")
 @blp.arguments(SessionCreate)
 @blp.response(201, SessionOut)
 def create_session(body: dict):
-    entry = operations.create_session(ctx(), g.tenant, body["pool"])
+    entry = session_cases.create_session(ctx(), g.tenant, body["pool"])
     return sessions.public_view(entry)
 
 
@@ -48,7 +45,7 @@ def get_session(session_id: str):
 @blp.response(204)
 def delete_session(session_id: str):
     entry = tenant_session(session_id)
-    operations.delete_session(ctx(), entry)
+    session_cases.delete_session(ctx(), entry)
 
 
 @blp.post("/sessions/<session_id>/executions")
@@ -60,11 +57,11 @@ def create_execution(body: dict, session_id: str):
     entry = tenant_session(session_id)
     if body["timeout_s"] is None:
         body["timeout_s"] = c.settings.default_timeout_s
-    record = operations.submit_execution(c, entry, body, request.headers.get("Idempotency-Key", ""))
+    record = execution_cases.submit_execution(
+        c, entry, body, request.headers.get("Idempotency-Key", "")
+    )
     if body["wait"] and record["status"] not in executions.FINAL:
-        record = operations.wait_execution(
-            c, record, record["timeout_s"] + c.settings.interrupt_grace_s + WAIT_MARGIN_S
-        )
+        record = execution_cases.wait_execution(c, record)
     view = webhooks.execution_view(c.redis, record)
     if record["status"] in executions.FINAL:
         return view
@@ -84,4 +81,4 @@ def get_execution(execution_id: str):
 def cancel_execution(execution_id: str):
     c = ctx()
     record = executions.get_for_tenant(c.redis, g.tenant, execution_id)
-    return webhooks.execution_view(c.redis, operations.cancel_execution(c, record))
+    return webhooks.execution_view(c.redis, execution_cases.cancel_execution(c, record))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pool.pools import Pool
+from shoal.pools import Pool
 
 log = logging.getLogger("shoal.pool")
 
@@ -112,11 +112,3 @@ class ReadyVMs:
             state.last_error = ""
             state.ready.append(vm_id)
         log.info("pool=%s vm=%s ready", pool.name, vm_id)
-
-    def drain(self) -> list[str]:
-        """Forget every ready VM (for shutdown); the caller destroys them."""
-        with self._lock:
-            ids = [vm_id for s in self._pools.values() for vm_id in s.ready]
-            for s in self._pools.values():
-                s.ready.clear()
-            return ids

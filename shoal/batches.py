@@ -41,10 +41,7 @@ MAX_COLLECT_BYTES = 10 << 20  # per item: collected files live in Redis with the
 DEFAULT_MAX_OUTPUT = 4096
 
 PENDING, RUNNING, INVALID, ERROR = "pending", "running", "invalid", "error"
-ITEM_FINAL = executions.FINAL | {INVALID, ERROR}
 BATCH_RUNNING, COMPLETED, CANCELLED = "running", "completed", "cancelled"
-QUEUE = "shoal.batches"
-TASK = "shoal.run_batch"
 
 ITEM_KEYS = {"code", "language", "timeout_s", "max_output", "files", "collect", "session_id"}
 

@@ -15,6 +15,7 @@ import redis
 
 from shoal import keys
 from shoal.errors import ExecutionNotFound
+from shoal.records import ExecutionRecord, SessionEntry
 from shoal.timeutil import iso
 
 QUEUED, RUNNING = "queued", "running"
@@ -48,8 +49,8 @@ def new_id() -> str:
 
 
 def new_record(
-    session: dict[str, str], code: str, language: str, timeout_s: int, max_output: int, seq: int
-) -> dict[str, Any]:
+    session: SessionEntry, code: str, language: str, timeout_s: int, max_output: int, seq: int
+) -> ExecutionRecord:
     return {
         "id": new_id(),
         "session_id": session["id"],
@@ -78,7 +79,7 @@ def new_record(
     }
 
 
-def save(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> str:
+def save(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_s: int) -> str:
     """Store the record; return the JSON stored."""
     body = json.dumps(record)
     r.set(keys.execution(record["id"]), body, ex=ttl_s)
@@ -93,26 +94,26 @@ return 1
 """
 
 
-def mark_running(r: redis.Redis, record: dict[str, Any], ttl_s: int) -> bool:
+def mark_running(r: redis.Redis, record: ExecutionRecord, ttl_s: int) -> bool:
     """Store the (running) record in one round trip; False, storing nothing, when the
     execution was cancelled before it started."""
     keys_ = [keys.execution(record["id"]), keys.execution_cancel(record["id"])]
     return bool(r.eval(_MARK_RUNNING, 2, *keys_, json.dumps(record), int(ttl_s)))
 
 
-def load(r: redis.Redis, execution_id: str) -> dict[str, Any] | None:
+def load(r: redis.Redis, execution_id: str) -> ExecutionRecord | None:
     raw = r.get(keys.execution(execution_id))
     return json.loads(raw) if raw else None
 
 
-def get_for_tenant(r: redis.Redis, tenant: str, execution_id: str) -> dict[str, Any]:
+def get_for_tenant(r: redis.Redis, tenant: str, execution_id: str) -> ExecutionRecord:
     record = load(r, execution_id) if execution_id.startswith("exe_") else None
     if record is None or record["tenant"] != tenant:
         raise ExecutionNotFound(f"no execution {execution_id!r}")
     return record
 
 
-def apply_agent_result(record: dict[str, Any], answer: dict[str, Any]) -> None:
+def apply_agent_result(record: ExecutionRecord, answer: dict[str, Any]) -> None:
     """Copy an agent's execute answer into the record and set the final status."""
     for name in RESULT_FIELDS:
         if name in answer:
@@ -122,6 +123,17 @@ def apply_agent_result(record: dict[str, Any], answer: dict[str, Any]) -> None:
         status = TIMED_OUT
     record["status"] = status
     record["duration_ms"] = answer.get("duration_ms")
+
+
+def fail_internal(record: ExecutionRecord, what: str, host: str) -> None:
+    """End the record `failed` for an error of Shoal's own (not of the user's code)."""
+    record["status"] = FAILED
+    record["error"] = {
+        "name": "InternalError",
+        "value": f"Shoal failed to run this execution on host {host}: {what}",
+        "traceback": "",
+    }
+    record["stderr"] = f"InternalError: {record['error']['value']}"
 
 
 def guest_phases(answer: dict[str, Any]) -> dict[str, float] | None:
@@ -143,7 +155,7 @@ def guest_phases(answer: dict[str, Any]) -> dict[str, float] | None:
 INLINE_DONE_BYTES = 64 << 10
 
 
-def finish(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s: int) -> None:
+def finish(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_s: int) -> None:
     """Store the final record and wake whoever waits for it. Given a pipeline, only queue the
     commands (the caller executes it with its own)."""
     record["finished_at"] = time.time()
@@ -157,7 +169,7 @@ def finish(r: redis.Redis | redis.client.Pipeline, record: dict[str, Any], ttl_s
         pipe.execute()
 
 
-def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> dict[str, Any] | None:
+def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> ExecutionRecord | None:
     """Block until the execution ends or `timeout_s` passes; its final record when it ended."""
     done = keys.execution_done(execution_id)
     popped = r.blpop([done], timeout=max(timeout_s, 0.01))
@@ -172,7 +184,7 @@ def wait_done(r: redis.Redis, execution_id: str, timeout_s: float) -> dict[str, 
     return load(r, execution_id)
 
 
-def public_view(record: dict[str, Any]) -> dict[str, Any]:
+def public_view(record: ExecutionRecord) -> dict[str, Any]:
     """The execution object of the native API."""
 
     def stamp(value: float | None) -> str | None:

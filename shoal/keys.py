@@ -88,11 +88,6 @@ def transfer(transfer_id: str) -> str:
     return f"{PREFIX}:xfer:{transfer_id}"
 
 
-def transfer_status(transfer_id: str) -> str:
-    """List: the final status of a transfer, pushed by the side that finished it."""
-    return f"{PREFIX}:xfer:{transfer_id}:status"
-
-
 def host_heartbeat(host: str) -> str:
     """String (JSON, with a TTL): a worker host's last heartbeat and its libvirt state."""
     return f"{PREFIX}:heartbeat:{host}"

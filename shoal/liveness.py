@@ -7,28 +7,14 @@ unfinished executions end `lost`, so polling never shows `running` forever.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 import redis
 
 from shoal import executions, keys, metrics, sessions
+from shoal.hosts import heartbeats
 
 log = logging.getLogger("shoal.liveness")
-
-
-def heartbeats(r: redis.Redis) -> dict[str, dict[str, Any] | None]:
-    """Every registered host and its last heartbeat (None when it has gone silent)."""
-    hosts = sorted(r.smembers(keys.hosts()))
-    if not hosts:
-        return {}
-    raw = r.mget([keys.host_heartbeat(h) for h in hosts])
-    return {h: (json.loads(v) if v else None) for h, v in zip(hosts, raw, strict=True)}
-
-
-def live_hosts(r: redis.Redis) -> dict[str, dict[str, Any]]:
-    return {h: beat for h, beat in heartbeats(r).items() if beat is not None}
 
 
 def check_hosts(r: redis.Redis, ttl_s: int = 86400) -> list[str]:

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import redis
 
-from shoal import liveness
+from shoal import hosts
 from shoal.keys import PREFIX
 
 COUNTERS = f"{PREFIX}:metrics:counters"
@@ -54,14 +54,14 @@ def render(r: redis.Redis) -> str:
         "# HELP shoal_vms VMs per pool and host, by state (ready, busy).",
         "# TYPE shoal_vms gauge",
     ]
-    for host, beat in sorted(liveness.live_hosts(r).items()):
+    for host, beat in sorted(hosts.live_hosts(r).items()):
         for pool, counts in sorted(beat.get("pools", {}).items()):
             for state in ("ready", "busy"):
                 labels = {"host": host, "pool": pool, "state": state}
                 lines.append(_line("shoal_vms", labels, counts.get(state, 0)))
     lines.append("# HELP shoal_host_up 1 while the host's heartbeat is fresh.")
     lines.append("# TYPE shoal_host_up gauge")
-    for host, beat in sorted(liveness.heartbeats(r).items()):
+    for host, beat in sorted(hosts.heartbeats(r).items()):
         lines.append(_line("shoal_host_up", {"host": host}, 0 if beat is None else 1))
     counters = sorted((json.loads(k), float(v)) for k, v in r.hgetall(COUNTERS).items())
     seen = set()

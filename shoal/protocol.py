@@ -53,22 +53,6 @@ OP_FILE_STAT = "file_stat"
 OP_FILE_DELETE = "file_delete"
 OP_CHUNK = "chunk"
 OP_PREPARE_SNAPSHOT = "prepare_snapshot"  # before a template is saved: sync, drop caches
-OPS = frozenset(
-    {
-        OP_HELLO,
-        OP_PING,
-        OP_EXECUTE,
-        OP_INTERRUPT,
-        OP_RESEED,
-        OP_FILE_PUT,
-        OP_FILE_GET,
-        OP_FILE_LIST,
-        OP_FILE_STAT,
-        OP_FILE_DELETE,
-        OP_CHUNK,
-        OP_PREPARE_SNAPSHOT,
-    }
-)
 
 # Error codes the agent answers with.
 E_BAD_FRAME = "bad_frame"
@@ -121,6 +105,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         message = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame body is not JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the decoder's stack allows
+        raise ProtocolError("frame body is nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame body is not a JSON object")
     return message

@@ -13,9 +13,10 @@ from typing import Any
 
 import redis
 
-from pool.pools import Pool
 from shoal import keys
 from shoal.errors import SessionExpired, SessionNotFound
+from shoal.pools import Pool
+from shoal.records import SessionEntry
 from shoal.timeutil import iso
 
 CREATING, ACTIVE, LOST, EXPIRED, DELETED = "creating", "active", "lost", "expired", "deleted"
@@ -29,9 +30,9 @@ def new_id() -> str:
 
 def create(
     r: redis.Redis, tenant: str, pool: Pool, host: str, identifier: str = ""
-) -> dict[str, str]:
+) -> SessionEntry:
     now = time.time()
-    entry = {
+    entry: SessionEntry = {
         "id": new_id(),
         "tenant": tenant,
         "pool": pool.name,
@@ -54,18 +55,18 @@ def create(
     return entry
 
 
-def load(r: redis.Redis, session_id: str) -> dict[str, str] | None:
+def load(r: redis.Redis, session_id: str) -> SessionEntry | None:
     entry = r.hgetall(keys.session(session_id))
     return entry or None
 
 
-def get_for_tenant(r: redis.Redis, tenant: str, session_id: str) -> dict[str, str]:
+def get_for_tenant(r: redis.Redis, tenant: str, session_id: str) -> SessionEntry:
     """The live session `session_id` of `tenant`; another tenant's id is simply not found."""
     entry = load(r, session_id) if session_id.startswith("ses_") else None
     return owned_by(tenant, session_id, entry)
 
 
-def owned_by(tenant: str, session_id: str, entry: dict[str, str] | None) -> dict[str, str]:
+def owned_by(tenant: str, session_id: str, entry: SessionEntry | None) -> SessionEntry:
     """`entry` (the registry hash of `session_id`, None when absent) if it is a live session
     of `tenant`; the same errors as get_for_tenant otherwise."""
     if entry is None or entry["tenant"] != tenant:
@@ -77,7 +78,7 @@ def owned_by(tenant: str, session_id: str, entry: dict[str, str] | None) -> dict
     return entry
 
 
-def list_for_tenant(r: redis.Redis, tenant: str) -> list[dict[str, str]]:
+def list_for_tenant(r: redis.Redis, tenant: str) -> list[SessionEntry]:
     ids = sorted(r.smembers(keys.tenant_sessions(tenant)))
     pipe = r.pipeline()
     for session_id in ids:
@@ -111,7 +112,7 @@ def due_for_expiry(r: redis.Redis, now: float, limit: int = 500) -> list[str]:
     return sorted(set(idle) | set(old))
 
 
-def end(r: redis.Redis, entry: dict[str, str], state: str) -> None:
+def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
     """Leave a tombstone (`expired` or `deleted`) and drop the session from every index."""
     session_id = entry["id"]
     if r.hget(keys.session(session_id), "state") not in LIVE_STATES:
@@ -153,7 +154,7 @@ def host_session_ids(r: redis.Redis, host: str) -> set[str]:
     return set(r.smembers(keys.host_sessions(host)))
 
 
-def public_view(entry: dict[str, str]) -> dict[str, Any]:
+def public_view(entry: SessionEntry) -> dict[str, Any]:
     """The session object of the native API."""
     last_used = float(entry["last_used_at"])
     view: dict[str, Any] = {

@@ -52,9 +52,6 @@ class Settings:
     data_disk_mib: int = field(default=1024, metadata={"doc": "/mnt/data size"})
     tmp_mib: int = field(default=256, metadata={"doc": "/tmp size in the guest"})
     tb_cache_mib: int = field(default=64, metadata={"doc": "TCG translation cache per VM"})
-    console_log_max_bytes: int = field(
-        default=1 << 20, metadata={"doc": "cap on a VM's console log"}
-    )
     agent_ready_timeout_s: float = field(
         default=120.0, metadata={"doc": "boot or restore to agent ready"}
     )

@@ -36,15 +36,13 @@ from urllib.parse import urlsplit
 
 import redis
 
-from shoal import executions, keys, secrets_box
+from shoal import executions, keys, queue, secrets_box
 from shoal.errors import ValidationFailed
 from shoal.settings import Settings
 from shoal.timeutil import iso
 
 log = logging.getLogger("shoal.webhooks")
 
-QUEUE = "shoal.webhooks"
-TASK = "shoal.deliver_webhook"
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32  # Standard Webhooks asks for 24 to 64
 MAX_URL = 2048
@@ -209,7 +207,7 @@ def schedule(
     }
     if not r.set(keys.webhook_delivery(owner_id), json.dumps(delivery), ex=ttl_s, nx=True):
         return  # already scheduled: an owner has one callback
-    celery.send_task(TASK, args=[owner_id], queue=QUEUE)
+    queue.DELIVER_WEBHOOK.send(celery, owner_id=owner_id)
 
 
 def schedule_for_execution(r: redis.Redis, celery, record: dict[str, Any], ttl_s: int) -> None:
@@ -332,4 +330,4 @@ def deliver(settings: Settings, r: redis.Redis, celery, owner_id: str) -> None:
         delivery["status"],
     )
     if delivery["status"] == PENDING:
-        celery.send_task(TASK, args=[owner_id], queue=QUEUE, countdown=delay)
+        queue.DELIVER_WEBHOOK.send(celery, owner_id=owner_id, countdown=delay)

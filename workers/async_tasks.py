@@ -3,7 +3,7 @@
 They run in their own worker processes (workers/async_app.py, started by `shoal up` as the
 `webhooks` and `batches` components), never in a host's worker: a slow receiver or a long batch
 never takes a thread that an execution needs. Thin wrappers around shoal/webhooks.py and
-workers/batch_runner.py.
+workers/batch_runner.py, registered under the names declared in shoal/queue.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from functools import lru_cache
 from celery import shared_task
 from celery.signals import worker_ready
 
-from api.context import Context
-from shoal import batches, webhooks
+from shoal import queue, webhooks
+from shoal.celery_app import celery_for
+from shoal.context import Context, make_context
 from shoal.settings import load
 from workers import batch_runner
 
@@ -27,17 +28,18 @@ BATCH_WORKER_PREFIX = "batches-"
 
 @lru_cache(maxsize=1)
 def _context() -> Context:
-    return batch_runner.context(load())
+    settings = load()
+    return make_context(settings, celery_for(settings))
 
 
-@shared_task(name=webhooks.TASK)
-def deliver_webhook(owner_id: str) -> None:
+@shared_task(name=queue.DELIVER_WEBHOOK.name)
+def deliver_webhook(*, owner_id: str) -> None:
     c = _context()
     webhooks.deliver(c.settings, c.redis, c.celery, owner_id)
 
 
-@shared_task(name=batches.TASK)
-def run_batch(batch_id: str) -> None:
+@shared_task(name=queue.RUN_BATCH.name)
+def run_batch(*, batch_id: str) -> None:
     batch_runner.BatchRunner(_context(), batch_id).run()
 
 

@@ -1,7 +1,7 @@
 """Runs a batch: one coordinator per batch, on the batch worker (queue `shoal.batches`).
 
 The coordinator is a plain Celery task that drives the batch's items through the same
-operations the API uses (api/operations.py): create a session, upload the item's files, submit
+use cases the API calls (shoal/use_cases/): create a session, upload the item's files, submit
 the execution, wait for it, collect output files, delete the session. So an item is exactly
 what a client would do by hand, and every rule the API enforces (pool caps, tenant caps, the
 host's one-execution-at-a-time slot, the liveness check) applies to batch items too.
@@ -24,38 +24,21 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from api import operations
-from api.context import Context
-from pool.pools import get_pool
-from shoal import batches, executions, keys, redis_conn, sessions, tenants, webhooks
+from shoal import batches, executions, keys, queue, sessions, tenants, webhooks
+from shoal.context import Context
 from shoal.errors import NoHostAvailable, PoolExhausted, ShoalError, TenantSessionLimit
 from shoal.protocol import FILE_CHUNK
-from shoal.settings import Settings
-from workers.celery_app import celery_for
+from shoal.records import BatchItem, SessionEntry
+from shoal.use_cases import executions as execution_cases
+from shoal.use_cases import files as file_cases
+from shoal.use_cases import sessions as session_cases
 
 log = logging.getLogger("shoal.batches")
 
 LEASE_S = 30
 LEASE_RENEW_S = 5
 CAP_POLL_S = 0.25  # how often an item waiting for a free session slot looks again
-# Beyond the execution's own timeout: queueing on the host, the interrupt grace, a VM kill.
-WAIT_MARGIN_S = 30
-
-
-def context(settings: Settings) -> Context:
-    """What api/app.py builds per app, built here per worker process."""
-    return Context(
-        settings=settings,
-        redis=redis_conn.client(settings),
-        redis_bin=redis_conn.binary_client(settings),
-        celery=celery_for(settings),
-    )
-
-
-def enqueue(celery, batch_id: str) -> None:
-    celery.send_task(batches.TASK, args=[batch_id], queue=batches.QUEUE)
 
 
 def resume_orphans(c: Context) -> list[str]:
@@ -68,7 +51,7 @@ def resume_orphans(c: Context) -> list[str]:
             continue
         if meta.get("started_at") and not c.redis.exists(keys.batch_lease(batch_id)):
             log.warning("batch=%s its coordinator stopped; resuming it", batch_id)
-            enqueue(c.celery, batch_id)
+            queue.RUN_BATCH.send(c.celery, batch_id=batch_id)
             resumed.append(batch_id)
     return resumed
 
@@ -139,13 +122,13 @@ class BatchRunner:
                 item["execution"] = executions.public_view(record)
             else:
                 if record:
-                    operations.cancel_execution(self.c, record)
+                    execution_cases.cancel_execution(self.c, record)
                 item["status"] = executions.LOST
                 item["error"] = "the batch worker stopped while this item ran; it was not rerun"
             if item.get("own_session"):
                 entry = sessions.load(self.r, item["own_session"])
                 if entry:
-                    operations.delete_session(self.c, entry)
+                    session_cases.delete_session(self.c, entry)
             batches.save_item(self.r, self.batch_id, item)
 
     def _cancelled(self) -> bool:
@@ -182,17 +165,16 @@ class BatchRunner:
             for name, content in spec["files"].items():
                 data = base64.b64decode(content)
                 chunks = (data[i : i + FILE_CHUNK] for i in range(0, len(data), FILE_CHUNK))
-                operations.upload_file(c, entry, name, chunks)
+                file_cases.upload_file(c, entry, name, chunks)
             if self._cancelled():
                 return self._end(item, executions.CANCELLED)
             params = {k: spec[k] for k in ("code", "language", "timeout_s", "max_output")}
-            record = operations.submit_execution(c, entry, params)
+            record = execution_cases.submit_execution(c, entry, params)
             item["execution_id"] = record["id"]
             batches.save_item(r, self.batch_id, item)
             if self._cancelled():  # a cancel that came before the execution id was saved
-                operations.cancel_execution(c, record)
-            wait_s = record["timeout_s"] + c.settings.interrupt_grace_s + WAIT_MARGIN_S
-            record = operations.wait_execution(c, record, wait_s)
+                execution_cases.cancel_execution(c, record)
+            record = execution_cases.wait_execution(c, record)
             item["execution"] = executions.public_view(record)
             if spec["collect"] and record["status"] != executions.LOST:
                 item["files"], item["error"] = self._collect(entry, spec["collect"])
@@ -202,15 +184,15 @@ class BatchRunner:
             self._end(item, status, exc.message)
         finally:
             if own and entry is not None:
-                operations.delete_session(c, entry)
+                session_cases.delete_session(c, entry)
 
-    def _end(self, item: dict[str, Any], status: str, error: str | None = None) -> None:
+    def _end(self, item: BatchItem, status: str, error: str | None = None) -> None:
         item["status"] = status
         if error:
             item["error"] = error
         batches.save_item(self.r, self.batch_id, item)
 
-    def _new_session(self) -> dict | None:
+    def _new_session(self) -> SessionEntry | None:
         """A fresh session from the batch's pool once the tenant (and the pool) have room;
         None if the batch is cancelled while waiting."""
         tenant, pool = self.meta["tenant"], self.meta["pool"]
@@ -223,7 +205,7 @@ class BatchRunner:
                     self._creating += 1
             if room:
                 try:
-                    return operations.create_session(self.c, tenant, pool)
+                    return session_cases.create_session(self.c, tenant, pool)
                 except (TenantSessionLimit, PoolExhausted, NoHostAvailable):
                     pass  # another client took the room first; wait for the next
                 finally:
@@ -232,10 +214,12 @@ class BatchRunner:
             time.sleep(CAP_POLL_S)
         return None
 
-    def _collect(self, entry: dict, patterns: list[str]) -> tuple[dict[str, str], str | None]:
+    def _collect(
+        self, entry: SessionEntry, patterns: list[str]
+    ) -> tuple[dict[str, str], str | None]:
         """Files under /mnt/data matching `patterns`, base64; matched on the host against the
         guest's listing (plain strings: the host never opens a guest path)."""
-        listing = operations.file_op(self.c, entry, "list", path="", recursive=True)["files"]
+        listing = file_cases.file_op(self.c, entry, "list", path="", recursive=True)["files"]
         wanted = [
             f for f in listing if f["type"] == "file" and batches.matches(f["path"], patterns)
         ]
@@ -246,7 +230,7 @@ class BatchRunner:
             if len(files) >= batches.MAX_COLLECT_FILES or f["size"] > budget:
                 skipped.append(f["path"])
                 continue
-            _, chunks = operations.download_file(self.c, entry, f["path"])
+            _, chunks = file_cases.download_file(self.c, entry, f["path"])
             data = b"".join(chunks)
             budget -= len(data)
             files[f["path"]] = base64.b64encode(data).decode()
@@ -257,31 +241,3 @@ class BatchRunner:
                 f"files, {batches.MAX_COLLECT_BYTES} bytes per item): {skipped[:5]}"
             )
         return files, note
-
-
-# --- what the API asks of batches --------------------------------------------------------------
-def submit(
-    c: Context,
-    tenant: str,
-    pool: str,
-    items: list,
-    max_parallel: int,
-    callback_url: str | None = None,
-) -> dict[str, str]:
-    """Store the batch and queue its coordinator; return the batch's hash."""
-    get_pool(c.settings, pool)
-    meta = batches.create(c.settings, c.redis, tenant, pool, items, max_parallel, callback_url)
-    enqueue(c.celery, meta["id"])
-    return meta
-
-
-def cancel(c: Context, meta: dict[str, str]) -> None:
-    """Cancel what has not finished: pending items end when the runner reaches them, running
-    executions are interrupted (they end `cancelled`)."""
-    batches.request_cancel(c.redis, meta, c.settings.execution_ttl_s)
-    for item in batches.load_items(c.redis, meta["id"]).values():
-        if item["status"] != batches.RUNNING or not item.get("execution_id"):
-            continue
-        record = executions.load(c.redis, item["execution_id"])
-        if record is not None:
-            operations.cancel_execution(c, record)

@@ -19,7 +19,8 @@ import time
 from celery.beat import PersistentScheduler
 
 from pool import expiry
-from shoal import keys, liveness, redis_conn
+from shoal import hosts, keys, liveness, queue
+from shoal.context import make_context
 from shoal.settings import load
 
 log = logging.getLogger("shoal.beat")
@@ -38,7 +39,8 @@ class ShoalScheduler(PersistentScheduler):
     def setup_schedule(self) -> None:
         super().setup_schedule()
         self._settings = load()
-        self._redis = redis_conn.client(self._settings)
+        self._context = make_context(self._settings, self.app)
+        self._redis = self._context.redis
         self._token = secrets.token_hex(8)
         self._last_housekeeping = 0.0
 
@@ -63,10 +65,8 @@ class ShoalScheduler(PersistentScheduler):
     def housekeeping(self) -> None:
         try:
             liveness.check_hosts(self._redis, self._settings.execution_ttl_s)
-            expiry.expire_idle(self._redis, self.app)
-            for host in liveness.live_hosts(self._redis):
-                self.app.send_task(
-                    "shoal.replenish", queue=keys.host_queue(host), expires=HOUSEKEEPING_S
-                )
+            expiry.expire_idle(self._context)
+            for host in hosts.live_hosts(self._redis):
+                queue.REPLENISH.send(self.app, host=host, expires_s=HOUSEKEEPING_S)
         except Exception:
             log.exception("housekeeping failed; trying again in %.0f s", HOUSEKEEPING_S)

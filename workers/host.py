@@ -2,6 +2,11 @@
 
 Celery tasks (workers/tasks.py) are thin wrappers around the methods here. The runtime is made
 once per worker process, after the fork, so its libvirt connection and agent sockets are its own.
+Pools arrive by name and are read from this host's own configuration (shoal/pools.py).
+
+A session's VM is declared lost in one place, `mark_session_lost`: its registry entry says why
+and the VM is destroyed. Whatever goes wrong in an execution, its record ends in a final status
+and the session's turn passes on (`_run`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import threading
 import time
 from typing import Any
 
-from pool.pools import Pool, all_pools
+import redis
+
 from pool.ready import ReadyVMs, new_vm_id
 from shoal import (
     executions,
@@ -25,10 +31,12 @@ from shoal import (
     transfers,
     webhooks,
 )
+from shoal.celery_app import celery_for
 from shoal.errors import SessionLost, ShoalError, from_agent
+from shoal.pools import Pool, all_pools, get_pool
+from shoal.records import ExecutionRecord, Heartbeat
 from shoal.settings import Settings
 from workers.agent_client import AgentClientError, AgentError
-from workers.celery_app import celery_for
 from workers.session_slots import SlotTable
 from workers.vm import VMManager, VMSpec
 from workers.vm_errors import AgentRefused, VMError, VMLost
@@ -47,12 +55,20 @@ def spec_for(pool: Pool) -> VMSpec:
 
 
 class HostRuntime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        r: redis.Redis | None = None,
+        rb: redis.Redis | None = None,
+        vms: VMManager | None = None,
+    ) -> None:
+        """Redis clients and the VM manager are made from `settings` unless given (tests)."""
         self.settings = settings
         self.host = settings.host_name
-        self.r = redis_conn.client(settings)
-        self.rb = redis_conn.binary_client(settings)
-        self.vms = VMManager(settings)
+        self.r = r or redis_conn.client(settings)
+        self.rb = rb or redis_conn.binary_client(settings)
+        self.vms = vms or VMManager(settings)
         self.slots = SlotTable()
         self.session_vm: dict[str, str] = {}  # session id -> the id its VM has in self.vms
         self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel)
@@ -114,7 +130,7 @@ class HostRuntime:
         for entry in live.values():
             counts = pools.setdefault(entry["pool"], {"ready": 0, "starting": 0, "busy": 0})
             counts["busy"] += 1
-        status = {
+        status: Heartbeat = {
             "host": self.host,
             "at": time.time(),
             "started_at": self.started_at,
@@ -181,8 +197,22 @@ class HostRuntime:
         self.ready.replenish(p for p in all_pools(self.settings).values() if p.ready_target > 0)
 
     # --- sessions ----------------------------------------------------------------------------
-    def create_session(self, session_id: str, pool: Pool) -> None:
-        """Give the session a ready VM when the pool has one, else restore one on demand."""
+    def create_session(self, session_id: str, pool_name: str, reply_key: str) -> None:
+        """Give the session a VM and answer its creator on `reply_key`; a failure marks the
+        session lost and says why."""
+        try:
+            self._give_vm(session_id, get_pool(self.settings, pool_name))
+            replies.send(self.r, reply_key, {"ok": True})
+        except ShoalError as exc:
+            replies.send_error(self.r, reply_key, exc)
+        except Exception as exc:
+            log.exception("session=%s host=%s creating the VM failed", session_id, self.host)
+            self.mark_session_lost(session_id, f"creating its VM failed: {exc}")
+            error = ShoalError(f"creating the session's VM failed: {exc}")
+            replies.send_error(self.r, reply_key, error)
+
+    def _give_vm(self, session_id: str, pool: Pool) -> None:
+        """A ready VM when the pool has one, else one restored on demand."""
         started = time.monotonic()
         vm_id = self.ready.take(pool.name)
         warm = vm_id is not None
@@ -236,17 +266,18 @@ class HostRuntime:
         return vm
 
     # --- executions --------------------------------------------------------------------------
-    def execute(self, execution_id: str, pool: Pool, record_json: str = "") -> None:
+    def execute(self, execution_id: str, pool_name: str, record_json: str) -> None:
         """Run an execution in its turn. The task carries the record as the API stored it
-        (status queued); an older message without it has it read from Redis."""
-        record = json.loads(record_json) if record_json else executions.load(self.r, execution_id)
-        if record is None or record.get("id") != execution_id:
+        (status queued), so the worker need not read it back."""
+        record: ExecutionRecord = json.loads(record_json)
+        if record.get("id") != execution_id:
+            log.error("execution=%s host=%s task carries another record", execution_id, self.host)
             return
-        record["received_at"] = time.time()  # for the latency breakdown in scripts/bench
+        record["timings"] = {"received_at": time.time()}  # for scripts/bench's breakdown
         session_id = record["session_id"]
         slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         with slot.turn(record["seq"], execution_id):
-            self._run(record, pool)
+            self._run(record, pool_name)
 
     def _done_seq(self, session_id: str) -> int:
         return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
@@ -254,7 +285,7 @@ class HostRuntime:
     def _cancel_requested(self, execution_id: str) -> bool:
         return bool(self.r.exists(keys.execution_cancel(execution_id)))
 
-    def _finish_cancelled(self, record: dict[str, Any]) -> None:
+    def _finish_cancelled(self, record: ExecutionRecord) -> None:
         record["status"] = executions.CANCELLED
         record["cancel_requested"] = True
         pipe = self.r.pipeline(transaction=False)
@@ -262,35 +293,52 @@ class HostRuntime:
         pipe.execute()
         self._notify(record)
 
-    def _end_turn(self, pipe: Any, record: dict[str, Any]) -> None:
+    def _end_turn(self, pipe: Any, record: ExecutionRecord) -> None:
         """Queue on `pipe`: the final record (which wakes its waiter) and the session's turn
         passed on. One connection keeps them in order, so no MULTI/EXEC is needed."""
         executions.finish(pipe, record, self.settings.execution_ttl_s)
         pipe.hset(keys.session(record["session_id"]), "done_seq", record["seq"])
 
-    def _notify(self, record: dict[str, Any]) -> None:
+    def _notify(self, record: ExecutionRecord) -> None:
         """Queue the execution's webhook (shoal/webhooks.py) when it asked for one."""
         if record.get("callback_url"):
             webhooks.schedule_for_execution(
                 self.r, celery_for(self.settings), record, self.settings.execution_ttl_s
             )
 
-    def _run(self, record: dict[str, Any], pool: Pool) -> None:
-        ttl = self.settings.execution_ttl_s
-        queued = dict(record)
+    def _run(self, record: ExecutionRecord, pool_name: str) -> None:
+        """Run the execution and end its record, whatever happens on the way: an error of the
+        host's own ends it `failed` (InternalError), a guest that breaks the protocol ends it
+        `lost` with its VM. Either way the session's turn passes on and its idle clock runs."""
+        queued: ExecutionRecord = dict(record)  # type: ignore[assignment]
         record["status"] = executions.RUNNING
         record["started_at"] = time.time()
-        if not executions.mark_running(self.r, record, ttl):
-            self._finish_cancelled(queued)  # a cancel came first: it never runs
-            return
-        session_id = record["session_id"]
         try:
-            vm = self._vm(session_id, pool)
+            pool = get_pool(self.settings, pool_name)
+            if not executions.mark_running(self.r, record, self.settings.execution_ttl_s):
+                self._finish_cancelled(queued)  # a cancel came first: it never runs
+                return
+            self._run_in_vm(record, pool)
+        except Exception as exc:
+            log.exception(
+                "session=%s execution=%s host=%s failed on the host",
+                record["session_id"],
+                record["id"],
+                self.host,
+            )
+            executions.fail_internal(record, f"{type(exc).__name__}: {exc}", self.host)
+        self._finish(record, pool_name)
+
+    def _run_in_vm(self, record: ExecutionRecord, pool: Pool) -> None:
+        """Send the code to the session's VM and copy the answer into the record."""
+        try:
+            vm = self._vm(record["session_id"], pool)
             answer = vm.execute(
                 record["code"], record["language"], record["timeout_s"], record["max_output"]
             )
-            record["answered_at"] = time.time()
-            record["guest_phases"] = executions.guest_phases(answer)
+            timings = record["timings"]
+            timings["answered_at"] = time.time()
+            timings["guest"] = executions.guest_phases(answer)
             if answer.get("status") == "interrupted":
                 record["cancel_requested"] = self._cancel_requested(record["id"])
             executions.apply_agent_result(record, answer)
@@ -299,20 +347,35 @@ class HostRuntime:
             record["stderr"] = f"The session refused the execution: {exc}"
         except (VMLost, SessionLost) as exc:
             self._lose(record, str(exc))
+        except AgentClientError as exc:
+            self._lose(record, f"its agent broke the protocol: {exc}")
         except VMError as exc:
             self._lose(record, f"the VM failed: {exc}")
         except ShoalError as exc:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
-        # One round trip: the final record, the waiter's wake-up, the turn, idle clock, metrics.
-        pipe = self.r.pipeline(transaction=False)
-        self._end_turn(pipe, record)
-        sessions.touch(pipe, session_id, pool.cooldown_s)
-        metrics.incr(pipe, "shoal_executions_total", pool=pool.name, status=record["status"])
-        seconds = record["finished_at"] - record["started_at"]
-        metrics.observe(pipe, "shoal_execution_seconds", seconds, pool=pool.name)
-        pipe.execute()
-        self._notify(record)
+
+    def _finish(self, record: ExecutionRecord, pool_name: str) -> None:
+        """One round trip: the final record, the waiter's wake-up, the turn, the idle clock
+        and the metrics; then the webhook, if one was asked for."""
+        session_id = record["session_id"]
+        cooldown_s = self._cooldown_s(pool_name)
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            self._end_turn(pipe, record)
+            sessions.touch(pipe, session_id, cooldown_s)
+            metrics.incr(pipe, "shoal_executions_total", pool=pool_name, status=record["status"])
+            seconds = record["finished_at"] - record["started_at"]
+            metrics.observe(pipe, "shoal_execution_seconds", seconds, pool=pool_name)
+            pipe.execute()
+            self._notify(record)
+        except Exception:
+            log.exception(
+                "session=%s execution=%s host=%s storing the final record failed",
+                session_id,
+                record["id"],
+                self.host,
+            )
         log.info(
             "session=%s execution=%s host=%s status=%s duration_ms=%s",
             session_id,
@@ -322,7 +385,13 @@ class HostRuntime:
             record["duration_ms"],
         )
 
-    def _lose(self, record: dict[str, Any], reason: str) -> None:
+    def _cooldown_s(self, pool_name: str) -> int:
+        try:
+            return get_pool(self.settings, pool_name).cooldown_s
+        except ShoalError:  # a pool this host does not know: the default's cooldown
+            return self.settings.cooldown_s
+
+    def _lose(self, record: ExecutionRecord, reason: str) -> None:
         record["status"] = executions.LOST
         record["stderr"] = f"The session was lost: {reason}"
         self.mark_session_lost(record["session_id"], reason)
@@ -342,9 +411,10 @@ class HostRuntime:
             self._finish_cancelled(record)
 
     # --- files -------------------------------------------------------------------------------
-    def file_op(self, session_id: str, op: str, args: dict, reply_key: str, pool: Pool) -> None:
+    def file_op(self, session_id: str, op: str, args: dict, reply_key: str, pool_name: str) -> None:
         """list / stat / delete, answered on `reply_key`."""
-        self._reply(reply_key, lambda vm: self._FILE_OPS[op](vm.agent, **args), session_id, pool)
+        action = lambda vm: self._FILE_OPS[op](vm.agent, **args)  # noqa: E731
+        self._reply(reply_key, action, session_id, pool_name)
 
     _FILE_OPS = {
         "list": lambda agent, path="", recursive=False: {
@@ -355,17 +425,17 @@ class HostRuntime:
     }
 
     def put_file(
-        self, session_id: str, transfer_id: str, path: str, reply_key: str, pool: Pool
+        self, session_id: str, transfer_id: str, path: str, reply_key: str, pool_name: str
     ) -> None:
         """Stream a transfer's chunks into the guest file `path`."""
 
         def put(vm) -> dict:
             return {"file": vm.agent.put_file(path, transfers.consume(self.rb, transfer_id))}
 
-        self._reply(reply_key, put, session_id, pool)
+        self._reply(reply_key, put, session_id, pool_name)
 
     def get_file(
-        self, session_id: str, transfer_id: str, path: str, reply_key: str, pool: Pool
+        self, session_id: str, transfer_id: str, path: str, reply_key: str, pool_name: str
     ) -> None:
         """Answer with the file's stat on `reply_key`, then stream its bytes into the transfer."""
 
@@ -377,11 +447,12 @@ class HostRuntime:
             transfers.produce(self.rb, transfer_id, vm.agent.get_file(path))
             return {}
 
-        self._reply(reply_key, get, session_id, pool, reply_on_success=False)
+        self._reply(reply_key, get, session_id, pool_name, reply_on_success=False)
 
-    def _reply(self, reply_key, action, session_id, pool, reply_on_success=True) -> None:
+    def _reply(self, reply_key, action, session_id, pool_name, reply_on_success=True) -> None:
         slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         try:
+            pool = get_pool(self.settings, pool_name)
             with slot.turn():
                 result = action(self._vm(session_id, pool))
             if reply_on_success:
@@ -403,3 +474,6 @@ class HostRuntime:
         except (VMLost, VMError) as exc:
             self.mark_session_lost(session_id, str(exc))
             replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))
+        except Exception as exc:  # the host's own fault: the waiting request hears it at once
+            log.exception("session=%s host=%s file operation failed", session_id, self.host)
+            replies.send_error(self.r, reply_key, ShoalError(f"{type(exc).__name__}: {exc}"))

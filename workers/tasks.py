@@ -1,23 +1,22 @@
-"""Celery tasks: thin wrappers that call the host runtime or the housekeeping functions.
+"""Celery tasks of the host worker: thin wrappers that call the host runtime.
 
-Signatures take ids and plain dicts, never objects. The runtime is created once per worker
-process when the worker is ready (after any fork), with its own libvirt connection.
+Each task is declared once, with its name, queue and arguments, in shoal/queue.py; this module
+registers the implementations under those names. Arguments are ids and names, never objects: a
+pool arrives as its name and is read from this host's own configuration. The runtime is created
+once per worker process when the worker is ready (after any fork), with its own libvirt
+connection.
 """
 
 from __future__ import annotations
 
-import logging
-
 from celery import shared_task
 from celery.signals import worker_ready, worker_shutting_down
 
-from pool.pools import Pool, get_pool
-from shoal import replies
-from shoal.errors import ShoalError
+from shoal import queue
+from shoal.pools import get_pool
 from shoal.settings import load
 from workers.host import HostRuntime, spec_for
 
-log = logging.getLogger("shoal.tasks")
 _runtime: HostRuntime | None = None
 
 
@@ -40,50 +39,45 @@ def _stop_runtime(**_: object) -> None:
         _runtime.stop()
 
 
-@shared_task(name="shoal.create_session")
-def create_session(session_id: str, pool: dict, reply_key: str) -> None:
-    rt = runtime()
-    try:
-        rt.create_session(session_id, Pool(**pool))
-        replies.send(rt.r, reply_key, {"ok": True})
-    except ShoalError as exc:
-        replies.send_error(rt.r, reply_key, exc)
-    except Exception as exc:
-        log.exception("session=%s creating the VM failed", session_id)
-        rt.mark_session_lost(session_id, f"creating its VM failed: {exc}")
-        replies.send_error(rt.r, reply_key, ShoalError(f"creating the session's VM failed: {exc}"))
+@shared_task(name=queue.CREATE_SESSION.name)
+def create_session(*, session_id: str, pool_name: str, reply_key: str) -> None:
+    runtime().create_session(session_id, pool_name, reply_key)
 
 
-@shared_task(name="shoal.execute")
-def execute(execution_id: str, pool: dict, record_json: str = "") -> None:
-    runtime().execute(execution_id, Pool(**pool), record_json)
+@shared_task(name=queue.EXECUTE.name)
+def execute(*, execution_id: str, pool_name: str, record_json: str) -> None:
+    runtime().execute(execution_id, pool_name, record_json)
 
 
-@shared_task(name="shoal.cancel")
-def cancel(execution_id: str) -> None:
+@shared_task(name=queue.CANCEL.name)
+def cancel(*, execution_id: str) -> None:
     runtime().cancel(execution_id)
 
 
-@shared_task(name="shoal.destroy_session")
-def destroy_session(session_id: str) -> None:
+@shared_task(name=queue.DESTROY_SESSION.name)
+def destroy_session(*, session_id: str) -> None:
     runtime().destroy_session(session_id)
 
 
-@shared_task(name="shoal.file_op")
-def file_op(session_id: str, op: str, args: dict, reply_key: str, pool: dict) -> None:
-    runtime().file_op(session_id, op, args, reply_key, Pool(**pool))
+@shared_task(name=queue.FILE_OP.name)
+def file_op(*, session_id: str, op: str, args: dict, reply_key: str, pool_name: str) -> None:
+    runtime().file_op(session_id, op, args, reply_key, pool_name)
 
 
-@shared_task(name="shoal.put_file")
-def put_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
-    runtime().put_file(session_id, transfer_id, path, reply_key, Pool(**pool))
+@shared_task(name=queue.PUT_FILE.name)
+def put_file(
+    *, session_id: str, transfer_id: str, path: str, reply_key: str, pool_name: str
+) -> None:
+    runtime().put_file(session_id, transfer_id, path, reply_key, pool_name)
 
 
-@shared_task(name="shoal.get_file")
-def get_file(session_id: str, transfer_id: str, path: str, reply_key: str, pool: dict) -> None:
-    runtime().get_file(session_id, transfer_id, path, reply_key, Pool(**pool))
+@shared_task(name=queue.GET_FILE.name)
+def get_file(
+    *, session_id: str, transfer_id: str, path: str, reply_key: str, pool_name: str
+) -> None:
+    runtime().get_file(session_id, transfer_id, path, reply_key, pool_name)
 
 
-@shared_task(name="shoal.replenish")
+@shared_task(name=queue.REPLENISH.name)
 def replenish() -> None:
     runtime().replenish()

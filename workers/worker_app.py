@@ -2,9 +2,9 @@
 
 import logging
 
+from shoal.celery_app import celery_for
 from shoal.settings import load
 from workers import tasks  # noqa: F401  (registers the tasks)
-from workers.celery_app import celery_for
 
 # Celery's "Task ... received" line is written by the consumer before it hands the task to a
 # pool thread, on every execution's path; the runtime logs each execution, session and file

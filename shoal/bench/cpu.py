@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Callable
 from typing import Any
 
-from shoal import processes
 from shoal.bench.density import cpu_seconds, qemu_pids
+from shoal.ops import processes
 
 
 def _children(pid: int) -> list[int]:

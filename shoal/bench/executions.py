@@ -35,9 +35,9 @@ def _epoch(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
-# Finer segments, when the worker stamps `received_at` (task picked up) and `answered_at`
-# (agent answered) in the stored record: `queue` then splits into the two first, and
-# `host_channel` into the two last.
+# Finer segments, when the worker stamps `timings.received_at` (task picked up) and
+# `timings.answered_at` (agent answered) in the stored record: `queue` then splits into the
+# two first, and `host_channel` into the two last.
 FINER = (
     ("celery", "record made -> worker task received (API's Redis writes, publish, broker)"),
     ("worker_wait", "task received -> started (record load, the session's turn)"),
@@ -62,16 +62,17 @@ def breakdown(
     parts: dict[str, list[float]] = {name: [] for name, _ in every}
     for _ms, record, sent, received in rows:
         stored = (raw or {}).get(record["id"], {})
-        if stored.get("received_at") and stored.get("answered_at"):
-            parts["celery"].append((stored["received_at"] - stored["created_at"]) * 1000)
-            parts["worker_wait"].append((stored["started_at"] - stored["received_at"]) * 1000)
+        timings = stored.get("timings") or {}
+        if timings.get("received_at") and timings.get("answered_at"):
+            received_at, answered_at = timings["received_at"], timings["answered_at"]
+            parts["celery"].append((received_at - stored["created_at"]) * 1000)
+            parts["worker_wait"].append((stored["started_at"] - received_at) * 1000)
             parts["channel"].append(
-                (stored["answered_at"] - stored["started_at"]) * 1000
-                - float(record["duration_ms"] or 0.0)
+                (answered_at - stored["started_at"]) * 1000 - float(record["duration_ms"] or 0.0)
             )
-            parts["finish"].append((stored["finished_at"] - stored["answered_at"]) * 1000)
+            parts["finish"].append((stored["finished_at"] - answered_at) * 1000)
         for name, _ in GUEST_PHASES:
-            value = (stored.get("guest_phases") or {}).get(name)
+            value = (timings.get("guest") or {}).get(name)
             if isinstance(value, int | float):
                 parts[name].append(float(value))
         created = _epoch(record["created_at"])

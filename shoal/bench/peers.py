@@ -24,7 +24,7 @@ from urllib.parse import urlparse, urlunparse
 import requests
 
 from shoal.bench.core import Bench, BenchError, Result, Scenario, timed_loop
-from shoal.stack import free_port
+from shoal.ops.stack import free_port
 
 WARM_UP = 20
 START_TIMEOUT_S = 60

@@ -30,8 +30,8 @@ from shoal.bench import (
     vms,
 )
 from shoal.bench.core import Bench, BenchError, Result, Scenario
+from shoal.ops.stack import healthz_at
 from shoal.settings import REPO_ROOT, Settings
-from shoal.stack import healthz_at
 
 # Run order: the peers first (on an idle machine, like the warm loops right after them); the
 # worker-log `restore` scenario after the scenarios that make sessions.

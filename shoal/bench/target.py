@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.bench.core import BenchError
+from shoal.ops.stack import free_port, healthz_at
 from shoal.settings import REPO_ROOT, Settings, load
-from shoal.stack import free_port, healthz_at
 
 INSTANCE = "bench"
 HOST_NAME = "benchhost"
@@ -54,7 +54,7 @@ class Target:
         if not self.private or self.env is None:
             return ""
         down = subprocess.run(
-            [sys.executable, "-m", "shoal.cli", "down"],
+            [sys.executable, "-m", "shoal.ops.cli", "down"],
             env=self.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         if not keep_home:
@@ -97,7 +97,7 @@ def start_private(progress) -> Target:
     progress(f"starting a private Shoal (SHOAL_HOME={home}, port {port})")
     started = time.monotonic()
     up = subprocess.run(
-        [sys.executable, "-m", "shoal.cli", "up", "--detach"],
+        [sys.executable, "-m", "shoal.ops.cli", "up", "--detach"],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=UP_TIMEOUT_S,
     )  # fmt: skip
     target = Target(f"http://127.0.0.1:{port}", "", load(env), True, env, fd)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from shoal import processes
+from shoal.ops import processes
+from shoal.ops.stack import free_port
 from shoal.settings import load
-from shoal.stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-SHOAL = [sys.executable, "-m", "shoal.cli"]
+SHOAL = [sys.executable, "-m", "shoal.ops.cli"]
 
 
 @dataclass

@@ -19,7 +19,7 @@ def test_quick_warm_execution_scenario(stack, tmp_path):
     out = tmp_path / "results"
     run = subprocess.run(
         [
-            sys.executable, "-m", "shoal.cli", "bench", "--url", stack.url, "--key", stack.key,
+            sys.executable, "-m", "shoal.ops.cli", "bench", "--url", stack.url, "--key", stack.key,
             "--home", str(stack.home), "--quick", "--only", "warm_v1", "--calls", "10",
             "--out", str(out),
         ],

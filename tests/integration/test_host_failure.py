@@ -8,7 +8,7 @@ import time
 
 import requests
 
-from shoal import processes
+from shoal.ops import processes
 from shoal.settings import load
 from tests.integration.conftest import Stack
 

@@ -160,7 +160,7 @@ def test_only_one_beat_acts_and_another_takes_over(stack: Stack) -> None:
     try:
         time.sleep(6)
         assert r.get(keys.beat_lock()) == holder, "the second beat took the lease while held"
-        from shoal import processes
+        from shoal.ops import processes
 
         first = processes.running_pid(settings, "beat")
         subprocess.run(["kill", "-9", str(first)], check=True)

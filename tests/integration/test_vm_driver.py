@@ -26,7 +26,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from shoal import daemons, image
+from shoal import image
+from shoal.ops import daemons
 from shoal.settings import Settings
 from workers import domain as dom
 from workers.libvirt_conn import connection

@@ -6,8 +6,8 @@ import fakeredis
 import pytest
 
 from api.app import create_app
-from pool.pools import Pool
 from shoal import sessions, tenants
+from shoal.pools import Pool
 from shoal.settings import Settings
 
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from shoal import daemons
+from shoal.ops import daemons
 
 
 @pytest.fixture()

@@ -10,8 +10,8 @@ import fakeredis
 import pytest
 
 from api.app import create_app
-from pool.pools import get_pool
 from shoal import sessions, tenants
+from shoal.pools import get_pool
 from shoal.settings import Settings
 
 CAP = 2

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import redis
 
-from shoal import liveness
+from shoal import hosts
 from shoal.errors import NoHostAvailable
 
 
 def choose_host(r: redis.Redis, pool: str) -> str:
     live = {
         host: beat
-        for host, beat in liveness.live_hosts(r).items()
+        for host, beat in hosts.live_hosts(r).items()
         if beat.get("driver", {}).get("libvirt", {}).get("ok", False)
     }
     if not live:

@@ -16,10 +16,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shoal import daemons, processes, redis_conn, tenants, tls
+from shoal import queue, redis_conn, tenants
+from shoal.celery_app import CONTROL_QUEUE
 from shoal.keys import host_queue
+from shoal.ops import daemons, processes, tls
 from shoal.settings import Settings
-from workers.celery_app import CONTROL_QUEUE
 
 # stop order; start is reversed. `webhooks` and `batches` are Celery workers of their own
 # (workers/async_app.py, docs/async.md), so deliveries and batch coordinators never take a thread
@@ -97,9 +98,9 @@ def start_services(settings: Settings) -> None:
     gunicorn += ["--access-logfile", "-", "--error-logfile", "-"]
     asynchronous = [python, "-m", "celery", "-A", "workers.async_app", "worker", "-P", "threads"]
     asynchronous += ["-l", "INFO", "--without-gossip", "--without-mingle"]
-    batches = asynchronous + ["-Q", "shoal.batches", "-c", str(settings.batch_concurrency)]
+    batches = asynchronous + ["-Q", queue.BATCH_QUEUE, "-c", str(settings.batch_concurrency)]
     batches += ["-n", f"batches-{host}@{settings.instance_id}"]
-    webhooks = asynchronous + ["-Q", "shoal.webhooks", "-c", str(settings.webhook_concurrency)]
+    webhooks = asynchronous + ["-Q", queue.WEBHOOK_QUEUE, "-c", str(settings.webhook_concurrency)]
     webhooks += ["-n", f"webhooks-{host}@{settings.instance_id}"]
     plan = {
         "worker": worker,

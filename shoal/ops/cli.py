@@ -6,8 +6,9 @@ import argparse
 import logging
 import sys
 
-from shoal import redis_conn, stack, tenants
+from shoal import redis_conn, tenants
 from shoal.errors import ShoalError
+from shoal.ops import stack
 from shoal.settings import FIELDS, Settings, env_name, load
 
 
@@ -24,7 +25,7 @@ def _cmd_status(s: Settings, a: argparse.Namespace) -> int:
 
 
 def _cmd_daemons(s: Settings, a: argparse.Namespace) -> int:
-    from shoal import daemons
+    from shoal.ops import daemons
 
     print(f"shoal: virtlogd {daemons.ensure_virtlogd()}", flush=True)
     print(f"shoal: libvirtd {daemons.ensure_libvirtd()}", flush=True)

@@ -1,0 +1,104 @@
+"""Sessions: create one on a host, delete or expire it, and find the session behind a
+dynamic-sessions identifier."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from shoal import metrics, queue, replies, sessions, tenants
+from shoal.context import Context
+from shoal.errors import HostTimeout, PoolExhausted, SessionNotFound, TenantSessionLimit
+from shoal.keys import identifier as identifier_key
+from shoal.placement import choose_host
+from shoal.pools import get_pool
+from shoal.records import SessionEntry
+
+log = logging.getLogger("shoal.sessions")
+
+# A dynamic-sessions identifier's session is made under this lock; a crashed maker's lock lapses.
+IDENT_LOCK_S = 300
+IDENT_POLL_S = 0.05
+
+
+def create_session(c: Context, tenant: str, pool_name: str, identifier: str = "") -> SessionEntry:
+    """Place a new session on a host and wait until its VM is ready."""
+    pool = get_pool(c.settings, pool_name)
+    cap = tenants.max_sessions(c.redis, tenant, c.settings.tenant_max_sessions)
+    if sessions.count_for_tenant(c.redis, tenant) >= cap:
+        raise TenantSessionLimit(
+            f"tenant {tenant!r} already has {cap} live sessions "
+            "(SHOAL_TENANT_MAX_SESSIONS, or its own cap); delete one first"
+        )
+    if sessions.count_for_pool(c.redis, pool.name) >= pool.max_sessions:
+        raise PoolExhausted(
+            f"pool {pool.name!r} is at its limit of {pool.max_sessions} sessions (max_sessions)"
+        )
+    host = choose_host(c.redis, pool.name)
+    entry = sessions.create(c.redis, tenant, pool, host, identifier)
+    reply_key = replies.new_key()
+    timeout = queue.create_wait_s(c.settings)
+    queue.CREATE_SESSION.send(
+        c.celery,
+        host=host,
+        expires_s=timeout,
+        session_id=entry["id"],
+        pool_name=pool.name,
+        reply_key=reply_key,
+    )
+    try:
+        replies.wait(c.redis, reply_key, timeout)
+    except Exception:
+        sessions.end(c.redis, entry, sessions.DELETED)
+        raise
+    entry["state"] = sessions.ACTIVE
+    return entry
+
+
+def delete_session(c: Context, entry: SessionEntry) -> None:
+    """End the session now (a tombstone answers later requests) and free its VM."""
+    _end(c, entry, sessions.DELETED)
+
+
+def expire_session(c: Context, entry: SessionEntry) -> None:
+    """End a session that idled past its pool's cooldown. The tombstone comes first, so the
+    API answers SessionExpired at once; a crash before the host destroys the VM leaves a domain
+    that the host's reconcile destroys, since the registry no longer knows it."""
+    _end(c, entry, sessions.EXPIRED)
+    metrics.incr(c.redis, "shoal_session_expiries_total", pool=entry["pool"])
+    log.info("session=%s host=%s expired after idling", entry["id"], entry["host"])
+
+
+def _end(c: Context, entry: SessionEntry, state: str) -> None:
+    sessions.end(c.redis, entry, state)
+    queue.DESTROY_SESSION.send(c.celery, host=entry["host"], session_id=entry["id"])
+
+
+def session_for_identifier(
+    c: Context, tenant: str, pool_name: str, identifier: str, create: bool = True
+) -> SessionEntry:
+    """The live session behind `identifier` (per tenant and pool); made on first use, and made
+    afresh once the old one expired, was deleted or was lost."""
+    get_pool(c.settings, pool_name)
+    ident_key = identifier_key(tenant, pool_name, identifier)
+    deadline = time.monotonic() + queue.create_wait_s(c.settings)
+    while True:
+        session_id = c.redis.get(ident_key)
+        entry = sessions.load(c.redis, session_id) if session_id else None
+        if entry and entry["state"] in (sessions.ACTIVE, sessions.CREATING):
+            return entry
+        if not create:
+            raise SessionNotFound(f"no session with identifier {identifier!r}")
+        lock = ident_key + ":lock"
+        if c.redis.set(lock, "1", nx=True, ex=IDENT_LOCK_S):
+            try:
+                if entry is not None:
+                    delete_session(c, entry)
+                entry = create_session(c, tenant, pool_name, identifier)
+                c.redis.set(ident_key, entry["id"])
+                return entry
+            finally:
+                c.redis.delete(lock)
+        if time.monotonic() > deadline:
+            raise HostTimeout(f"the session for identifier {identifier!r} is still being made")
+        time.sleep(IDENT_POLL_S)

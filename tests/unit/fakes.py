@@ -1,0 +1,146 @@
+"""Stand-ins for the parts a unit test of Shoal's logic does not start: Redis is fakeredis, the
+Celery app records what is sent, the VM manager hands out scripted VMs.
+
+They exist for fast tests of the logic only; the integration suite runs the same paths on a real
+Redis, real Celery workers and real QEMU guests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+
+from shoal import sessions
+from shoal.context import Context
+from shoal.pools import get_pool
+from shoal.records import SessionEntry
+from shoal.settings import Settings
+
+HOST = "h1"
+
+
+@dataclass
+class SentTask:
+    name: str
+    kwargs: dict[str, Any]
+    queue: str
+    expires: float | None
+    countdown: float | None
+
+
+class RecordingCelery:
+    """Records every task sent instead of publishing it."""
+
+    def __init__(self) -> None:
+        self.sent: list[SentTask] = []
+
+    def send_task(self, name: str, *, kwargs: dict, queue: str, expires, countdown, **_: Any):
+        self.sent.append(SentTask(name, dict(kwargs), queue, expires, countdown))
+
+    def take(self, name: str) -> list[SentTask]:
+        """The tasks of that name sent so far, forgotten once taken."""
+        found = [t for t in self.sent if t.name == name]
+        self.sent = [t for t in self.sent if t.name != name]
+        return found
+
+
+@dataclass
+class FakeAgent:
+    interrupted: int = 0
+
+    def interrupt(self) -> None:
+        self.interrupted += 1
+
+
+@dataclass
+class FakeVM:
+    """A VM whose answers are scripted: each `execute` pops the next answer, or raises it."""
+
+    vm_id: str
+    answers: list[Any] = field(default_factory=list)
+    agent: FakeAgent = field(default_factory=FakeAgent)
+    ran: list[str] = field(default_factory=list)
+
+    def execute(self, code: str, language: str, timeout_s: float, max_output: int) -> dict:
+        self.ran.append(code)
+        answer = self.answers.pop(0) if self.answers else ok_answer()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+class FakeVMManager:
+    """Hands out FakeVMs; counts how often each was destroyed."""
+
+    def __init__(self) -> None:
+        self.vms: dict[str, FakeVM] = {}
+        self.destroyed: dict[str, int] = {}
+        self.create_error: BaseException | None = None
+
+    def create(self, vm_id: str, spec: Any) -> FakeVM:
+        if self.create_error is not None:
+            raise self.create_error
+        vm = self.vms[vm_id] = FakeVM(vm_id)
+        return vm
+
+    def get(self, vm_id: str) -> FakeVM | None:
+        return self.vms.get(vm_id)
+
+    def attach(self, vm_id: str, spec: Any) -> FakeVM | None:
+        return None
+
+    def destroy(self, vm_id: str) -> None:
+        self.destroyed[vm_id] = self.destroyed.get(vm_id, 0) + 1
+        self.vms.pop(vm_id, None)
+
+    def list_vms(self) -> list[FakeVM]:
+        return list(self.vms.values())
+
+    def status(self) -> dict:
+        return {"libvirt": {"ok": True}}
+
+    def ensure_template(self, spec: Any) -> None:
+        return None
+
+
+def ok_answer(result: str = "2", duration_ms: float = 1.0) -> dict:
+    return {
+        "status": "ok",
+        "stdout": "",
+        "stderr": "",
+        "result": {"text/plain": result},
+        "outputs": [],
+        "duration_ms": duration_ms,
+        "phases_ms": {"kernel": 0.5},
+    }
+
+
+def unit_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "redis_url": "redis://127.0.0.1:1/0",
+        "home": "/tmp/shoal-unit",
+        "host_name": HOST,
+    }
+    return Settings(**(base | overrides))
+
+
+def unit_context(settings: Settings | None = None, celery: Callable | None = None) -> Context:
+    """A Context on one fakeredis server (text and binary clients) and a recording Celery."""
+    server = fakeredis.FakeServer()
+    return Context(
+        settings=settings or unit_settings(),
+        redis=fakeredis.FakeRedis(server=server, decode_responses=True),
+        redis_bin=fakeredis.FakeRedis(server=server),
+        celery=celery or RecordingCelery(),  # type: ignore[arg-type]
+    )
+
+
+def live_session(c: Context, tenant: str = "t1", pool: str = "default") -> SessionEntry:
+    """A session registered on HOST and marked active, as its host would leave it."""
+    entry = sessions.create(c.redis, tenant, get_pool(c.settings, pool), HOST)
+    sessions.set_state(c.redis, entry["id"], sessions.ACTIVE)
+    entry["state"] = sessions.ACTIVE
+    return entry

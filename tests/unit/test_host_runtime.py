@@ -1,0 +1,152 @@
+"""The host runtime's execution path on fakeredis with scripted VMs: whatever goes wrong, the
+record ends in a final status that says what happened, the session's turn passes on, and the
+session still expires."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pool.expiry import expire_idle
+from shoal import executions, keys, queue, sessions
+from shoal.use_cases import executions as execution_cases
+from tests.unit.fakes import FakeVMManager, live_session, unit_context
+from workers.agent_client import AgentProtocolError
+from workers.host import HostRuntime
+from workers.vm_errors import VMLost
+
+
+@pytest.fixture()
+def c():
+    return unit_context()
+
+
+@pytest.fixture()
+def vms():
+    return FakeVMManager()
+
+
+@pytest.fixture()
+def runtime(c, vms):
+    return HostRuntime(c.settings, r=c.redis, rb=c.redis_bin, vms=vms)
+
+
+@pytest.fixture()
+def entry(c, vms, runtime):
+    """An active session whose VM is a scripted FakeVM."""
+    entry = live_session(c)
+    vm = vms.create("vm_1", None)
+    runtime.session_vm[entry["id"]] = vm.vm_id
+    c.redis.hset(keys.session(entry["id"]), "vm", vm.vm_id)
+    return entry
+
+
+def submit_and_run(c, runtime, entry, code: str = "1 + 1") -> dict:
+    """Submit through the use case, run the task the host would receive, return the record."""
+    params = {"code": code, "language": "python", "timeout_s": 5, "max_output": 1000}
+    record = execution_cases.submit_execution(c, entry, params)
+    (task,) = c.celery.take(queue.EXECUTE.name)
+    assert task.queue == keys.host_queue(entry["host"])
+    runtime.execute(**task.kwargs)
+    return executions.load(c.redis, record["id"])
+
+
+def test_an_execution_succeeds_and_passes_the_turn(c, runtime, vms, entry) -> None:
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.SUCCEEDED
+    assert record["result"] == {"text/plain": "2"}
+    assert set(record["timings"]) == {"received_at", "answered_at", "guest"}
+    assert "received_at" not in record and "guest_phases" not in record
+    assert c.redis.hget(keys.session(entry["id"]), "done_seq") == str(record["seq"])
+    assert executions.wait_done(c.redis, record["id"], 0.01)["status"] == executions.SUCCEEDED
+    assert not c.redis.zcard(keys.session_executions(entry["id"]))
+
+
+def test_an_unexpected_error_fails_the_execution_and_the_session_carries_on(
+    c, runtime, vms, entry
+) -> None:
+    vms.get("vm_1").answers = [RuntimeError("libvirt: internal error: something odd")]
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.FAILED
+    assert record["error"]["name"] == "InternalError"
+    assert "RuntimeError: libvirt: internal error: something odd" in record["error"]["value"]
+    assert record["finished_at"] is not None
+    assert vms.destroyed == {}  # the host's fault, not the guest's: the VM is kept
+
+    following = submit_and_run(c, runtime, entry, "2 + 2")
+    assert following["status"] == executions.SUCCEEDED
+    assert vms.get("vm_1").ran == ["1 + 1", "2 + 2"]
+
+    expired = expire_idle(c, now=10**10)
+    assert expired == [entry["id"]]
+    assert sessions.load(c.redis, entry["id"])["state"] == sessions.EXPIRED
+    assert c.celery.take(queue.DESTROY_SESSION.name)[0].kwargs == {"session_id": entry["id"]}
+
+
+def test_a_redis_error_before_the_run_still_ends_the_record(
+    c, runtime, vms, entry, monkeypatch
+) -> None:
+    def broken(*_args, **_kwargs):
+        raise ConnectionError("Redis went away for a moment")
+
+    monkeypatch.setattr(executions, "mark_running", broken)
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.FAILED
+    assert record["error"]["name"] == "InternalError"
+    assert vms.get("vm_1").ran == []
+    monkeypatch.undo()
+    assert submit_and_run(c, runtime, entry)["status"] == executions.SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [AgentProtocolError("frame body is nested too deeply"), VMLost("the agent channel closed")],
+    ids=["protocol", "vm-lost"],
+)
+def test_a_guest_that_breaks_the_protocol_loses_the_session_once(
+    c, runtime, vms, entry, failure
+) -> None:
+    vms.get("vm_1").answers = [failure]
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.LOST
+    assert "The session was lost" in record["stderr"]
+    assert sessions.load(c.redis, entry["id"])["state"] == sessions.LOST
+    assert vms.destroyed == {"vm_1": 1}
+    assert not c.redis.zcard(keys.session_executions(entry["id"]))
+
+
+def test_a_cancel_before_the_turn_means_it_never_runs(c, runtime, vms, entry) -> None:
+    params = {"code": "1", "language": "python", "timeout_s": 5, "max_output": 100}
+    record = execution_cases.submit_execution(c, entry, params)
+    execution_cases.cancel_execution(c, record)
+    (cancel,) = c.celery.take(queue.CANCEL.name)
+    runtime.cancel(**cancel.kwargs)
+    (task,) = c.celery.take(queue.EXECUTE.name)
+    runtime.execute(**task.kwargs)
+    assert executions.load(c.redis, record["id"])["status"] == executions.CANCELLED
+    assert vms.get("vm_1").ran == []
+
+
+def test_a_task_carrying_another_record_is_ignored(c, runtime, vms, entry) -> None:
+    params = {"code": "1", "language": "python", "timeout_s": 5, "max_output": 100}
+    record = execution_cases.submit_execution(c, entry, params)
+    (task,) = c.celery.take(queue.EXECUTE.name)
+    runtime.execute(
+        execution_id="exe_other", pool_name="default", record_json=task.kwargs["record_json"]
+    )
+    assert executions.load(c.redis, record["id"])["status"] == executions.QUEUED
+
+
+def test_session_creation_answers_its_creator(c, runtime, vms) -> None:
+    entry = live_session(c)
+    runtime.create_session(entry["id"], "default", "reply:1")
+    assert json.loads(c.redis.lpop("reply:1"))["ok"] is True
+    assert sessions.load(c.redis, entry["id"])["vm"] in vms.vms
+
+    vms.create_error = RuntimeError("no room on the disk")
+    other = live_session(c)
+    runtime.create_session(other["id"], "default", "reply:2")
+    answer = json.loads(c.redis.lpop("reply:2"))
+    assert answer["ok"] is False and "no room on the disk" in answer["error"]["message"]
+    assert sessions.load(c.redis, other["id"])["state"] == sessions.LOST
