@@ -22,7 +22,7 @@ import redis
 from pool.ready import ReadyVMs, new_vm_id
 from shoal import (
     executions,
-    image,
+    images,
     keys,
     metrics,
     redis_conn,
@@ -94,7 +94,7 @@ class HostRuntime:
 
     def publish_image_info(self, spec: VMSpec) -> None:
         """Put the image's Python version and packages where the API's `metadata` finds them."""
-        artifacts = image.locate(self.settings, spec.image)
+        artifacts = images.locate(self.settings, spec.image)
         if artifacts is None:
             return
         python = artifacts.read_manifest().get("python", {})

@@ -30,8 +30,7 @@ from typing import Any
 
 import libvirt
 
-from shoal import image as images
-from shoal import protocol
+from shoal import data_disk, images, protocol
 from shoal.settings import Settings
 from workers import accel as accel_mod
 from workers import domain as dom
@@ -440,7 +439,7 @@ class VMManager:
         timings: dict[str, float],
     ) -> AgentClient:
         with self._step(who, "overlay", timings):
-            base = images.data_disk_base(self.settings, spec.data_disk_mib)
+            base = data_disk.data_disk_base(self.settings, spec.data_disk_mib)
             self._make_overlay(paths.data_disk, base, "raw")
         xml = dom.domain_xml(self._domain_spec(name, uuid, paths, spec, artifacts, metadata))
         with self._step(who, "start", timings):

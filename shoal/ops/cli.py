@@ -33,9 +33,9 @@ def _cmd_daemons(s: Settings, a: argparse.Namespace) -> int:
 
 
 def _cmd_image_build(s: Settings, a: argparse.Namespace) -> int:
-    from shoal import image
+    from shoal.ops import image_build
 
-    path = image.build(
+    path = image_build.build(
         s, a.name, progress=lambda m: print(f"shoal: {m}", flush=True), force=a.force
     )
     print(path)

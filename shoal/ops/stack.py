@@ -221,13 +221,14 @@ def _bring_up(settings: Settings) -> None:
 
 
 def ensure_image(settings: Settings) -> None:
-    from shoal import image
+    from shoal import images
+    from shoal.ops import image_build
 
-    if image.locate(settings, settings.default_image) is None:
+    if images.locate(settings, settings.default_image) is None:
         _say(f"building the guest image {settings.default_image!r} (first run: several minutes)")
         try:
-            image.build(settings, settings.default_image, progress=_say)
-        except image.ImageBuildError as exc:
+            image_build.build(settings, settings.default_image, progress=_say)
+        except image_build.ImageBuildError as exc:
             raise StartFailed("image", str(exc)) from None
 
 

@@ -1,8 +1,8 @@
 """Light checks of the guest image: artifacts, manifest, cache behaviour. No VM is booted here.
 
-The image is built (or, normally, reused from the cache) through `image.build()`; `./scripts/test`
-builds it first, so these tests do not pay for a debootstrap. Building needs root (debootstrap,
-chroot, mknod) and the agent in vm-images/agent/.
+The image is built (or, normally, reused from the cache) through `image_build.build()`;
+`./scripts/test` builds it first, so these tests do not pay for a debootstrap. Building needs root
+(debootstrap, chroot, mknod) and the agent in vm-images/agent/.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal import image, protocol
+from shoal import data_disk, images, protocol
+from shoal.ops import image_base, image_build, image_steps
 from shoal.settings import REPO_ROOT, load
 
 LIBRARIES = [
@@ -57,13 +58,13 @@ def settings():
 
 
 @pytest.fixture(scope="module")
-def built(settings) -> image.ImageArtifacts:
+def built(settings) -> images.ImageArtifacts:
     if os.geteuid() != 0 or not shutil.which("debootstrap"):
         pytest.fail(
             "building a guest image needs root and debootstrap (./scripts/test installs it)"
         )
-    directory = image.build(settings, "python")
-    art = image.locate(settings, "python")
+    directory = image_build.build(settings, "python")
+    art = images.locate(settings, "python")
     assert art is not None and art.dir == directory
     return art
 
@@ -79,33 +80,33 @@ def _debugfs(fs: Path, request: str) -> str:
 
 
 def test_recipe_hash_is_stable_and_follows_the_agent(tmp_path):
-    first = image.recipe_hash("python")
-    assert first == image.recipe_hash("python")
+    first = images.recipe_hash("python")
+    assert first == images.recipe_hash("python")
     assert len(first) == 16 and int(first, 16) >= 0
     # A different agent is a different image.
     (tmp_path / "agent.py").write_text("print('another agent')\n")
-    assert image.recipe_hash("python", _agent_src=tmp_path) != first
+    assert images.recipe_hash("python", _agent_src=tmp_path) != first
 
 
 def test_recipe_lists_the_required_packages():
-    recipe = image.load_recipe("python")
+    recipe = images.load_recipe("python")
     assert set(DEBIAN_PACKAGES) <= set(recipe.include)
     assert "python3-ipykernel" not in recipe.include  # breaks debootstrap (python3-zmq)
     assert recipe.variant == "minbase"
 
 
 def test_unknown_recipe_is_a_clear_error():
-    with pytest.raises(image.ImageBuildError, match="no recipe 'nope'"):
-        image.load_recipe("nope")
+    with pytest.raises(image_build.ImageBuildError, match="no recipe 'nope'"):
+        images.load_recipe("nope")
 
 
 def test_mirror_setting_wins(settings):
     s = replace(settings, debian_mirror="http://mirror.example/debian/")
-    assert image.debian_mirror(s) == "http://mirror.example/debian"
+    assert image_base.debian_mirror(s) == "http://mirror.example/debian"
 
 
 def test_kernel_cmdline_carries_the_contract(settings):
-    line = image.kernel_cmdline(replace(settings, tmp_mib=300))
+    line = images.kernel_cmdline(replace(settings, tmp_mib=300))
     for word in ("console=ttyS0", "root=/dev/vda", "ro", "shoal.tmp_mib=300"):
         assert word in line.split()
 
@@ -121,7 +122,7 @@ def test_module_order_follows_modules_dep(tmp_path):
         "kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko "
         "kernel/drivers/virtio/virtio_ring.ko\n"
     )
-    order, builtin = image._resolve_modules(tmp_path, ("virtio_pci", "virtio_blk", "ext4"))
+    order, builtin = image_base.resolve_modules(tmp_path, ("virtio_pci", "virtio_blk", "ext4"))
     names = [Path(m).stem for m in order]
     assert builtin == ["ext4"]
     assert names.index("virtio_ring") < names.index("virtio") < names.index("virtio_pci")
@@ -141,10 +142,10 @@ def test_data_disk_base(settings):
 
 
 def _check_data_disk(s):
-    disk = image.data_disk_base(s, 64)
+    disk = data_disk.data_disk_base(s, 64)
     assert disk.stat().st_size == 64 << 20
     assert disk.stat().st_blocks * 512 < 32 << 20  # sparse
-    assert image.data_disk_base(s, 64) == disk  # cached
+    assert data_disk.data_disk_base(s, 64) == disk  # cached
     root = _debugfs(disk, "stat /")
     assert "User:  1000" in root and "Group:  1000" in root
     assert "lost+found" not in _debugfs(disk, "ls /")
@@ -160,7 +161,7 @@ def test_artifacts_exist_and_qemu_can_read_them(built):
     for d in [built.dir, *built.dir.parents]:
         assert d.stat().st_mode & stat.S_IXOTH, f"libvirt-qemu cannot traverse {d}"
     assert built.dir.name == f"python-{built.recipe_hash}"
-    assert built.recipe_hash == image.recipe_hash("python")
+    assert built.recipe_hash == images.recipe_hash("python")
 
 
 def test_manifest_describes_the_image(built):
@@ -180,18 +181,18 @@ def test_manifest_describes_the_image(built):
 
 def test_second_build_returns_the_cached_image(settings, built):
     t = time.monotonic()
-    assert image.build(settings, "python", progress=lambda _msg: None) == built.dir
+    assert image_build.build(settings, "python", progress=lambda _msg: None) == built.dir
     assert time.monotonic() - t < 5
 
 
 def test_rootfs_holds_agent_init_and_user(built):
     fs = built.rootfs
-    agent = _debugfs(fs, f"cat {image.GUEST_AGENT_DIR}/shoal/protocol.py")
+    agent = _debugfs(fs, f"cat {images.GUEST_AGENT_DIR}/shoal/protocol.py")
     assert agent == (REPO_ROOT / "shoal" / "protocol.py").read_text()
-    assert "agent.py" in _debugfs(fs, f"ls {image.GUEST_AGENT_DIR}")
-    assert _debugfs(fs, f"cat {image.GUEST_INIT}").startswith("#!/bin/sh")
+    assert "agent.py" in _debugfs(fs, f"ls {images.GUEST_AGENT_DIR}")
+    assert _debugfs(fs, f"cat {images.GUEST_INIT}").startswith("#!/bin/sh")
     assert "sandbox:x:1000:1000:" in _debugfs(fs, "cat /etc/passwd")
-    data = _debugfs(fs, f"stat {image.DATA_MOUNT}")
+    data = _debugfs(fs, f"stat {images.DATA_MOUNT}")
     assert "User:  1000" in data and "Group:  1000" in data
 
 
@@ -208,19 +209,19 @@ def test_initramfs_loads_the_virtio_modules_in_order(built):
 
 
 def test_failed_step_is_named_with_its_output(tmp_path):
-    b = image._Build("python", lambda _msg: None, tmp_path / "build.log")
-    with pytest.raises(image.ImageBuildError) as err:
+    b = image_steps.Build("python", lambda _msg: None, tmp_path / "build.log")
+    with pytest.raises(image_build.ImageBuildError) as err:
         b.run("probe", ["sh", "-c", "echo something went wrong; exit 3"])
     assert err.value.step == "probe"
     assert "status 3" in str(err.value) and "something went wrong" in str(err.value)
 
 
 def test_failed_build_leaves_nothing_behind(settings, built):
-    recipe = image.load_recipe("python")
+    recipe = images.load_recipe("python")
     base = (
         Path(settings.cache)
         / "base"
-        / f"python-{image.base_key(recipe, image.debian_mirror(settings))}"
+        / f"python-{image_base.base_key(recipe, image_base.debian_mirror(settings))}"
     )
     assert base.is_dir(), "the `built` fixture leaves the base layer cached"
     top = Path(tempfile.mkdtemp(prefix="shoal-test-images-", dir="/var/tmp"))
@@ -229,8 +230,8 @@ def test_failed_build_leaves_nothing_behind(settings, built):
     no_agent.mkdir()
     (no_agent / "helper.py").write_text("x = 1\n")  # no agent.py
     try:
-        with pytest.raises(image.ImageBuildError) as err:
-            image.build(
+        with pytest.raises(image_build.ImageBuildError) as err:
+            image_build.build(
                 settings, "python", lambda _msg: None, _agent_src=no_agent, _dest=top / "out"
             )
         assert err.value.step == "agent"

@@ -26,8 +26,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from shoal import image
-from shoal.ops import daemons
+from shoal import data_disk, images
+from shoal.ops import daemons, image_build
 from shoal.settings import Settings
 from workers import domain as dom
 from workers.libvirt_conn import connection
@@ -55,7 +55,7 @@ def settings() -> Settings:
     daemons.ensure_virtlogd()
     daemons.ensure_libvirtd()
     s = _settings()
-    image.build(s, "python")  # the cached image when the recipe is unchanged: milliseconds
+    image_build.build(s, "python")  # the cached image when the recipe is unchanged: milliseconds
     return s
 
 
@@ -274,9 +274,9 @@ def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
     building = manager.templates.root / f".building-{key}"
     dom.make_dirs(building, Path(settings.vm_dir))
     paths = dom.VMPaths(building)
-    base = image.data_disk_base(settings, SPEC.data_disk_mib)
+    base = data_disk.data_disk_base(settings, SPEC.data_disk_mib)
     manager._make_overlay(paths.data_disk, base, "raw")
-    artifacts = image.locate(settings, "python")
+    artifacts = images.locate(settings, "python")
     spec = manager._domain_spec(name, str(uuid.uuid4()), paths, SPEC, artifacts, {})
     xml = dom.domain_xml(spec)
     connection().call("start an orphan", lambda c: c.createXML(xml, 0))
