@@ -3,8 +3,8 @@
 libvirt applies `<cputune>` quotas through the cgroup `cpu` controller: cgroup v1 needs the
 controller mounted (cpu.cfs_quota_us exists), cgroup v2 needs `cpu` in cgroup.controllers.
 Without systemd libvirt manages the cgroups itself, which works when the controller is
-there. This is the static probe; VMManager confirms it on the first domain that carries a
-quota (the domain's scheduler parameters then include `global_quota`).
+there. This is the static probe; workers/vm_probes.py confirms it on the first domain that
+carries a quota (the domain's scheduler parameters then include `global_quota`).
 """
 
 from __future__ import annotations

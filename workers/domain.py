@@ -2,10 +2,9 @@
 
 Names. Every domain is `shoal-<instance>-<host>-<key>`: a host only ever touches domains that
 carry its own prefix, so two instances or two hosts sharing a libvirtd never meet. `<key>` is
-12 characters: a session's is the first 12 hex digits of sha256(session id) (session ids can
-be long or hold any character); a snapshot template's is `t` and 11 hex digits. A template
-and its clones therefore have names of the same length, which the save-image rewrite in
-workers/templates.py needs.
+12 characters: a VM's is the first 12 hex digits of sha256(VM id) (ids can be long or hold any
+character); a snapshot template's is `t` and 11 hex digits. A template and its clones therefore
+have names of the same length, which the save-image rewrite in workers/templates.py needs.
 
 Files. Each VM owns one directory, <instance_vm_dir>/vms/<key>/, holding its data disk overlay,
 its agent socket and its console log; destroying the VM removes the directory. Every
@@ -16,20 +15,21 @@ template's saved definition into a clone's (name, uuid, disk, socket, console, m
 
 What a guest gets, and why:
 - direct kernel boot (<kernel>, <initrd>, <cmdline>), no firmware disk boot;
-- vda: the image's root ext4, read-only, shared by every VM; vdb: the session's qcow2 overlay;
+- vda: the image's root ext4, read-only, shared by every VM; vdb: the VM's own qcow2 overlay;
 - one virtio-serial channel, org.shoal.agent.0, bound to a unix socket the host connects to;
 - ttyS0 written to a console log file. libvirt hands file chardevs to virtlogd
   (qemu.conf stdio_handler = "logd", the default), which rotates the file at its max_size
   (virtlogd.conf, default 2 MiB, keeping max_backups = 3 old files as console.log.N; checked
   here with a guest writing 3 MB): a guest cannot fill the host's disk through its console, at
   most (1 + max_backups) x max_size per VM. settings.console_log_max_bytes takes effect only if
-  virtlogd is started with a config that sets max_size to it. `VM.console_tail()` reads the last
-  few KiB; destroying the VM removes its directory, rotated files included;
+  virtlogd is started with a config that sets max_size to it. The start error of a guest whose
+  agent never answers quotes the console's last 1.5 KB; destroying the VM removes its
+  directory, rotated files included;
 - no network interface unless the spec asks for one (then QEMU user-mode networking:
   egress only, no host setup); no USB controller, sound, graphics or balloon;
 - <acpi/> and <apic/> so an idle guest goes tickless (~1% of a core under TCG instead of ~9%);
 - under TCG a translation cache of settings.tb_cache_mib (QEMU reserves 1 GiB otherwise);
-- crash, reboot and power-off all destroy the domain: a session's VM never comes back
+- crash, reboot and power-off all destroy the domain: a VM never comes back
   by itself with its state reset;
 - optional CPU cap: <cputune> global_period/global_quota (whole QEMU process), only where
   the cgroup cpu controller exists (workers/cgroups.py).
@@ -53,7 +53,7 @@ from shoal.protocol import CHANNEL_NAME
 from shoal.settings import Settings
 
 KEY_LEN = 12
-_SESSION_KEY = re.compile(r"^[0-9a-f]{12}$")
+_VM_KEY = re.compile(r"^[0-9a-f]{12}$")
 _TEMPLATE_KEY = re.compile(r"^t[0-9a-f]{11}$")
 METADATA_NS = "urn:shoal:vm:1"
 ET.register_namespace("shoal", METADATA_NS)
@@ -75,8 +75,9 @@ def name_prefix(settings: Settings) -> str:
     return f"shoal-{instance}-{host}-"
 
 
-def session_key(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode()).hexdigest()[:KEY_LEN]
+def vm_key(vm_id: str) -> str:
+    """The key in the names of VM `vm_id`'s domain and directory."""
+    return hashlib.sha256(vm_id.encode()).hexdigest()[:KEY_LEN]
 
 
 def domain_name(settings: Settings, key: str) -> str:
@@ -89,7 +90,7 @@ def key_of(settings: Settings, name: str) -> str | None:
     if not name.startswith(prefix):
         return None
     key = name[len(prefix) :]
-    if _SESSION_KEY.match(key) or _TEMPLATE_KEY.match(key):
+    if _VM_KEY.match(key) or _TEMPLATE_KEY.match(key):
         return key
     return None
 

@@ -185,7 +185,11 @@ class HostRuntime:
         vm = self.vms.create(vm_id, spec)
         # The first execution after a restore is slow under TCG (~100-300 ms) while QEMU
         # translates the guest's code again; pay it here, not in the user's first request.
-        vm.execute("pass", "python", 60, 64)
+        try:
+            vm.execute("pass", "python", 60, 64)
+        except VMLost:
+            self.vms.destroy(vm_id)  # a lost VM is its owner's to destroy
+            raise
 
     def replenish(self) -> None:
         """Top every pool up to its ready target on this host (bounded, in the background)."""

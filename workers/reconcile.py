@@ -1,15 +1,16 @@
-"""Make this host's domains agree with the session registry.
+"""Make this host's domains agree with the VMs the session registry says it should run.
 
-A host only ever looks at domains named with its own prefix (workers/domain.py). Given the
-session ids the registry says live on this host:
-- a session domain whose session is not known is a stray: destroyed, its files removed;
-- a known session without a running domain has vanished: reported, for the caller to mark
-  the session lost (the Redis side belongs to the caller);
-- a VM directory with neither a domain nor a known session is removed.
+A host only ever looks at domains named with its own prefix (workers/domain.py). Given the ids
+of the VMs that should live on this host (those of the sessions the registry places here, and
+the host's ready VMs):
+- a VM domain whose VM id is not known is a stray: destroyed, its files removed;
+- a known VM without a running domain has vanished: reported, for the caller to mark its
+  session lost (the Redis side belongs to the caller);
+- a VM directory with neither a domain nor a known VM is removed.
 - a template domain (key `t...`) exists only while a template is being built: it is left alone
   while some process holds that template's build lock, and destroyed otherwise (its builder
   died before saving it).
-Sessions this process is creating right now (`busy`) are skipped both ways.
+VMs this process is creating right now (`busy`) are skipped both ways.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ log = logging.getLogger("shoal.reconcile")
 @dataclass
 class ReconcileReport:
     destroyed: list[str] = field(default_factory=list)  # domain names of strays
-    missing: list[str] = field(default_factory=list)  # known session ids without a domain
+    missing: list[str] = field(default_factory=list)  # known VM ids without a domain
     removed_dirs: list[str] = field(default_factory=list)  # leftover VM directories
 
 
@@ -51,15 +52,15 @@ def our_domains(settings: Settings, conn: LibvirtConnection) -> dict[str, bool]:
 def reconcile(
     settings: Settings,
     conn: LibvirtConnection,
-    known_session_ids: Iterable[str],
-    busy_session_ids: Iterable[str],
+    known_vm_ids: Iterable[str],
+    busy_vm_ids: Iterable[str],
     destroy_domain: Callable[[str], None],
     template_in_use: Callable[[str], bool] = lambda key: True,
     remove_partial_template: Callable[[str], None] = lambda key: None,
 ) -> ReconcileReport:
     report = ReconcileReport()
-    known = {dom.session_key(sid): sid for sid in known_session_ids}
-    busy = {dom.session_key(sid) for sid in busy_session_ids}
+    known = {dom.vm_key(vm_id): vm_id for vm_id in known_vm_ids}
+    busy = {dom.vm_key(vm_id) for vm_id in busy_vm_ids}
     domains = our_domains(settings, conn)
     running: set[str] = set()
     for name, active in sorted(domains.items()):
@@ -82,9 +83,9 @@ def reconcile(
         destroy_domain(name)
         report.destroyed.append(name)
         shutil.rmtree(dom.vm_paths(settings, key).dir, ignore_errors=True)
-    for key, session_id in sorted(known.items(), key=lambda kv: kv[1]):
+    for key, vm_id in sorted(known.items(), key=lambda kv: kv[1]):
         if key not in running and key not in busy:
-            report.missing.append(session_id)
+            report.missing.append(vm_id)
     vms = dom.vms_dir(settings)
     if vms.is_dir():
         for directory in sorted(vms.iterdir()):

@@ -1,9 +1,10 @@
-"""Snapshot templates: one warmed, saved guest per (image, shape), cloned for each session.
+"""Snapshot templates: one warmed, saved guest per (image, shape), cloned for each VM.
 
-Building a template (`TemplateStore.build`): boot one guest, import numpy, pandas and
-matplotlib through its agent, disconnect, and `virDomainSave` it to state.save. From then on
-the template's data overlay (data.qcow2) is never written again: every clone gets its own
-qcow2 overlay backed by it.
+Building a template (`TemplateStore.ensure`, with the build itself in
+workers/template_builder.py): boot one guest, import numpy, pandas and matplotlib through its
+agent, disconnect, and `virDomainSave` it to state.save. From then on the template's data
+overlay (data.qcow2) is never written again: every clone gets its own qcow2 overlay backed by
+it.
 
 Cloning (`prepare_clone`): libvirt refuses to restore a save image under another name or uuid,
 and one image cannot be restored twice at once as it is. So each clone copies state.save,
@@ -62,7 +63,6 @@ STATE_FILE = "state.save"
 DISK_FILE = "data.qcow2"
 XML_FILE = "domain.xml"
 META_FILE = "meta.json"
-CONSOLE_FILE = "console.log"
 
 
 def rewrite_save_image(path: Path, replacements: dict[str, str]) -> None:

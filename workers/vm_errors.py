@@ -1,4 +1,4 @@
-"""Errors of the host VM driver (workers/vm.py and friends).
+"""Errors of the host VM driver (workers/vm*.py and friends).
 
 They are plain exceptions with a message written for the operator; shoal/errors.py maps them
 to client-facing codes. Every subclass of VMError means "this VM operation failed"; only
@@ -23,7 +23,7 @@ class VMStartFailed(VMError):
 
 
 class VMLost(VMError):
-    """The VM died or had to be destroyed; the session's state is gone."""
+    """The VM died or cannot be trusted again (its owner destroys it); its state is gone."""
 
 
 class AgentRefused(VMError):

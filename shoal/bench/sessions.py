@@ -16,8 +16,8 @@ from shoal.bench.target import ONDEMAND_POOL
 SETTLE_S = 1.0  # after a delete, let the worker destroy the VM before the next session
 REFILL_TIMEOUT_S = 60
 
-_STEP = re.compile(r"session=(\S+) host=\S+ step=(\w+) ms=(\d+)")
-_READY = re.compile(r"session=(\S+) host=\S+ vm ready: domain=\S+ restored=(\w+) ms=(\d+)")
+_STEP = re.compile(r"\bvm=(\S+) host=\S+ step=(\w+) ms=(\d+)")
+_READY = re.compile(r"\bvm=(\S+) host=\S+ vm ready: domain=\S+ restored=(\w+) ms=(\d+)")
 _CREATED = re.compile(r"session=(\S+) host=\S+ vm=\S+ created in (\d+) ms \((.+)\)")
 
 
@@ -142,7 +142,7 @@ def worker_timings(log_path: Path, since: float) -> tuple[dict[str, dict[str, fl
     except OSError:
         return vms, acquired
     for line in lines:
-        if "session=" not in line or _stamp(line) < since:
+        if ("vm=" not in line and "session=" not in line) or _stamp(line) < since:
             continue
         if m := _STEP.search(line):
             vms.setdefault(m.group(1), {})[m.group(2)] = float(m.group(3))

@@ -45,7 +45,7 @@ def cold_boot(b: Bench) -> list[Result]:
                 for _ in range(AGENT_WARM_UP):
                     vm.execute("x = 1")
                 direct = timed_loop(b.size(100, 500), 60, lambda _i, vm=vm: _agent_call(vm))
-            manager.destroy(vm.session_id)
+            manager.destroy(vm.vm_id)
     finally:
         manager.destroy_all()
     accel = manager.accel().kind

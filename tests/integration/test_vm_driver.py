@@ -88,7 +88,7 @@ def out(vm, code: str) -> str:
     return answer["stdout"].strip()
 
 
-def session() -> str:
+def new_vm_id() -> str:
     return f"test-{uuid.uuid4()}"
 
 
@@ -107,9 +107,9 @@ def assert_gone(settings: Settings, vm) -> None:
 
 
 def test_cold_boot(settings, manager):
-    sid = session()
+    vm_id = new_vm_id()
     started = time.monotonic()
-    vm = manager.create(sid, COLD_SPEC)
+    vm = manager.create(vm_id, COLD_SPEC)
     boot_s = time.monotonic() - started
     print(f"cold boot to agent ready: {boot_s:.1f} s, steps {vm.timings}")
     try:
@@ -134,7 +134,7 @@ def test_cold_boot(settings, manager):
             print(f"CPU share of a busy guest capped at 0.5: {share:.2f}")
             assert share < 0.7
     finally:
-        manager.destroy(sid)
+        manager.destroy(vm_id)
     assert_gone(settings, vm)
 
 
@@ -146,14 +146,14 @@ def clone(manager, template):
     created = []
 
     def make(spec: VMSpec = SPEC):
-        sid = session()
-        vm = manager.create(sid, spec)
-        created.append(sid)
+        vm_id = new_vm_id()
+        vm = manager.create(vm_id, spec)
+        created.append(vm_id)
         return vm
 
     yield make
-    for sid in created:
-        manager.destroy(sid)
+    for vm_id in created:
+        manager.destroy(vm_id)
 
 
 def test_two_clones_are_independent(settings, manager, clone):
@@ -242,13 +242,13 @@ def test_code_ignoring_sigint_still_times_out(clone):
 
 
 def test_destroy_leaves_nothing(settings, manager, template):
-    sid = session()
-    vm = manager.create(sid, SPEC)
+    vm_id = new_vm_id()
+    vm = manager.create(vm_id, SPEC)
     assert vm.paths.socket.exists() and vm.paths.data_disk.exists()
-    manager.destroy(sid)
+    manager.destroy(vm_id)
     assert_gone(settings, vm)
-    assert manager.get(sid) is None
-    manager.destroy(sid)  # idempotent
+    assert manager.get(vm_id) is None
+    manager.destroy(vm_id)  # idempotent
     with pytest.raises(VMLost):
         vm.execute("1", "python", 5, 100)
 
@@ -258,13 +258,13 @@ def test_attach_after_a_worker_restart(settings, manager, clone):
     out(vm, "remember = 'me'")
     vm.agent.close()  # the old worker process dies: its connection goes
     fresh = VMManager(settings)
-    adopted = fresh.attach(vm.session_id, SPEC)
+    adopted = fresh.attach(vm.vm_id, SPEC)
     assert adopted is not None and adopted.restored
     assert out(adopted, "print(remember)") == "me"
-    assert fresh.attach(session(), SPEC) is None
+    assert fresh.attach(new_vm_id(), SPEC) is None
     adopted.agent.close()
-    manager._vms.pop(vm.session_id, None)  # hand it back to the module's manager for cleanup
-    assert manager.attach(vm.session_id, SPEC) is not None
+    manager._vms.pop(vm.vm_id, None)  # hand it back to the module's manager for cleanup
+    assert manager.attach(vm.vm_id, SPEC) is not None
 
 
 def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
@@ -275,9 +275,9 @@ def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
     dom.make_dirs(building, Path(settings.vm_dir))
     paths = dom.VMPaths(building)
     base = data_disk.data_disk_base(settings, SPEC.data_disk_mib)
-    manager._make_overlay(paths.data_disk, base, "raw")
+    manager.domains.make_overlay(paths.data_disk, base, "raw")
     artifacts = images.locate(settings, "python")
-    spec = manager._domain_spec(name, str(uuid.uuid4()), paths, SPEC, artifacts, {})
+    spec = manager.domains.domain_spec(name, str(uuid.uuid4()), paths, SPEC, artifacts, {})
     xml = dom.domain_xml(spec)
     connection().call("start an orphan", lambda c: c.createXML(xml, 0))
     return name
@@ -290,10 +290,10 @@ def test_reconcile(settings, manager, clone):
         "destroy behind the driver's back",
         lambda c: c.lookupByName(vanished.domain_name).destroy(),
     )
-    report = manager.reconcile({kept.session_id, vanished.session_id, "never-existed"})
+    report = manager.reconcile({kept.vm_id, vanished.vm_id, "never-existed"})
     assert sorted(report.destroyed) == sorted([stray.domain_name, orphan])
     assert not (manager.templates.root / f".building-{dom.key_of(settings, orphan)}").exists()
-    assert sorted(report.missing) == sorted([vanished.session_id, "never-existed"])
+    assert sorted(report.missing) == sorted([vanished.vm_id, "never-existed"])
     assert stray.domain_name not in our_domains(settings, connection())
     assert not stray.paths.dir.exists()
     assert out(kept, "print('kept')") == "kept"

@@ -167,7 +167,7 @@ def settings(**kw) -> Settings:
 
 def test_names_carry_instance_and_host_and_fixed_length_key():
     s = settings()
-    key = domain.session_key("a session id that is rather long " * 4)
+    key = domain.vm_key("a VM id that is rather long " * 4)
     assert len(key) == domain.KEY_LEN
     name = domain.domain_name(s, key)
     assert name.startswith("shoal-abcd1234-worker-1-example-com-")
@@ -180,7 +180,7 @@ def test_names_carry_instance_and_host_and_fixed_length_key():
 
 def test_other_hosts_and_instances_are_not_ours():
     mine, other_host = settings(host_name="web"), settings(host_name="web-1")
-    key = domain.session_key("s")
+    key = domain.vm_key("s")
     assert domain.key_of(mine, domain.domain_name(other_host, key)) is None
     assert domain.key_of(other_host, domain.domain_name(mine, key)) is None
     assert domain.key_of(mine, domain.domain_name(settings(instance="other"), key)) is None

@@ -1,0 +1,323 @@
+"""The mechanics of one domain: bring it up to a connected guest agent, take it down again.
+
+The VM lifecycle (workers/vm.py) decides what to do (restore a template clone or cold boot,
+adopt, destroy, reconcile) and the template builder (workers/template_builder.py) boots the
+guests it saves; both start and stop domains the same way, so that is kept here, apart from
+either: the guest image this process pins, the data disk overlay, the domain definition, a cold
+boot (`boot`), the restore of a template clone (`restore`), waiting for the agent's hello, and a
+destroy that retries while QEMU is busy. Each step is timed into the caller's `timings` and
+logged as `vm=<id> host=<host> step=<step> ms=<ms>` (the bench reads those lines back from the
+worker log, shoal/bench/sessions.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from shoal import data_disk, images
+from shoal.settings import Settings
+from workers import domain as dom
+from workers import libvirt_conn, templates
+from workers.agent_client import (
+    AgentClient,
+    AgentDisconnected,
+    AgentError,
+    AgentProtocolError,
+    AgentTimeout,
+)
+from workers.vm_errors import VMError, VMStartFailed
+from workers.vm_probes import HostProbes
+
+if TYPE_CHECKING:
+    from workers.vm import VMSpec
+
+log = logging.getLogger("shoal.vm")
+
+CONNECT_ATTEMPT_S = 5.0
+DESTROY_TRIES = 3
+
+
+def lookup(c: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    """The domain called `name`, or None when there is none."""
+    try:
+        return c.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if libvirt_conn.is_no_domain(exc):
+            return None
+        raise
+
+
+def _tail(path: Path, max_bytes: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class DomainOps:
+    """Starts and stops this instance's domains on this host."""
+
+    def __init__(
+        self, settings: Settings, probes: HostProbes, store: templates.TemplateStore
+    ) -> None:
+        self.settings = settings
+        self.probes = probes
+        self.templates = store
+        self._lock = threading.Lock()
+        self._images: dict[str, images.ImageArtifacts] = {}  # image name -> pinned build
+
+    @property
+    def libvirt(self) -> libvirt_conn.LibvirtConnection:
+        return libvirt_conn.connection()
+
+    def artifacts(self, image: str) -> images.ImageArtifacts:
+        """The build of `image` this process first found: a worker keeps its image (and so its
+        templates) until it restarts, even when a newer build of the recipe lands."""
+        with self._lock:
+            pinned = self._images.get(image)
+        if pinned is not None and pinned.rootfs.exists():
+            return pinned
+        artifacts = images.locate(self.settings, image)
+        if artifacts is None:
+            raise VMStartFailed(
+                f"guest image {image!r} is not built: run `shoal image build {image}`"
+            )
+        with self._lock:
+            self._images[image] = artifacts
+        return artifacts
+
+    def cmdline(self) -> str:
+        return images.kernel_cmdline(self.settings)
+
+    @contextlib.contextmanager
+    def step(self, who: str, step: str, timings: dict[str, float]) -> Iterator[None]:
+        """Time one step of making VM `who` into timings[step], and log it."""
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException as exc:
+            ms = (time.monotonic() - started) * 1000
+            log.warning(
+                "vm=%s host=%s step=%s failed after ms=%.0f: %s",
+                who,
+                self.settings.host_name,
+                step,
+                ms,
+                exc,
+            )
+            raise
+        ms = (time.monotonic() - started) * 1000
+        timings[step] = round(ms, 1)
+        log.info("vm=%s host=%s step=%s ms=%.0f", who, self.settings.host_name, step, ms)
+
+    # --- taking down -------------------------------------------------------------------------
+    def is_active(self, name: str) -> bool:
+        def active(c: libvirt.virConnect) -> bool:
+            domain = lookup(c, name)
+            return domain is not None and bool(domain.isActive())
+
+        return self.libvirt.call(f"look up {name}", active)
+
+    def destroy_domain(self, name: str) -> bool:
+        """Destroy (and undefine, if persistent) a domain; True if there was one."""
+
+        def destroy(c: libvirt.virConnect) -> bool:
+            domain = lookup(c, name)
+            if domain is None:
+                return False
+            try:
+                domain.destroy()
+            except libvirt.libvirtError as exc:
+                if not (libvirt_conn.is_no_domain(exc) or libvirt_conn.is_not_running(exc)):
+                    raise
+            with contextlib.suppress(libvirt.libvirtError):
+                if domain.isPersistent():
+                    domain.undefine()
+            return True
+
+        for attempt in range(1, DESTROY_TRIES + 1):
+            try:
+                return self.libvirt.call(f"destroy {name}", destroy)
+            except VMError:
+                if attempt == DESTROY_TRIES:
+                    raise
+                time.sleep(0.5 * attempt)  # "Failed to terminate process": QEMU busy in I/O
+        return False
+
+    def remove_files(self, name: str, directory: Path | None) -> None:
+        """The VM's directory, and libvirt's log of the domain (it outlives the domain)."""
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+        for path in dom.qemu_log_files(name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def teardown(self, name: str, paths: dom.VMPaths) -> None:
+        """Destroy the domain and remove its files; nothing happens for what is not there."""
+        self.destroy_domain(name)
+        self.remove_files(name, paths.dir)
+
+    # --- bringing up -------------------------------------------------------------------------
+    def make_overlay(self, overlay: Path, backing: Path, backing_format: str) -> None:
+        result = subprocess.run(
+            [
+                "qemu-img", "create", "-q", "-f", "qcow2",
+                "-b", str(backing), "-F", backing_format, str(overlay),
+            ],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise VMStartFailed(f"qemu-img create {overlay} failed: {result.stderr.strip()}")
+
+    def await_agent(
+        self, who: str, name: str, paths: dom.VMPaths, timeout: float
+    ) -> tuple[AgentClient, dict[str, Any]]:
+        """Connect to the guest agent and get its hello, or VMStartFailed (domain destroyed
+        by the caller). Gives up early if the domain dies."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                agent = AgentClient.connect(
+                    str(paths.socket), timeout=min(CONNECT_ATTEMPT_S, remaining)
+                )
+            except (AgentTimeout, AgentDisconnected) as exc:
+                last = str(exc)
+                if not self.is_active(name):
+                    break
+                time.sleep(0.1)
+                continue
+            try:
+                hello = agent.hello(packages=False, timeout=max(remaining, 0.1))
+                return agent, hello
+            except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
+                agent.close()
+                last = str(exc)
+                if isinstance(exc, AgentTimeout | AgentProtocolError | AgentError):
+                    break
+                if not self.is_active(name):
+                    break
+                time.sleep(0.1)
+        alive = "the domain is running" if self.is_active(name) else "the domain died"
+        tail = _tail(paths.console_log, 1500).strip()
+        raise VMStartFailed(
+            f"VM {who}: the guest agent did not answer within {timeout:.0f} s ({alive}; "
+            f"last error: {last or 'none'}). Console log tail:\n{tail or '(empty)'}"
+        )
+
+    def domain_spec(
+        self,
+        name: str,
+        uuid: str,
+        paths: dom.VMPaths,
+        spec: VMSpec,
+        artifacts: images.ImageArtifacts,
+        metadata: dict[str, str],
+    ) -> dom.DomainSpec:
+        return dom.DomainSpec(
+            name=name,
+            uuid=uuid,
+            accel=self.probes.accel().kind,
+            vcpus=spec.vcpus,
+            memory_mib=spec.memory_mib,
+            kernel=artifacts.kernel,
+            initrd=artifacts.initrd,
+            cmdline=self.cmdline(),
+            rootfs=artifacts.rootfs,
+            data_disk=paths.data_disk,
+            agent_socket=paths.socket,
+            console_log=paths.console_log,
+            tb_cache_mib=self.settings.tb_cache_mib,
+            cpu_quota=self.probes.cpu_quota(spec.cpu_quota),
+            network=spec.network,
+            metadata=metadata,
+        )
+
+    def boot(
+        self,
+        who: str,
+        name: str,
+        uuid: str,
+        paths: dom.VMPaths,
+        spec: VMSpec,
+        artifacts: images.ImageArtifacts,
+        metadata: dict[str, str],
+        timings: dict[str, float],
+    ) -> AgentClient:
+        """Cold boot a domain from the image; its agent, connected. On failure the caller
+        tears the domain down."""
+        with self.step(who, "overlay", timings):
+            base = data_disk.data_disk_base(self.settings, spec.data_disk_mib)
+            self.make_overlay(paths.data_disk, base, "raw")
+        xml = dom.domain_xml(self.domain_spec(name, uuid, paths, spec, artifacts, metadata))
+        with self.step(who, "start", timings):
+            self.libvirt.call(f"start {name}", lambda c: c.createXML(xml, 0), retry=False)
+        self.probes.verify_quota(name, spec.cpu_quota)
+        with self.step(who, "agent", timings):
+            agent, _hello = self.await_agent(who, name, paths, self.settings.agent_ready_timeout_s)
+        return agent
+
+    def restore(
+        self,
+        who: str,
+        name: str,
+        uuid: str,
+        paths: dom.VMPaths,
+        template: templates.Template,
+        metadata: dict[str, str],
+        timings: dict[str, float],
+    ) -> AgentClient:
+        """Restore a clone of `template` as domain `name`; its agent, connected and reseeded
+        (clock and entropy). On failure the caller tears the domain down."""
+        with self.step(who, "overlay", timings):
+            self.make_overlay(paths.data_disk, template.data_disk, "qcow2")
+        with self.step(who, "copy", timings):
+            self.templates.prepare_clone(template, paths.restore_image, name, uuid)
+        xml = dom.retarget_xml(
+            template.xml,
+            name=name,
+            uuid=uuid,
+            data_disk=paths.data_disk,
+            agent_socket=paths.socket,
+            console_log=paths.console_log,
+            metadata=metadata,
+        )
+        with self.step(who, "restore", timings):
+            self.libvirt.call(
+                f"restore {name}",
+                lambda c: c.restoreFlags(
+                    str(paths.restore_image), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING
+                ),
+                retry=False,
+            )
+        with contextlib.suppress(FileNotFoundError):
+            paths.restore_image.unlink()
+        with self.step(who, "agent", timings):
+            agent, _hello = self.await_agent(who, name, paths, self.settings.agent_ready_timeout_s)
+        with self.step(who, "reseed", timings):
+            try:
+                agent.reseed(time.time_ns(), os.urandom(64), identity=who)
+            except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
+                agent.close()
+                raise VMStartFailed(
+                    f"VM {who}: reseeding the restored guest failed: {exc}"
+                ) from None
+        return agent

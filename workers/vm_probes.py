@@ -1,0 +1,104 @@
+"""What this host's QEMU and libvirt can do, probed once per process and cached.
+
+These facts describe the host, not any one VM, so they live apart from the VM lifecycle in
+workers/vm.py: the accelerator (KVM or TCG), the QEMU and libvirt versions (part of a snapshot
+template's key), the cgroup CPU controller (can a CPU quota be applied at all), whether libvirt
+really applied one (confirmed on the first capped domain), and qemu.conf's seccomp_sandbox.
+Each probe runs the first time it is asked and is cached for the life of the process: a probe
+that changes its answer needs a worker restart, as a new QEMU or libvirt does anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from shoal.settings import Settings
+from workers import accel as accel_mod
+from workers import libvirt_conn
+from workers.cgroups import CpuControllerProbe, probe_cpu_controller
+from workers.vm_errors import VMError
+
+log = logging.getLogger("shoal.vm")
+
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+
+
+def seccomp_sandbox_setting(path: Path = QEMU_CONF) -> bool:
+    """qemu.conf's seccomp_sandbox (1, on, by default)."""
+    try:
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line.startswith("seccomp_sandbox") and "=" in line:
+                return line.split("=", 1)[1].strip() != "0"
+    except OSError:
+        pass
+    return True
+
+
+class HostProbes:
+    """The host's capabilities as the VM driver needs them; each probed lazily, then cached."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._accel: accel_mod.AccelChoice | None = None
+        self._cpu_probe: CpuControllerProbe | None = None
+        self._versions: tuple[int, int] | None = None
+        # Whether libvirt applied a CPU quota to the first capped domain; None until one ran.
+        self.quota_verified: bool | None = None
+
+    @property
+    def libvirt(self) -> libvirt_conn.LibvirtConnection:
+        return libvirt_conn.connection()
+
+    def accel(self) -> accel_mod.AccelChoice:
+        """KVM or TCG, with the reason (settings.accel, the CPU flags, libvirt's offer)."""
+        if self._accel is None:
+            offers_kvm = None
+            if self.settings.accel == "auto" and accel_mod.cpu_has_hw_virt():
+                caps = self.libvirt.call("capabilities", lambda c: c.getCapabilities())
+                offers_kvm = accel_mod.libvirt_offers_kvm(caps)
+            self._accel = accel_mod.detect(self.settings.accel, offers_kvm)
+            log.info("accelerator: %s (%s)", self._accel.kind, self._accel.reason)
+        return self._accel
+
+    def cpu_controller(self) -> CpuControllerProbe:
+        """Whether the cgroup cpu controller is there for libvirt's <cputune> quotas."""
+        if self._cpu_probe is None:
+            self._cpu_probe = probe_cpu_controller()
+        return self._cpu_probe
+
+    def hypervisor_versions(self) -> tuple[int, int]:
+        """(QEMU version, libvirt version) as libvirt reports them."""
+        if self._versions is None:
+            self._versions = self.libvirt.call(
+                "versions", lambda c: (c.getVersion(), c.getLibVersion())
+            )
+        return self._versions
+
+    def cpu_quota(self, requested: float) -> float:
+        """The CPU quota (cores) a domain gets: the one asked for, or 0 where none can apply."""
+        if requested <= 0:
+            return 0.0
+        if not self.cpu_controller().available:
+            log.warning("cpu_quota %.2f not applied: %s", requested, self.cpu_controller().detail)
+            return 0.0
+        return requested
+
+    def verify_quota(self, name: str, requested: float) -> None:
+        """Confirm once, on the running domain `name`, that libvirt applied its CPU quota."""
+        if self.quota_verified is not None or self.cpu_quota(requested) <= 0:
+            return
+
+        def params(c: libvirt.virConnect) -> dict[str, Any]:
+            return c.lookupByName(name).schedulerParameters()
+
+        try:
+            quota = self.libvirt.call("scheduler parameters", params).get("global_quota", -1)
+            self.quota_verified = quota > 0
+        except VMError as exc:
+            log.warning("could not read %s's CPU quota: %s", name, exc)
+            self.quota_verified = False
