@@ -26,6 +26,7 @@ import redis
 from shoal import executions, keys, sessions, webhooks
 from shoal.errors import BatchNotFound, ShoalError, ValidationFailed
 from shoal.protocol import MAX_CODE_BYTES
+from shoal.records import BatchItem, BatchMeta
 from shoal.settings import Settings
 from shoal.timeutil import iso
 
@@ -155,7 +156,7 @@ def create(
         items[str(index)] = json.dumps(item)
         if spec:
             specs[str(index)] = json.dumps(spec)
-    meta = {
+    meta: BatchMeta = {
         "id": batch_id,
         "tenant": tenant,
         "pool": pool,
@@ -179,22 +180,22 @@ def create(
     return meta
 
 
-def load(r: redis.Redis, batch_id: str) -> dict[str, str] | None:
+def load(r: redis.Redis, batch_id: str) -> BatchMeta | None:
     return r.hgetall(keys.batch(batch_id)) or None
 
 
-def get_for_tenant(r: redis.Redis, tenant: str, batch_id: str) -> dict[str, str]:
+def get_for_tenant(r: redis.Redis, tenant: str, batch_id: str) -> BatchMeta:
     meta = load(r, batch_id) if batch_id.startswith("bat_") else None
     if meta is None or meta["tenant"] != tenant:
         raise BatchNotFound(f"no batch {batch_id!r}")
     return meta
 
 
-def load_items(r: redis.Redis, batch_id: str) -> dict[int, dict[str, Any]]:
+def load_items(r: redis.Redis, batch_id: str) -> dict[int, BatchItem]:
     return {int(i): json.loads(v) for i, v in r.hgetall(keys.batch_items(batch_id)).items()}
 
 
-def load_item(r: redis.Redis, batch_id: str, index: int) -> dict[str, Any]:
+def load_item(r: redis.Redis, batch_id: str, index: int) -> BatchItem:
     return json.loads(r.hget(keys.batch_items(batch_id), str(index)) or "{}")
 
 
@@ -202,7 +203,7 @@ def load_spec(r: redis.Redis, batch_id: str, index: int) -> dict[str, Any]:
     return json.loads(r.hget(keys.batch_specs(batch_id), str(index)) or "{}")
 
 
-def save_item(r: redis.Redis, batch_id: str, item: dict[str, Any]) -> None:
+def save_item(r: redis.Redis, batch_id: str, item: BatchItem) -> None:
     r.hset(keys.batch_items(batch_id), str(item["index"]), json.dumps(item))
 
 
@@ -222,7 +223,7 @@ def request_cancel(r: redis.Redis, meta: dict[str, str], ttl_s: int) -> None:
     meta["status"] = CANCELLED
 
 
-def finish(r: redis.Redis, batch_id: str) -> dict[str, str]:
+def finish(r: redis.Redis, batch_id: str) -> BatchMeta:
     """Every item has ended: the batch is completed (unless it was cancelled)."""
     meta = load(r, batch_id) or {}
     pipe = r.pipeline()
@@ -235,7 +236,7 @@ def finish(r: redis.Redis, batch_id: str) -> dict[str, str]:
 
 
 # --- views -----------------------------------------------------------------------------------
-def item_view(r: redis.Redis, item: dict[str, Any]) -> dict[str, Any]:
+def item_view(r: redis.Redis, item: BatchItem) -> dict[str, Any]:
     execution = item.get("execution")
     if execution is None and item.get("execution_id"):
         record = executions.load(r, item["execution_id"])
@@ -249,7 +250,7 @@ def item_view(r: redis.Redis, item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def counts(items: dict[int, dict[str, Any]]) -> dict[str, int]:
+def counts(items: dict[int, BatchItem]) -> dict[str, int]:
     out: dict[str, int] = {}
     for item in items.values():
         out[item["status"]] = out.get(item["status"], 0) + 1
@@ -293,7 +294,7 @@ def payload(
     }
 
 
-def view(r: redis.Redis, meta: dict[str, str], **page: Any) -> dict[str, Any]:
+def view(r: redis.Redis, meta: BatchMeta, **page: Any) -> dict[str, Any]:
     out = payload(r, meta, **page)
     if out["callback_url"]:
         out["webhook"] = webhooks.delivery_view(r, meta["id"])

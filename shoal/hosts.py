@@ -7,14 +7,14 @@ expired is silent. Placement, /healthz, /metrics and the liveness check read it 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import redis
 
 from shoal import keys
+from shoal.records import Heartbeat
 
 
-def heartbeats(r: redis.Redis) -> dict[str, dict[str, Any] | None]:
+def heartbeats(r: redis.Redis) -> dict[str, Heartbeat | None]:
     """Every registered host and its last heartbeat (None when it has gone silent)."""
     hosts = sorted(r.smembers(keys.hosts()))
     if not hosts:
@@ -23,5 +23,5 @@ def heartbeats(r: redis.Redis) -> dict[str, dict[str, Any] | None]:
     return {h: (json.loads(v) if v else None) for h, v in zip(hosts, raw, strict=True)}
 
 
-def live_hosts(r: redis.Redis) -> dict[str, dict[str, Any]]:
+def live_hosts(r: redis.Redis) -> dict[str, Heartbeat]:
     return {h: beat for h, beat in heartbeats(r).items() if beat is not None}

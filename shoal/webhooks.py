@@ -38,6 +38,7 @@ import redis
 
 from shoal import executions, keys, queue, secrets_box
 from shoal.errors import ValidationFailed
+from shoal.records import ExecutionRecord
 from shoal.settings import Settings
 from shoal.timeutil import iso
 
@@ -174,7 +175,7 @@ def execution_payload(record: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def execution_view(r: redis.Redis, record: dict[str, Any]) -> dict[str, Any]:
+def execution_view(r: redis.Redis, record: ExecutionRecord) -> dict[str, Any]:
     """The /v1 execution object, with `callback_url` and `webhook` when it has a callback."""
     if not record.get("callback_url"):
         return executions.public_view(record)
@@ -210,7 +211,7 @@ def schedule(
     queue.DELIVER_WEBHOOK.send(celery, owner_id=owner_id)
 
 
-def schedule_for_execution(r: redis.Redis, celery, record: dict[str, Any], ttl_s: int) -> None:
+def schedule_for_execution(r: redis.Redis, celery, record: ExecutionRecord, ttl_s: int) -> None:
     """The host's hook when an execution ends; never raises (a callback must not fail a run)."""
     if not record.get("callback_url"):
         return

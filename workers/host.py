@@ -34,7 +34,7 @@ from shoal import (
 from shoal.celery_app import celery_for
 from shoal.errors import SessionLost, ShoalError, from_agent
 from shoal.pools import Pool, all_pools, get_pool
-from shoal.records import ExecutionRecord, Heartbeat
+from shoal.records import ExecutionRecord, Heartbeat, SessionEntry
 from shoal.settings import Settings
 from workers.agent_client import AgentClientError, AgentError
 from workers.session_slots import SlotTable
@@ -149,7 +149,7 @@ class HostRuntime:
         ttl = max(int(self.settings.heartbeat_ttl_s), 1)
         self.r.set(keys.host_heartbeat(self.host), json.dumps(status), ex=ttl)
 
-    def _live_sessions(self) -> dict[str, dict[str, str]]:
+    def _live_sessions(self) -> dict[str, SessionEntry]:
         """Registry entries of the sessions placed on this host that are not lost or gone."""
         ids = sorted(sessions.host_session_ids(self.r, self.host))
         pipe = self.r.pipeline()
