@@ -1,6 +1,6 @@
 """The dynamic-sessions data-plane API (/pools/{pool}/...), both generations, on Shoal sessions.
 
-Contract: ../shared/contracts/azure-sessions-api.md. The bearer token is a Shoal API key; the
+Contract: docs/api.md. The bearer token is a Shoal API key; the
 `identifier` names a session within the key's tenant and the pool.
 """
 

@@ -1,6 +1,6 @@
 """Response shapes of the dynamic-sessions API (both generations), from Shoal's own records.
 
-See ../shared/contracts/azure-sessions-api.md. Pure functions: no Redis, no Flask.
+The contract is described in docs/api.md. Pure functions: no Redis, no Flask.
 """
 
 from __future__ import annotations

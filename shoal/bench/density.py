@@ -14,7 +14,7 @@ from shoal.bench.core import Bench, BenchError, Goal, Result, Scenario, timed_lo
 
 SETTLE_S = 5.0  # after the last restore of a step, before the idle window
 PROBE_CALLS = 50
-HELD_GOAL = 48  # issue 4: idle sessions this machine should hold; judged only when asked for
+HELD_GOAL = 48  # idle sessions this machine should hold (docs/performance.md), judged if asked
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

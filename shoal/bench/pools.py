@@ -1,4 +1,4 @@
-"""Pools over time (issue 6): how fast a host refills a drained ready pool, and how late idle
+"""Pools over time: how fast a host refills a drained ready pool, and how late idle
 sessions expire. Both need the benchmark's own pools (target.EXTRA_POOLS); against a Shoal that
 lacks them they report nothing.
 """

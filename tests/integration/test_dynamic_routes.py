@@ -1,6 +1,6 @@
 """The dynamic-sessions routes (/pools/{pool}/...) over raw HTTP, against a real instance.
 
-The contract is ../shared/contracts/azure-sessions-api.md. The published client tools are tested
+The contract is described in docs/api.md. The published client tools are tested
 in test_client_tools.py; here every route and shape is checked directly.
 """
 
