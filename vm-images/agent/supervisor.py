@@ -42,19 +42,19 @@ import time
 from collections import deque
 from typing import Any
 
-try:
-    from shoal import protocol
-except ImportError:  # running from a source checkout: vm-images/agent/ -> repository root
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "shoal")):
+    # A source checkout, vm-images/agent/ (the image has shoal/protocol.py next to the agent):
+    # the repository's own shoal.protocol, even when another one is installed.
     sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from shoal import protocol
 
 import files
+
+from shoal import protocol
 
 AGENT_VERSION = "0.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("shoal.agent")
 
-INTERRUPT_GRACE_S = 3.0  # SIGINT, then this long before SIGKILL and a fresh kernel
 REAP_GRACE_S = 2.0  # after SIGKILL, answer even if the process has not been reaped yet
 CTRL_EOF_KILL_S = 1.0  # a kernel that closed its control socket but lives on is killed
 DISCONNECTED_RECHECK_S = 5.0  # SIGIO is the wake-up; this is only a fallback
@@ -562,7 +562,7 @@ class Agent:
         python: str,
         state_dir: str,
         system: bool,
-        interrupt_grace: float = INTERRUPT_GRACE_S,
+        interrupt_grace: float = protocol.INTERRUPT_GRACE_S,
     ):
         self.channel = channel
         channel.agent = self
@@ -1566,7 +1566,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="let reseed set the clock and credit entropy (default: only in the guest)",
     )
-    p.add_argument("--interrupt-grace", type=float, default=INTERRUPT_GRACE_S)
+    p.add_argument("--interrupt-grace", type=float, default=protocol.INTERRUPT_GRACE_S)
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
