@@ -48,6 +48,7 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "s
     sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import files
+from shoal_kernel_framing import encode_message, take_messages
 
 from shoal import protocol
 
@@ -59,7 +60,7 @@ REAP_GRACE_S = 2.0  # after SIGKILL, answer even if the process has not been rea
 CTRL_EOF_KILL_S = 1.0  # a kernel that closed its control socket but lives on is killed
 DISCONNECTED_RECHECK_S = 5.0  # SIGIO is the wake-up; this is only a fallback
 MAX_TIMEOUT_S = 24 * 3600.0
-KERNEL_MAX_MESSAGE = protocol.MAX_JSON_FROM_GUEST - (2 << 20)
+KERNEL_MAX_MESSAGE = protocol.MAX_JSON_FROM_GUEST - (2 << 20)  # read from the kernel
 KERNEL_START_FAILURES = 3  # an execution waiting for a kernel gives up after this many
 OUT_HIGH_WATER = 4 * protocol.FILE_CHUNK  # file_get reads ahead no further than this
 READ_SIZE = 256 << 10
@@ -429,8 +430,7 @@ class Kernel:
         set_nonblocking(err_r)
 
     def send(self, message: dict) -> None:
-        body = json_bytes(message)
-        self.outbox.push(struct.pack(">I", len(body)) + body)
+        self.outbox.push(encode_message(message))
         self.flush()
 
     def flush(self) -> None:
@@ -441,25 +441,6 @@ class Kernel:
         except OSError:
             self.outbox.clear()
             self.kill("control socket write failed")
-
-    def messages(self) -> list[dict] | None:
-        """Messages complete in the input buffer; None when the kernel broke the framing."""
-        out = []
-        buf = self.inbuf
-        while len(buf) >= 4:
-            (length,) = struct.unpack(">I", buf[:4])
-            if length > KERNEL_MAX_MESSAGE:
-                return None
-            if len(buf) < 4 + length:
-                break
-            body = bytes(buf[4 : 4 + length])
-            del buf[: 4 + length]
-            try:
-                message = protocol.parse_body(body)
-            except protocol.ProtocolError:
-                return None
-            out.append(message)
-        return out
 
     def interrupt(self, seq: int) -> None:
         """KeyboardInterrupt in execution seq's cell, even if it has not quite started yet."""
@@ -1220,7 +1201,7 @@ class Agent:
         if not ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
             return
         eof = not read_available(k.ctrl_fd, k.inbuf.extend, max_reads=256)
-        messages = k.messages()
+        messages = take_messages(k.inbuf, KERNEL_MAX_MESSAGE)
         if messages is None:
             k.kill("broke the control protocol")
             messages = []
