@@ -1,6 +1,6 @@
 """The interpreter process ("kernel") that the agent supervises: runs user code with IPython.
 
-Started by the agent (supervisor.py) as the sandbox user with cwd = the data directory:
+Started by the agent (kernel_process.py) as the sandbox user with cwd = the data directory:
 
     python3 kernel.py          (environment: SHOAL_KERNEL_FD, MPLBACKEND, MPLCONFIGDIR, ...)
 

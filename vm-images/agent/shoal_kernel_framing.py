@@ -1,6 +1,6 @@
 """The framing of the messages between the agent and its interpreter process, for both sides.
 
-The agent (supervisor.py) and the interpreter (shoal_kernel.py) talk over a private socket;
+The agent (kernel_process.py) and the interpreter (shoal_kernel.py) talk over a private socket;
 both import this module, so the framing is written once. A message is a 4-byte big-endian length,
 then that many bytes of one UTF-8 JSON object. Each side passes the longest message it accepts
 from the other: the interpreter runs user code, so the agent treats what it reads as untrusted,
