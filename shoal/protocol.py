@@ -40,6 +40,11 @@ MAX_RICH_OUTPUT_BYTES = 16 << 20  # all display outputs of one execution, base64
 DEFAULT_MAX_OUTPUT = 4096  # characters of stdout / stderr, as the reference service
 MAX_OUTPUT_CAP = 1 << 20
 
+# The agent's interrupt grace: after an interrupt or a timeout it sends SIGINT, and kills the
+# interpreter (then starts a fresh one) when the execution has not stopped this long after. The
+# guest agent's default (--interrupt-grace), and how long the host client expects it to take.
+INTERRUPT_GRACE_S = 3.0
+
 # Operations the agent understands.
 OP_HELLO = "hello"
 OP_PING = "ping"

@@ -28,7 +28,6 @@ from typing import Any
 from shoal import protocol
 
 DEFAULT_TIMEOUT_S = 30.0
-INTERRUPT_GRACE_S = 3.0  # the agent's: SIGINT, then this long before it kills the interpreter
 ANSWER_MARGIN_S = 5.0  # on top of timeout_s + grace: transfer, kernel restart, a slow guest
 RECV_SIZE = 256 << 10
 
@@ -122,7 +121,7 @@ class AgentClient:
         self,
         sock: socket.socket,
         *,
-        interrupt_grace_s: float = INTERRUPT_GRACE_S,
+        interrupt_grace_s: float = protocol.INTERRUPT_GRACE_S,
         answer_margin_s: float = ANSWER_MARGIN_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ):

@@ -1,6 +1,6 @@
 """The interpreter process ("kernel") that the agent supervises: runs user code with IPython.
 
-Started by the agent (supervisor.py) as the sandbox user with cwd = the data directory:
+Started by the agent (kernel_process.py) as the sandbox user with cwd = the data directory:
 
     python3 kernel.py          (environment: SHOAL_KERNEL_FD, MPLBACKEND, MPLCONFIGDIR, ...)
 
@@ -8,8 +8,8 @@ kernel.py only imports this module (so the byte-code compiled at image build tim
 
 - fd 0 is /dev/null; fds 1 and 2 are pipes the agent reads and caps (so output of
   subprocesses and C code is captured as well as print()).
-- SHOAL_KERNEL_FD is a socket to the agent carrying length-prefixed JSON messages
-  (4-byte big-endian length, then a JSON object):
+- SHOAL_KERNEL_FD is a socket to the agent carrying JSON messages, framed as in
+  shoal_kernel_framing.py (which the agent imports too):
     agent -> kernel  {"op": "execute", "id": n, "code": str, "max_rich": int}
                      {"op": "reseed", "seed": base64}
     kernel -> agent  {"op": "ready", "pid": int, "ipython": str}
@@ -25,7 +25,6 @@ Standard library plus IPython; matplotlib only when the user imports it.
 
 from __future__ import annotations
 
-import ast
 import base64
 import contextlib
 import hashlib
@@ -41,17 +40,16 @@ import struct
 import sys
 import threading
 import time
-import types
 
-from traitlets import All  # IPython's own dependency; it reads nothing from the environment
+from shoal_fast_path import compile_fresh, run_cell_fast
+from shoal_kernel_framing import encode_message, frame, take_messages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-LENGTH = struct.Struct(">I")
 MAX_COMMAND = 8 << 20
 RECV_SIZE = 64 << 10  # under malloc's mmap threshold: recv(n) allocates n bytes each call
-MAX_REPLY = 28 << 20
+MAX_REPLY = 28 << 20  # the agent kills a kernel whose message is over 30 MiB
 FLUSH_INTERVAL_S = 0.1
-FLUSH_LINGER_S = 2.0  # the agent kills a kernel whose message is over 30 MiB
+FLUSH_LINGER_S = 2.0
 MPL_BACKEND_MODULE = "shoal_mpl_backend"
 RICH_MIMES = (
     "text/plain",
@@ -81,36 +79,33 @@ def clip(text: str, limit: int) -> str:
 
 
 class AgentLink:
-    """Length-prefixed JSON over the socket inherited from the agent."""
+    """The socket inherited from the agent, framed by shoal_kernel_framing."""
 
     def __init__(self, fd: int):
         self.sock = socket.socket(fileno=fd)
         self.sock.set_inheritable(False)
         self.sock.setblocking(True)
         self.buf = bytearray()
+        self.pending: list[dict] = []  # complete messages a recv() brought beyond the first
 
     def recv(self) -> dict | None:
         """The next message; None when the agent went away. One recv() usually brings a
         whole message (each syscall counts under TCG)."""
-        buf = self.buf
-        while True:
-            if len(buf) >= LENGTH.size:
-                (length,) = LENGTH.unpack_from(buf)
-                if length > MAX_COMMAND:
-                    raise SystemExit(f"kernel: command of {length} bytes from the agent")
-                end = LENGTH.size + length
-                if len(buf) >= end:
-                    body = bytes(buf[LENGTH.size : end])
-                    del buf[:end]
-                    return json.loads(body)
+        pending = self.pending
+        while not pending:
             data = self.sock.recv(RECV_SIZE)
             if not data:
                 return None
-            buf += data
+            self.buf += data
+            messages = take_messages(self.buf, MAX_COMMAND)
+            if messages is None:
+                raise SystemExit("kernel: a command from the agent broke the framing")
+            pending += messages
+        return pending.pop(0)
 
-    def send(self, message: dict | bytes) -> None:
-        body = message if isinstance(message, bytes) else encode(message)
-        self.sock.sendall(LENGTH.pack(len(body)) + body)
+    def send(self, framed: bytes) -> None:
+        """One message as framed by encode_message() or frame()."""
+        self.sock.sendall(framed)
 
 
 def encode(message: dict) -> bytes:
@@ -438,160 +433,6 @@ def execute(shell, message: dict) -> dict:
     }
 
 
-_ASYNC_NODES = (ast.Await, ast.AsyncFor, ast.AsyncWith)
-# Cells run again verbatim (a retried call, a polling loop, a re-run notebook cell) skip parsing
-# and compiling: under TCG that is about half of a small cell's time in the interpreter.
-COMPILED_CELLS = 64
-COMPILED: dict[tuple[str, int], tuple] = {}
-
-
-def run_cell_fast(shell, code: str):
-    """Run a plain-Python cell the way `shell.run_cell` would, with far less machinery.
-
-    Under TCG every step of IPython's run_cell costs tens to hundreds of microseconds, and after
-    the context switch from the agent each one costs about three times its hot-loop time: the
-    tokenizer-based input transformers, the async checks, a compile per statement, the trap
-    context managers. IPython only transforms text that is not valid Python (magics, `!cmd`,
-    `x?`, prompts, leading indentation), so a cell that parses and compiles as Python, with no
-    await, runs here through the steps that matter: the same events, input history (`In`,
-    `_i`), displayhook for the last expression (`_`, `Out`), run_code's exception handling and
-    tracebacks, and the execution count. Anything else, or a shell with extra transformers,
-    returns None: the caller uses run_cell.
-    """
-    if shell.ast_transformers or shell.input_transformers_post:
-        return None
-    compiled = _compile_cell(shell, code)
-    if compiled is None:
-        return None
-    body, last = compiled
-    from IPython.core.interactiveshell import ExecutionInfo, ExecutionResult
-
-    info = ExecutionInfo(code, True, False, True, None)
-    result = ExecutionResult(info)
-    _set_quietly(shell.displayhook, exec_result=result)
-    shell.events.trigger("pre_execute")
-    shell.events.trigger("pre_run_cell", info)
-    _store_input(shell, code)
-    hook, sys.displayhook = sys.displayhook, shell.displayhook
-    try:
-        failed = body is not None and _run_compiled(shell, body, result)
-        if last is not None and not failed:
-            _run_compiled(shell, last, result)
-    finally:
-        sys.displayhook = hook
-    _set_quietly(shell.displayhook, exec_result=None)
-    _set_quietly(
-        shell,
-        last_execution_succeeded=result.error_in_exec is None,
-        last_execution_result=result,
-        execution_count=shell.execution_count + 1,
-    )
-    shell.events.trigger("post_execute")
-    shell.events.trigger("post_run_cell", result)
-    return result
-
-
-def _compile_cell(shell, code: str):
-    """(statements, last expression) compiled as IPython's "last_expr" interactivity does (the
-    last expression in "single" mode, which calls the displayhook), or None for run_cell."""
-    name = shell.compile.cache(code, shell.execution_count, raw_code=code)
-    key = (code, shell.compile.flags)  # `from __future__` imports change how code compiles
-    compiled = COMPILED.pop(key, None)
-    if compiled is None:
-        compiled = _compile_fresh(shell, code, name)
-        if compiled is None:
-            return None
-    body, last = compiled
-    if _cacheable(body) and _cacheable(last):
-        COMPILED[key] = compiled  # most recently used last
-        if len(COMPILED) > COMPILED_CELLS:
-            del COMPILED[next(iter(COMPILED))]
-    # The traceback of this run names this cell ("Cell In[n]"), not the one compiled first.
-    return (
-        body.replace(co_filename=name) if body is not None else None,
-        last.replace(co_filename=name) if last is not None else None,
-    )
-
-
-def _compile_fresh(shell, code: str, name: str):
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return None
-    if ("await" in code or "async" in code) and any(
-        isinstance(node, _ASYNC_NODES) for node in ast.walk(tree)
-    ):
-        return None
-    nodes = tree.body
-    last = nodes.pop() if nodes and isinstance(nodes[-1], ast.Expr) else None
-    try:
-        body = shell.compile(ast.Module(nodes, []), name, "exec") if nodes else None
-        tail = shell.compile(ast.Interactive([last]), name, "single") if last else None
-    except Exception:  # e.g. `return` outside a function: run_cell reports it as IPython does
-        return None
-    return body, tail
-
-
-def _cacheable(code_obj) -> bool:
-    """Code with no nested code object (function, lambda, class, comprehension): re-stamping
-    its file name is then exact for tracebacks."""
-    return code_obj is None or not any(isinstance(c, types.CodeType) for c in code_obj.co_consts)
-
-
-def _run_compiled(shell, code_obj, result) -> bool:
-    """shell.run_code to its end (a coroutine with nothing to await); True when it raised."""
-    runner = shell.run_code(code_obj, result)
-    try:
-        runner.send(None)
-    except StopIteration as finished:
-        return bool(finished.value)
-    runner.close()
-    raise RuntimeError("a cell without await awaited")
-
-
-def _set_quietly(obj, **values) -> None:
-    """Set traitlets attributes without their machinery when nothing observes or validates
-    them: under TCG a trait assignment (validation, cross-validation, change notification)
-    costs ~0.1 ms, and a cell made nine. The values set here are of the traits' own types."""
-    for name, value in values.items():
-        if _unwatched(obj, name):
-            obj._trait_values[name] = value
-        else:
-            setattr(obj, name, value)
-
-
-def _unwatched(obj, name: str) -> bool:
-    """The trait has a value already and no observer or cross-validator (traitlets 5)."""
-    store = getattr(obj, "_trait_values", None)
-    notifiers = getattr(obj, "_trait_notifiers", None)
-    validators = getattr(obj, "_trait_validators", None)
-    if store is None or notifiers is None or validators is None or name not in store:
-        return False
-    observers = [*(notifiers.get(name) or {}).values(), *(notifiers.get(All) or {}).values()]
-    return not any(observers) and name not in validators
-
-
-def _store_input(shell, code: str) -> None:
-    """What HistoryManager.store_inputs does with history off (In, _ih, _i, _ii, _iii, _iN),
-    without its trait assignments or the database cache nothing would ever save."""
-    history = shell.history_manager
-    count = shell.execution_count
-    if history.enabled or not hasattr(history, "_exit_re"):
-        history.store_inputs(count, code, code)
-        return
-    source = code.rstrip("\n")
-    if history._exit_re.match(source.strip()):
-        return
-    history.input_hist_parsed.append(source)
-    history.input_hist_raw.append(source)
-    previous = history._i00
-    _set_quietly(history, _iii=history._ii, _ii=history._i, _i=previous, _i00=source)
-    shell.push(
-        {"_i": previous, "_ii": history._ii, "_iii": history._iii, f"_i{count}": source},
-        interactive=False,
-    )
-
-
 def warm_up(shell) -> None:
     """Format one traceback the way a failing cell does, before saying ready: the first one
     parses IPython's interactiveshell.py (for the run_code frame), ~0.6 s under TCG, which a VM
@@ -609,7 +450,7 @@ def warm_paths(shell) -> None:
     that returns a value costs ~20 ms more than the next ones. Nothing the user sees changes:
     no execution count, history, `_` or variable."""
     try:
-        compiled = _compile_fresh(shell, "w = 1\nw += 1\nw", "<shoal-warm-up>")
+        compiled = compile_fresh(shell, "w = 1\nw += 1\nw", "<shoal-warm-up>")
         if compiled is not None:
             exec(compiled[0], {})
         shell.display_formatter.format("text")
@@ -653,12 +494,14 @@ def main() -> None:
     import IPython
 
     link.send(
-        {
-            "op": "ready",
-            "pid": os.getpid(),
-            "python": ".".join(map(str, sys.version_info[:3])),
-            "ipython": IPython.__version__,
-        }
+        encode_message(
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "python": ".".join(map(str, sys.version_info[:3])),
+                "ipython": IPython.__version__,
+            }
+        )
     )
     while True:
         try:
@@ -672,7 +515,7 @@ def main() -> None:
             received = time.monotonic()
             reply = execute(shell, message)
             reply["kernel_at"] = [received, time.monotonic()]
-            link.send(encode_reply(reply))
+            link.send(frame(encode_reply(reply)))
             if shell.exit_now:
                 _flush_std()
                 os._exit(0)

@@ -1,0 +1,73 @@
+"""Shell executions: `bash -c CODE` as the sandbox user, its output captured, its exit answered.
+
+The shell language of the execute request (executions.py does the rest of an execution's life:
+the deadline, the interrupt, the answer). ShellExecutions is the part of supervisor.Agent that
+starts the command and turns its exit status into the answer; killpg() ends its process group.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+from channel import set_nonblocking
+
+from shoal import protocol
+
+if TYPE_CHECKING:
+    import files
+    from executions import Execution
+
+
+def killpg(pgid: int, sig: int) -> None:
+    """Signal a process group that may be gone already."""
+    with contextlib.suppress(OSError):
+        os.killpg(pgid, sig)
+
+
+class ShellExecutions:
+    """Part of supervisor.Agent: a shell command's process. The state is the Agent's."""
+
+    data_dir: files.DataDir
+    user_env: dict[str, str]
+    drop_privileges: dict[str, Any]
+
+    def _start_shell(self, ex: Execution) -> None:
+        try:
+            proc = subprocess.Popen(
+                ["/bin/bash", "-c", ex.code],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.data_dir.root,
+                env=self.user_env,
+                process_group=0,
+                **self.drop_privileges,
+            )
+        except OSError as exc:
+            self._finish(
+                ex,
+                status=protocol.STATUS_ERROR,
+                error={"name": "ShellStartFailed", "value": str(exc), "traceback": ""},
+            )
+            return
+        ex.proc = proc
+        for stream, capture in ((proc.stdout, ex.stdout), (proc.stderr, ex.stderr)):
+            fd = os.dup(stream.fileno())
+            stream.close()
+            set_nonblocking(fd)
+            ex.pipes[fd] = capture
+
+    def _shell_exited(self, ex: Execution, code: int) -> None:
+        exit_code = code if code >= 0 else 128 - code
+        status = protocol.STATUS_OK if code == 0 else protocol.STATUS_ERROR
+        error = None
+        if code != 0:
+            how = f"exit code {code}" if code > 0 else f"signal {-code}"
+            error = {"name": "ShellError", "value": f"command ended with {how}", "traceback": ""}
+        if ex.interrupt_reason is not None:
+            status = ex.interrupt_reason
+        self._finish(ex, status=status, error=error, exit_code=exit_code)
