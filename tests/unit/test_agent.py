@@ -874,6 +874,28 @@ def test_client_rejects_garbage(fake_guest):
         client.ping()  # the connection stays marked broken
 
 
+def test_client_rejects_frames_nested_too_deeply(fake_guest):
+    client, guest = fake_guest
+    body = b"[" * 200_000 + b"]" * 200_000  # within the size limit, beyond any decoder's stack
+
+    answer_next_request(guest, lambda r: protocol.HEADER.pack(protocol.MAGIC, len(body), 0) + body)
+    with pytest.raises(AgentProtocolError, match="nested too deeply"):
+        client.ping()
+
+
+def test_the_kernel_framing_refuses_messages_nested_too_deeply():
+    sys.path.insert(0, str(AGENT.parent))
+    try:
+        import shoal_kernel_framing as framing
+    finally:
+        sys.path.remove(str(AGENT.parent))
+    nested = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    buf = bytearray(framing.frame(nested))
+    assert framing.take_messages(buf, len(nested)) is None
+    buf = bytearray(framing.encode_message({"op": "done"}))
+    assert framing.take_messages(buf, 1 << 20) == [{"op": "done"}]
+
+
 def test_client_rejects_oversize_frames(fake_guest):
     client, guest = fake_guest
     answer_next_request(

@@ -4,7 +4,8 @@ The agent (kernel_process.py) and the interpreter (shoal_kernel.py) talk over a 
 both import this module, so the framing is written once. A message is a 4-byte big-endian length,
 then that many bytes of one UTF-8 JSON object. Each side passes the longest message it accepts
 from the other: the interpreter runs user code, so the agent treats what it reads as untrusted,
-and a length over the limit or a body that is not a JSON object breaks the framing.
+and a length over the limit or a body that is not a JSON object (nested too deeply included)
+breaks the framing.
 
 Standard library only and nothing else of the agent's: the interpreter imports it before it
 takes the agent's directory off sys.path, and it stays in the user's sys.modules (hence the
@@ -46,7 +47,7 @@ def take_messages(buf: bytearray, limit: int) -> list[dict] | None:
         del buf[:end]
         try:
             message = json.loads(body)
-        except ValueError:  # UnicodeDecodeError included
+        except (ValueError, RecursionError):  # bad UTF-8 or JSON; nesting too deep to decode
             return None
         if not isinstance(message, dict):
             return None
