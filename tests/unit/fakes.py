@@ -1,5 +1,6 @@
 """Stand-ins for the parts a unit test of Shoal's logic does not start: Redis is fakeredis, the
-Celery app records what is sent, the VM manager hands out scripted VMs.
+Celery app records what is sent (and can play the host's answer), the VM manager hands out
+scripted VMs, and a heartbeat is published the way a host worker publishes it.
 
 They exist for fast tests of the logic only; the integration suite runs the same paths on a real
 Redis, real Celery workers and real QEMU guests.
@@ -7,13 +8,17 @@ Redis, real Celery workers and real QEMU guests.
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import fakeredis
+import redis
 
-from shoal import sessions
+from shoal import keys, sessions
 from shoal.context import Context
 from shoal.pools import get_pool
 from shoal.records import SessionEntry
@@ -45,6 +50,47 @@ class RecordingCelery:
         found = [t for t in self.sent if t.name == name]
         self.sent = [t for t in self.sent if t.name != name]
         return found
+
+
+class AnsweringCelery(RecordingCelery):
+    """Records every task and, for a task name given an answer, plays the host: the answer runs
+    in its own thread as soon as the task is sent, as a host worker would pick it up.
+
+    `join()` waits for the answers and re-raises the first error one of them hit, so a failed
+    assertion on the host's side fails the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers: dict[str, Callable[[SentTask], None]] = {}
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def answer(self, name: str, handler: Callable[[SentTask], None]) -> None:
+        self.answers[name] = handler
+
+    def send_task(self, name: str, **options: Any):
+        super().send_task(name, **options)
+        handler = self.answers.get(name)
+        if handler is None:
+            return
+        task = self.sent[-1]
+
+        def run() -> None:
+            try:
+                handler(task)
+            except BaseException as exc:  # surfaced by join()
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, name=f"host-{name}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self, timeout_s: float = 5.0) -> None:
+        for thread in self.threads:
+            thread.join(timeout_s)
+            assert not thread.is_alive(), f"the host's answer {thread.name} never finished"
+        if self.errors:
+            raise self.errors[0]
 
 
 @dataclass
@@ -116,6 +162,35 @@ def ok_answer(result: str = "2", duration_ms: float = 1.0) -> dict:
         "duration_ms": duration_ms,
         "phases_ms": {"kernel": 0.5},
     }
+
+
+def publish_heartbeat(
+    r: redis.Redis,
+    host: str = HOST,
+    *,
+    ready: dict[str, int] | None = None,
+    vms: int = 0,
+    max_vms: int = 48,
+    libvirt_ok: bool = True,
+    ttl_s: float = 15.0,
+) -> None:
+    """Register `host` and publish a heartbeat for it as workers/host.py beat_once does, with
+    `ready` VMs per pool."""
+    pools = {name: {"ready": n, "starting": 0, "busy": 0} for name, n in (ready or {}).items()}
+    beat = {
+        "host": host,
+        "at": time.time(),
+        "started_at": time.time(),
+        "sessions": 0,
+        "vms": vms,
+        "max_vms": max_vms,
+        "template": "ready",
+        "pools": pools,
+        "pool_errors": {},
+        "driver": {"libvirt": {"ok": libvirt_ok}},
+    }
+    r.sadd(keys.hosts(), host)
+    r.set(keys.host_heartbeat(host), json.dumps(beat), px=int(ttl_s * 1000))
 
 
 def unit_settings(**overrides: Any) -> Settings:
