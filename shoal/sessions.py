@@ -94,6 +94,20 @@ def count_for_tenant(r: redis.Redis, tenant: str) -> int:
     return r.scard(keys.tenant_sessions(tenant))
 
 
+# Atomically: only a session still `creating` becomes active with its VM (ARGV: vm id, warm).
+_ACTIVATE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'creating' then return 0 end
+redis.call('HSET', KEYS[1], 'vm', ARGV[1], 'state', 'active', 'warm', ARGV[2])
+return 1
+"""
+
+
+def activate(r: redis.Redis, session_id: str, vm_id: str, warm: bool) -> bool:
+    """Record the session's VM and make it active; False, changing nothing, when the session
+    ended (its creator gave up, or it was deleted) while the VM was being made."""
+    return bool(r.eval(_ACTIVATE, 1, keys.session(session_id), vm_id, "1" if warm else "0"))
+
+
 def set_state(r: redis.Redis, session_id: str, state: str, reason: str = "") -> None:
     r.hset(keys.session(session_id), mapping={"state": state, "reason": reason})
 

@@ -223,12 +223,11 @@ class HostRuntime:
         if vm_id is None:
             vm_id = new_vm_id()
             self.vms.create(vm_id, spec_for(pool))
+        if not sessions.activate(self.r, session_id, vm_id, warm):
+            self.vms.destroy(vm_id)  # nobody will ever use it: the session is gone
+            raise ShoalError(f"session {session_id} ended before its VM was ready")
         self.session_vm[session_id] = vm_id
         self.slots.get(session_id)
-        self.r.hset(
-            keys.session(session_id),
-            mapping={"vm": vm_id, "state": sessions.ACTIVE, "warm": "1" if warm else "0"},
-        )
         log.info(
             "session=%s host=%s vm=%s created in %.0f ms (%s)",
             session_id,

@@ -84,6 +84,9 @@ def wait_execution(
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            latest = executions.load(c.redis, record["id"])
+            if latest is not None and latest["status"] in executions.FINAL:
+                return latest  # it ended (or was marked lost) just as time ran out
             raise HostTimeout(
                 f"execution {record['id']} did not finish within {timeout_s:.0f} s; "
                 f"poll GET /v1/executions/{record['id']}"

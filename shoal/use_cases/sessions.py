@@ -49,7 +49,8 @@ def create_session(c: Context, tenant: str, pool_name: str, identifier: str = ""
     try:
         replies.wait(c.redis, reply_key, timeout)
     except Exception:
-        sessions.end(c.redis, entry, sessions.DELETED)
+        # The host may yet give it a VM: the tombstone makes it destroy that VM at once.
+        _end(c, entry, sessions.DELETED)
         raise
     entry["state"] = sessions.ACTIVE
     return entry

@@ -10,6 +10,7 @@ import pytest
 
 from pool.expiry import expire_idle
 from shoal import executions, keys, queue, sessions
+from shoal.pools import get_pool
 from shoal.use_cases import executions as execution_cases
 from tests.unit.fakes import FakeVMManager, live_session, unit_context
 from workers.agent_client import AgentProtocolError
@@ -138,15 +139,30 @@ def test_a_task_carrying_another_record_is_ignored(c, runtime, vms, entry) -> No
     assert executions.load(c.redis, record["id"])["status"] == executions.QUEUED
 
 
+def creating_session(c):
+    """A session as the API leaves it before its host answers: `creating`."""
+    return sessions.create(c.redis, "t1", get_pool(c.settings, "default"), "h1")
+
+
 def test_session_creation_answers_its_creator(c, runtime, vms) -> None:
-    entry = live_session(c)
+    entry = creating_session(c)
     runtime.create_session(entry["id"], "default", "reply:1")
     assert json.loads(c.redis.lpop("reply:1"))["ok"] is True
-    assert sessions.load(c.redis, entry["id"])["vm"] in vms.vms
+    stored = sessions.load(c.redis, entry["id"])
+    assert stored["state"] == sessions.ACTIVE and stored["vm"] in vms.vms
 
     vms.create_error = RuntimeError("no room on the disk")
-    other = live_session(c)
+    other = creating_session(c)
     runtime.create_session(other["id"], "default", "reply:2")
     answer = json.loads(c.redis.lpop("reply:2"))
     assert answer["ok"] is False and "no room on the disk" in answer["error"]["message"]
     assert sessions.load(c.redis, other["id"])["state"] == sessions.LOST
+
+
+def test_a_session_deleted_while_its_vm_is_made_does_not_keep_the_vm(c, runtime, vms) -> None:
+    entry = creating_session(c)
+    sessions.end(c.redis, entry, sessions.DELETED)  # its creator gave up waiting
+    runtime.create_session(entry["id"], "default", "reply:1")
+    assert json.loads(c.redis.lpop("reply:1"))["ok"] is False
+    assert vms.vms == {} and len(vms.destroyed) == 1
+    assert sessions.load(c.redis, entry["id"])["state"] == sessions.DELETED
