@@ -125,15 +125,17 @@ def apply_agent_result(record: ExecutionRecord, answer: dict[str, Any]) -> None:
     record["duration_ms"] = answer.get("duration_ms")
 
 
-def fail_internal(record: ExecutionRecord, what: str, host: str) -> None:
-    """End the record `failed` for an error of Shoal's own (not of the user's code)."""
+def fail_internal(record: ExecutionRecord, exc: BaseException) -> None:
+    """End the record `failed` for an error of Shoal's own, not of the user's code. The client
+    learns what kind of error it was; the details (which may name hosts, paths or URLs) stay in
+    the host's log, under the execution's id."""
+    value = (
+        f"Shoal could not run this execution because of an error on its host "
+        f"({type(exc).__name__}); the host's log has the details under {record['id']}"
+    )
     record["status"] = FAILED
-    record["error"] = {
-        "name": "InternalError",
-        "value": f"Shoal failed to run this execution on host {host}: {what}",
-        "traceback": "",
-    }
-    record["stderr"] = f"InternalError: {record['error']['value']}"
+    record["error"] = {"name": "InternalError", "value": value, "traceback": ""}
+    record["stderr"] = f"InternalError: {value}"
 
 
 def guest_phases(answer: dict[str, Any]) -> dict[str, float] | None:

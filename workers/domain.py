@@ -21,8 +21,8 @@ What a guest gets, and why:
   (qemu.conf stdio_handler = "logd", the default), which rotates the file at its max_size
   (virtlogd.conf, default 2 MiB, keeping max_backups = 3 old files as console.log.N; checked
   here with a guest writing 3 MB): a guest cannot fill the host's disk through its console, at
-  most (1 + max_backups) x max_size per VM. settings.console_log_max_bytes takes effect only if
-  virtlogd is started with a config that sets max_size to it. The start error of a guest whose
+  most (1 + max_backups) x max_size per VM (set max_size in virtlogd.conf for another cap).
+  The start error of a guest whose
   agent never answers quotes the console's last 1.5 KB; destroying the VM removes its
   directory, rotated files included;
 - no network interface unless the spec asks for one (then QEMU user-mode networking:

@@ -39,7 +39,7 @@ from shoal.settings import Settings
 from workers.agent_client import AgentClientError, AgentError
 from workers.session_slots import SlotTable
 from workers.vm import VMManager, VMSpec
-from workers.vm_errors import AgentRefused, VMError, VMLost
+from workers.vm_errors import AgentRefused, VMLost
 
 log = logging.getLogger("shoal.host")
 
@@ -187,8 +187,8 @@ class HostRuntime:
         # translates the guest's code again; pay it here, not in the user's first request.
         try:
             vm.execute("pass", "python", 60, 64)
-        except VMLost:
-            self.vms.destroy(vm_id)  # a lost VM is its owner's to destroy
+        except Exception:
+            self.vms.destroy(vm_id)  # nobody owns it yet but this host: never leave it running
             raise
 
     def replenish(self) -> None:
@@ -223,10 +223,11 @@ class HostRuntime:
         if vm_id is None:
             vm_id = new_vm_id()
             self.vms.create(vm_id, spec_for(pool))
+        self.session_vm[session_id] = vm_id  # so that a failure from here on destroys it
         if not sessions.activate(self.r, session_id, vm_id, warm):
             self.vms.destroy(vm_id)  # nobody will ever use it: the session is gone
+            self.session_vm.pop(session_id, None)
             raise ShoalError(f"session {session_id} ended before its VM was ready")
-        self.session_vm[session_id] = vm_id
         self.slots.get(session_id)
         log.info(
             "session=%s host=%s vm=%s created in %.0f ms (%s)",
@@ -256,10 +257,14 @@ class HostRuntime:
         log.info("session=%s host=%s destroyed", session_id, self.host)
 
     def mark_session_lost(self, session_id: str, reason: str) -> None:
-        sessions.set_state(self.r, session_id, sessions.LOST, reason)
-        metrics.incr(self.r, "shoal_sessions_lost_total")
-        self.vms.destroy(self._vm_id(session_id))
-        self.session_vm.pop(session_id, None)
+        """The one place a session's VM is declared lost: the registry says why, the VM goes
+        (even when Redis cannot be written)."""
+        try:
+            sessions.set_state(self.r, session_id, sessions.LOST, reason)
+            metrics.incr(self.r, "shoal_sessions_lost_total")
+        finally:
+            self.vms.destroy(self._vm_id(session_id))
+            self.session_vm.pop(session_id, None)
 
     def _vm(self, session_id: str, pool: Pool):
         vm_id = self._vm_id(session_id)
@@ -272,18 +277,36 @@ class HostRuntime:
     def execute(self, execution_id: str, pool_name: str, record_json: str) -> None:
         """Run an execution in its turn. The task carries the record as the API stored it
         (status queued), so the worker need not read it back."""
-        record: ExecutionRecord = json.loads(record_json)
-        if record.get("id") != execution_id:
-            log.error("execution=%s host=%s task carries another record", execution_id, self.host)
+        try:
+            record: ExecutionRecord = json.loads(record_json)
+            if not isinstance(record, dict) or record.get("id") != execution_id:
+                raise ValueError("the task does not carry this execution's record")
+            session_id = record["session_id"]
+        except Exception as exc:
+            self._fail_stored(execution_id, pool_name, exc)
             return
         record["timings"] = {"received_at": time.time()}  # for scripts/bench's breakdown
-        session_id = record["session_id"]
         slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
         with slot.turn(record["seq"], execution_id):
             self._run(record, pool_name)
 
+    def _fail_stored(self, execution_id: str, pool_name: str, exc: Exception) -> None:
+        """A task this worker cannot read: end the stored record, so it never stays queued."""
+        log.error("execution=%s host=%s unreadable task: %s", execution_id, self.host, exc)
+        record = executions.load(self.r, execution_id)
+        if record is not None and record["status"] not in executions.FINAL:
+            record["started_at"] = time.time()
+            executions.fail_internal(record, exc)
+            self._finish(record, pool_name)
+
     def _done_seq(self, session_id: str) -> int:
-        return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
+        """Where a new slot starts; when Redis cannot say, the slot waits for predecessors
+        that may never come for at most PREDECESSOR_WAIT_S, then runs."""
+        try:
+            return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
+        except Exception:
+            log.exception("session=%s host=%s reading its turn failed", session_id, self.host)
+            return 0
 
     def _cancel_requested(self, execution_id: str) -> bool:
         return bool(self.r.exists(keys.execution_cancel(execution_id)))
@@ -316,8 +339,10 @@ class HostRuntime:
         queued: ExecutionRecord = dict(record)  # type: ignore[assignment]
         record["status"] = executions.RUNNING
         record["started_at"] = time.time()
+        cooldown_s = self.settings.cooldown_s
         try:
             pool = get_pool(self.settings, pool_name)
+            cooldown_s = pool.cooldown_s
             if not executions.mark_running(self.r, record, self.settings.execution_ttl_s):
                 self._finish_cancelled(queued)  # a cancel came first: it never runs
                 return
@@ -329,8 +354,8 @@ class HostRuntime:
                 record["id"],
                 self.host,
             )
-            executions.fail_internal(record, f"{type(exc).__name__}: {exc}", self.host)
-        self._finish(record, pool_name)
+            executions.fail_internal(record, exc)
+        self._finish(record, pool_name, cooldown_s)
 
     def _run_in_vm(self, record: ExecutionRecord, pool: Pool) -> None:
         """Send the code to the session's VM and copy the answer into the record."""
@@ -352,17 +377,17 @@ class HostRuntime:
             self._lose(record, str(exc))
         except AgentClientError as exc:
             self._lose(record, f"its agent broke the protocol: {exc}")
-        except VMError as exc:
-            self._lose(record, f"the VM failed: {exc}")
         except ShoalError as exc:
             record["status"] = executions.FAILED
             record["stderr"] = exc.message
 
-    def _finish(self, record: ExecutionRecord, pool_name: str) -> None:
+    def _finish(
+        self, record: ExecutionRecord, pool_name: str, cooldown_s: int | None = None
+    ) -> None:
         """One round trip: the final record, the waiter's wake-up, the turn, the idle clock
         and the metrics; then the webhook, if one was asked for."""
         session_id = record["session_id"]
-        cooldown_s = self._cooldown_s(pool_name)
+        cooldown_s = cooldown_s or self.settings.cooldown_s
         try:
             pipe = self.r.pipeline(transaction=False)
             self._end_turn(pipe, record)
@@ -388,16 +413,14 @@ class HostRuntime:
             record["duration_ms"],
         )
 
-    def _cooldown_s(self, pool_name: str) -> int:
-        try:
-            return get_pool(self.settings, pool_name).cooldown_s
-        except ShoalError:  # a pool this host does not know: the default's cooldown
-            return self.settings.cooldown_s
-
     def _lose(self, record: ExecutionRecord, reason: str) -> None:
         record["status"] = executions.LOST
         record["stderr"] = f"The session was lost: {reason}"
-        self.mark_session_lost(record["session_id"], reason)
+        try:
+            self.mark_session_lost(record["session_id"], reason)
+        except Exception:  # the record still says lost; the operator's log says what failed
+            log.exception("session=%s host=%s marking it lost failed", record["session_id"],
+                          self.host)  # fmt: skip
 
     def cancel(self, execution_id: str) -> None:
         """Interrupt the execution if it is running here; a queued one sees the cancel mark
@@ -474,9 +497,10 @@ class HostRuntime:
         except transfers.TransferAborted as exc:
             log.info("session=%s host=%s upload abandoned by the client", session_id, self.host)
             replies.send_error(self.r, reply_key, ShoalError(str(exc)))
-        except (VMLost, VMError) as exc:
+        except VMLost as exc:
             self.mark_session_lost(session_id, str(exc))
             replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))
         except Exception as exc:  # the host's own fault: the waiting request hears it at once
             log.exception("session=%s host=%s file operation failed", session_id, self.host)
-            replies.send_error(self.r, reply_key, ShoalError(f"{type(exc).__name__}: {exc}"))
+            error = ShoalError(f"the file operation failed on the host ({type(exc).__name__})")
+            replies.send_error(self.r, reply_key, error)

@@ -15,7 +15,7 @@ from shoal.use_cases import executions as execution_cases
 from tests.unit.fakes import FakeVMManager, live_session, unit_context
 from workers.agent_client import AgentProtocolError
 from workers.host import HostRuntime
-from workers.vm_errors import VMLost
+from workers.vm_errors import VMError, VMLost
 
 
 @pytest.fixture()
@@ -71,7 +71,8 @@ def test_an_unexpected_error_fails_the_execution_and_the_session_carries_on(
     record = submit_and_run(c, runtime, entry)
     assert record["status"] == executions.FAILED
     assert record["error"]["name"] == "InternalError"
-    assert "RuntimeError: libvirt: internal error: something odd" in record["error"]["value"]
+    assert "(RuntimeError)" in record["error"]["value"] and record["id"] in record["error"]["value"]
+    assert "something odd" not in record["error"]["value"]  # details stay in the host's log
     assert record["finished_at"] is not None
     assert vms.destroyed == {}  # the host's fault, not the guest's: the VM is kept
 
@@ -129,14 +130,30 @@ def test_a_cancel_before_the_turn_means_it_never_runs(c, runtime, vms, entry) ->
     assert vms.get("vm_1").ran == []
 
 
-def test_a_task_carrying_another_record_is_ignored(c, runtime, vms, entry) -> None:
+@pytest.mark.parametrize("carried", ["not json", '{"id": "exe_someone_else"}', "[]"])
+def test_an_unreadable_task_ends_its_execution(c, runtime, vms, entry, carried) -> None:
     params = {"code": "1", "language": "python", "timeout_s": 5, "max_output": 100}
     record = execution_cases.submit_execution(c, entry, params)
     (task,) = c.celery.take(queue.EXECUTE.name)
-    runtime.execute(
-        execution_id="exe_other", pool_name="default", record_json=task.kwargs["record_json"]
-    )
-    assert executions.load(c.redis, record["id"])["status"] == executions.QUEUED
+    runtime.execute(execution_id=record["id"], pool_name="default", record_json=carried)
+    final = executions.load(c.redis, record["id"])
+    assert final["status"] == executions.FAILED and final["error"]["name"] == "InternalError"
+    assert vms.get("vm_1").ran == []
+    assert not c.redis.zcard(keys.session_executions(entry["id"]))  # expiry can reclaim it
+
+
+def test_a_libvirt_error_fails_the_execution_and_keeps_the_session(c, runtime, vms, entry) -> None:
+    runtime.session_vm.clear()  # the VM must be found again through libvirt, which fails
+    vms.vms.pop("vm_1")
+
+    def attach(vm_id, spec):
+        raise VMError("libvirt: cannot reach libvirtd")
+
+    vms.attach = attach
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.FAILED and record["error"]["name"] == "InternalError"
+    assert sessions.load(c.redis, entry["id"])["state"] == sessions.ACTIVE
+    assert vms.destroyed == {}
 
 
 def creating_session(c):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import fakeredis
 import pytest
-from pool.pools import get_pool
 
 from shoal import executions, keys, protocol, sessions
+from shoal.pools import get_pool
 from shoal.settings import Settings
 from workers.agent_client import AgentClient
 from workers.domain import VMPaths
