@@ -108,6 +108,22 @@ def activate(r: redis.Redis, session_id: str, vm_id: str, warm: bool) -> bool:
     return bool(r.eval(_ACTIVATE, 1, keys.session(session_id), vm_id, "1" if warm else "0"))
 
 
+# Atomically: only a session still creating or active is marked lost (ARGV: the reason); an
+# ended one keeps its tombstone.
+_MARK_LOST = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'creating' and state ~= 'active' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'lost', 'reason', ARGV[1])
+return 1
+"""
+
+
+def mark_lost(r: redis.Redis, session_id: str, reason: str) -> bool:
+    """Mark a live session lost, saying why; False when it had already ended (deleted,
+    expired) or was lost before."""
+    return bool(r.eval(_MARK_LOST, 1, keys.session(session_id), reason))
+
+
 def set_state(r: redis.Redis, session_id: str, state: str, reason: str = "") -> None:
     r.hset(keys.session(session_id), mapping={"state": state, "reason": reason})
 

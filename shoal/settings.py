@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Worker threads beyond one per VM (Settings.worker_threads).
+WORKER_SPARE_THREADS = 16
 
 
 def _default_home() -> str:
@@ -78,7 +80,9 @@ class Settings:
     restore_parallel: int = field(
         default=2, metadata={"doc": "ready-VM restores a host runs at once"}
     )
-    worker_concurrency: int = field(default=32, metadata={"doc": "worker threads per host"})
+    worker_concurrency: int = field(
+        default=0, metadata={"doc": "worker threads per host (0: SHOAL_HOST_MAX_VMS + 16)"}
+    )
     # --- webhooks and batches (docs/async.md) --------------------------------------------------
     secret_key: str = field(
         default="", metadata={"doc": "Fernet key sealing webhook secrets (default: SHOAL_HOME)"}
@@ -96,6 +100,13 @@ class Settings:
     )
     webhook_concurrency: int = field(default=8, metadata={"doc": "webhook delivery threads"})
     batch_concurrency: int = field(default=4, metadata={"doc": "batches run at once"})
+
+    @property
+    def worker_threads(self) -> int:
+        """A running execution takes a worker thread (waiting ones take none), and a host runs
+        at most one per session: with a thread per VM and some to spare, creates, file
+        operations, destroys and cancels always find a free thread."""
+        return self.worker_concurrency or self.host_max_vms + WORKER_SPARE_THREADS
 
     @property
     def instance_id(self) -> str:

@@ -37,7 +37,7 @@ from shoal.pools import Pool, all_pools, get_pool
 from shoal.records import ExecutionRecord, Heartbeat, SessionEntry
 from shoal.settings import Settings
 from workers.agent_client import AgentClientError, AgentError
-from workers.session_slots import SlotTable
+from workers.session_queue import SessionQueues
 from workers.vm import VMManager, VMSpec
 from workers.vm_errors import AgentRefused, VMLost
 
@@ -69,7 +69,7 @@ class HostRuntime:
         self.r = r or redis_conn.client(settings)
         self.rb = rb or redis_conn.binary_client(settings)
         self.vms = vms or VMManager(settings)
-        self.slots = SlotTable()
+        self.queues = SessionQueues()  # each session's work, one piece at a time
         self.session_vm: dict[str, str] = {}  # session id -> the id its VM has in self.vms
         self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel)
         self._stop = threading.Event()
@@ -228,7 +228,7 @@ class HostRuntime:
             self.vms.destroy(vm_id)  # nobody will ever use it: the session is gone
             self.session_vm.pop(session_id, None)
             raise ShoalError(f"session {session_id} ended before its VM was ready")
-        self.slots.get(session_id)
+        self.queues.start(session_id)
         log.info(
             "session=%s host=%s vm=%s created in %.0f ms (%s)",
             session_id,
@@ -253,15 +253,24 @@ class HostRuntime:
     def destroy_session(self, session_id: str) -> None:
         self.vms.destroy(self._vm_id(session_id))
         self.session_vm.pop(session_id, None)
-        self.slots.drop(session_id)
+        for execution_id in self.queues.drop(session_id):
+            self._end_unrun(execution_id, "the session ended before this execution's turn")
         log.info("session=%s host=%s destroyed", session_id, self.host)
+
+    def _end_unrun(self, execution_id: str, why: str) -> None:
+        """End an execution that waited here and will never run: `cancelled`, saying why."""
+        record = executions.load(self.r, execution_id)
+        if record is None or record["status"] in executions.FINAL:
+            return
+        record["stderr"] = why
+        self._finish_cancelled(record)
 
     def mark_session_lost(self, session_id: str, reason: str) -> None:
         """The one place a session's VM is declared lost: the registry says why, the VM goes
         (even when Redis cannot be written)."""
         try:
-            sessions.set_state(self.r, session_id, sessions.LOST, reason)
-            metrics.incr(self.r, "shoal_sessions_lost_total")
+            if sessions.mark_lost(self.r, session_id, reason):
+                metrics.incr(self.r, "shoal_sessions_lost_total")
         finally:
             self.vms.destroy(self._vm_id(session_id))
             self.session_vm.pop(session_id, None)
@@ -286,9 +295,13 @@ class HostRuntime:
             self._fail_stored(execution_id, pool_name, exc)
             return
         record["timings"] = {"received_at": time.time()}  # for scripts/bench's breakdown
-        slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
-        with slot.turn(record["seq"], execution_id):
-            self._run(record, pool_name)
+        self.queues.execution(
+            session_id,
+            record["seq"],
+            execution_id,
+            lambda: self._run(record, pool_name),
+            lambda: self._done_seq(session_id),
+        )
 
     def _fail_stored(self, execution_id: str, pool_name: str, exc: Exception) -> None:
         """A task this worker cannot read: end the stored record, so it never stays queued."""
@@ -300,8 +313,8 @@ class HostRuntime:
             self._finish(record, pool_name)
 
     def _done_seq(self, session_id: str) -> int:
-        """Where a new slot starts; when Redis cannot say, the slot waits for predecessors
-        that may never come for at most PREDECESSOR_WAIT_S, then runs."""
+        """Where a session new to this worker stands; when Redis cannot say, its executions
+        wait for predecessors that may never come for at most PREDECESSOR_WAIT_S."""
         try:
             return int(self.r.hget(keys.session(session_id), "done_seq") or 0)
         except Exception:
@@ -428,8 +441,7 @@ class HostRuntime:
         record = executions.load(self.r, execution_id)
         if record is None:
             return
-        slot = self.slots.get(record["session_id"], lambda: self._done_seq(record["session_id"]))
-        if slot.running_execution == execution_id:
+        if self.queues.running_execution(record["session_id"]) == execution_id:
             vm = self.vms.get(self._vm_id(record["session_id"]))
             if vm is not None:
                 vm.agent.interrupt()
@@ -476,11 +488,14 @@ class HostRuntime:
         self._reply(reply_key, get, session_id, pool_name, reply_on_success=False)
 
     def _reply(self, reply_key, action, session_id, pool_name, reply_on_success=True) -> None:
-        slot = self.slots.get(session_id, lambda: self._done_seq(session_id))
+        """Run a file operation at the session's next free moment; answer on `reply_key`."""
+        work = lambda: self._answer(reply_key, action, session_id, pool_name, reply_on_success)  # noqa: E731
+        self.queues.other(session_id, work, lambda: self._done_seq(session_id))
+
+    def _answer(self, reply_key, action, session_id, pool_name, reply_on_success) -> None:
         try:
             pool = get_pool(self.settings, pool_name)
-            with slot.turn():
-                result = action(self._vm(session_id, pool))
+            result = action(self._vm(session_id, pool))
             if reply_on_success:
                 replies.send(self.r, reply_key, {"ok": True, **result})
             sessions.touch(self.r, session_id, pool.cooldown_s)

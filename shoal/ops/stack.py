@@ -89,7 +89,7 @@ def start_services(settings: Settings) -> None:
     host = settings.host_name
     worker = [python, "-m", "celery", "-A", "workers.worker_app", "worker"]
     worker += ["-Q", f"{host_queue(host)},{CONTROL_QUEUE}", "-P", "threads"]
-    worker += ["-c", str(settings.worker_concurrency), "-n", f"{host}@{settings.instance_id}"]
+    worker += ["-c", str(settings.worker_threads), "-n", f"{host}@{settings.instance_id}"]
     worker += ["-l", "INFO", "--without-gossip", "--without-mingle"]
     beat = [python, "-m", "celery", "-A", "workers.worker_app", "beat"]
     beat += ["-S", "workers.beat:ShoalScheduler", "-l", "INFO"]

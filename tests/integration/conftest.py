@@ -80,6 +80,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         "SHOAL_WEBHOOK_RETRY_MAX_S": "2",
         "SHOAL_WEBHOOK_RETRY_WINDOW_S": "30",
         "SHOAL_WEBHOOK_TIMEOUT_S": "3",
+        # Few worker threads, so a flood of queued executions outnumbers them
+        # (test_noisy_neighbour.py): waiting executions must hold none.
+        "SHOAL_WORKER_CONCURRENCY": "12",
     }
     env.pop("SHOAL_REDIS_URL", None)
     up = subprocess.run(

@@ -113,6 +113,8 @@ class FakeVM:
     def execute(self, code: str, language: str, timeout_s: float, max_output: int) -> dict:
         self.ran.append(code)
         answer = self.answers.pop(0) if self.answers else ok_answer()
+        if callable(answer):  # a stand-in for a long execution: it returns the answer itself
+            answer = answer()
         if isinstance(answer, BaseException):
             raise answer
         return answer

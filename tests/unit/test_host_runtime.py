@@ -5,6 +5,7 @@ session still expires."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -12,7 +13,7 @@ from pool.expiry import expire_idle
 from shoal import executions, keys, queue, sessions
 from shoal.pools import get_pool
 from shoal.use_cases import executions as execution_cases
-from tests.unit.fakes import FakeVMManager, live_session, unit_context
+from tests.unit.fakes import FakeVMManager, live_session, ok_answer, unit_context
 from workers.agent_client import AgentProtocolError
 from workers.host import HostRuntime
 from workers.vm_errors import VMError, VMLost
@@ -183,3 +184,29 @@ def test_a_session_deleted_while_its_vm_is_made_does_not_keep_the_vm(c, runtime,
     assert json.loads(c.redis.lpop("reply:1"))["ok"] is False
     assert vms.vms == {} and len(vms.destroyed) == 1
     assert sessions.load(c.redis, entry["id"])["state"] == sessions.DELETED
+
+
+def test_deleting_a_session_ends_the_executions_waiting_for_it(c, runtime, vms, entry) -> None:
+    release = threading.Event()
+    vms.get("vm_1").answers = [lambda: release.wait() and ok_answer()]
+    params = {"code": "import time", "language": "python", "timeout_s": 5, "max_output": 100}
+    first = execution_cases.submit_execution(c, entry, params)
+    (task,) = c.celery.take(queue.EXECUTE.name)
+    runner = threading.Thread(target=runtime.execute, kwargs=task.kwargs)
+    runner.start()
+    waiting = []
+    for _ in range(3):  # behind the first: queued on the host, holding no thread
+        record = execution_cases.submit_execution(c, entry, params)
+        (task,) = c.celery.take(queue.EXECUTE.name)
+        runtime.execute(**task.kwargs)
+        waiting.append(record["id"])
+    assert runtime.queues.waiting(entry["id"]) == 3
+
+    runtime.destroy_session(entry["id"])
+    for execution_id in waiting:
+        final = executions.load(c.redis, execution_id)
+        assert final["status"] == executions.CANCELLED
+        assert "ended before" in final["stderr"]
+    release.set()
+    runner.join(timeout=5)
+    assert executions.load(c.redis, first["id"])["status"] in executions.FINAL
