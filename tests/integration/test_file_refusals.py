@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import secrets
 import time
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -73,11 +74,13 @@ class Session:
 
 
 @pytest.fixture(scope="module")
-def session(stack: Stack) -> Session:
+def session(stack: Stack) -> Iterator[Session]:
     s = Session(stack)
     made = stack.execute(s.id, MAKE_SPECIALS)
     assert made["status"] == "succeeded", made
-    return s
+    yield s
+    gone = requests.delete(f"{stack.url}/v1/sessions/{s.id}", headers=stack.headers(), timeout=60)
+    assert gone.status_code == 204, gone.text  # its VM back for the other tests
 
 
 def assert_refused(response: requests.Response, elapsed: float, code: str, what: str) -> None:
