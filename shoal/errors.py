@@ -122,6 +122,13 @@ class NotAFile(ShoalError):
     code, status = "NotAFile", 400
 
 
+class NotARegularFile(ShoalError):
+    """The path is a symbolic link, FIFO, socket or device: only regular files are read or
+    written (links are never followed)."""
+
+    code, status = "NotARegularFile", 400
+
+
 class DirectoryNotEmpty(ShoalError):
     """The directory is not empty."""
 
@@ -144,7 +151,7 @@ AGENT_ERRORS: dict[str, type[ShoalError]] = {
     "invalid_argument": ValidationFailed,
     "directory_not_empty": DirectoryNotEmpty,
     "permission_denied": PathNotAllowed,
-    "not_a_regular_file": NotAFile,
+    "not_a_regular_file": NotARegularFile,
     "busy": SessionBusy,
 }
 

@@ -88,6 +88,11 @@ def transfer(transfer_id: str) -> str:
     return f"{PREFIX}:xfer:{transfer_id}"
 
 
+def transfer_cancel(transfer_id: str) -> str:
+    """String: set when the receiving side of a transfer stopped reading, so the sender stops."""
+    return f"{PREFIX}:xfer:{transfer_id}:cancel"
+
+
 def host_heartbeat(host: str) -> str:
     """String (JSON, with a TTL): a worker host's last heartbeat and its libvirt state."""
     return f"{PREFIX}:heartbeat:{host}"

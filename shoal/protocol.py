@@ -71,7 +71,7 @@ E_NO_SPACE = "no_space"
 E_BUSY = "busy"
 E_NOT_EMPTY = "directory_not_empty"
 E_PERMISSION = "permission_denied"
-E_NOT_REGULAR = "not_a_regular_file"  # a FIFO, socket or device: never opened by the agent
+E_NOT_REGULAR = "not_a_regular_file"  # get/put of a link, FIFO, socket or device: never opened
 E_CANCELLED = "cancelled"  # a file_get stream ended by an interrupt
 E_INTERNAL = "internal"
 

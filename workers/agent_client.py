@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from shoal import protocol
@@ -278,11 +278,16 @@ class AgentClient:
             raise AgentProtocolError("malformed file_put answer")
         return answer
 
-    def get_file(self, path: str, timeout: float | None = None) -> Iterator[bytes]:
-        """Download: the agent's first answer (errors raise here), then an iterator of chunks.
+    def get_file(self, path: str, timeout: float | None = None) -> Download:
+        """Download: the agent's first answer (errors raise here), then an iterator of chunks."""
+        return self.open_file(path, timeout)[1]
 
-        timeout bounds the wait for each chunk. Closing the iterator early cancels the transfer.
-        """
+    def open_file(self, path: str, timeout: float | None = None) -> tuple[dict, Download]:
+        """Start a download: the file's entry, as the agent has it open, and its chunks.
+
+        Errors raise here, before any byte moves: a directory, a link, a FIFO, a socket or a
+        device is refused by the agent. timeout bounds the wait for each chunk. Closing the
+        chunks before the end, even unread, cancels the transfer in the guest."""
         timeout = self.timeout_s if timeout is None else timeout
         rid = self._start({"op": protocol.OP_FILE_GET, "path": path})
         try:
@@ -292,29 +297,7 @@ class AgentClient:
         except BaseException:
             self._finish(rid)
             raise
-        return self._chunks(rid, timeout)
-
-    def _chunks(self, rid: int, timeout: float) -> Iterator[bytes]:
-        done = False
-        try:
-            while True:
-                message, blob = self._next(rid, time.monotonic() + timeout)
-                if message.get("ok") is False:
-                    done = True
-                    raise self._error(message)
-                if message.get("op") != protocol.OP_CHUNK:
-                    raise AgentProtocolError("file_get: expected a chunk frame")
-                if message.get("eof") is True:
-                    done = True
-                    return
-                if blob:
-                    yield blob
-        finally:
-            if not done and self._broken is None:
-                # Abandoned midway: stop the agent streaming, then skip what is in flight.
-                with contextlib.suppress(AgentClientError):
-                    self.interrupt(timeout=timeout)
-            self._finish(rid)
+        return header, Download(self, rid, timeout)
 
     def list_files(
         self, path: str = "", recursive: bool = False, timeout: float | None = None
@@ -500,3 +483,52 @@ class AgentClient:
                 raise AgentDisconnected("the agent closed the connection")
             self._buf += memoryview(self._chunk)[:n]
             return
+
+
+class Download:
+    """The chunks of a file_get, as an iterator. Ended early (closed, or a failure of the host's
+    own) it interrupts the agent's stream, so the agent is free again; a failure of the guest's
+    (an error frame, a broken connection) ends it as it is."""
+
+    def __init__(self, client: AgentClient, rid: int, timeout: float) -> None:
+        self._client = client
+        self._rid = rid
+        self._timeout = timeout
+        self._done = False
+
+    def __iter__(self) -> Download:
+        return self
+
+    def __next__(self) -> bytes:
+        client = self._client
+        while not self._done:
+            try:
+                message, blob = client._next(self._rid, time.monotonic() + self._timeout)
+            except BaseException:
+                self.close()
+                raise
+            if message.get("ok") is False:
+                self._end()
+                raise client._error(message)
+            if message.get("op") != protocol.OP_CHUNK:
+                self.close()
+                raise AgentProtocolError("file_get: expected a chunk frame")
+            if message.get("eof") is True:
+                self._end()
+                break
+            if blob:
+                return blob
+        raise StopIteration
+
+    def close(self) -> None:
+        """Cancel the stream if it has not ended: stop the agent, then skip what is in flight."""
+        if self._done:
+            return
+        if self._client._broken is None:
+            with contextlib.suppress(AgentClientError):
+                self._client.interrupt(timeout=self._timeout)
+        self._end()
+
+    def _end(self) -> None:
+        self._done = True
+        self._client._finish(self._rid)

@@ -465,24 +465,41 @@ class HostRuntime:
     def put_file(
         self, session_id: str, transfer_id: str, path: str, reply_key: str, pool_name: str
     ) -> None:
-        """Stream a transfer's chunks into the guest file `path`."""
+        """Stream a transfer's chunks into the guest file `path`. When the guest refuses the
+        path or a write fails, the transfer is cancelled first, so the API stops sending at once
+        and answers the error."""
 
         def put(vm) -> dict:
-            return {"file": vm.agent.put_file(path, transfers.consume(self.rb, transfer_id))}
+            try:
+                return {"file": vm.agent.put_file(path, transfers.consume(self.rb, transfer_id))}
+            except BaseException:
+                transfers.cancel(self.rb, transfer_id)
+                raise
 
         self._reply(reply_key, put, session_id, pool_name)
 
     def get_file(
         self, session_id: str, transfer_id: str, path: str, reply_key: str, pool_name: str
     ) -> None:
-        """Answer with the file's stat on `reply_key`, then stream its bytes into the transfer."""
+        """Answer with the file's stat on `reply_key`, then stream its bytes into the transfer.
+
+        The agent opens the file before anything is answered: a directory, a symbolic link, a
+        FIFO, a socket or a device is refused on `reply_key` like any other error. A failure
+        after the answer (the guest, the VM, Redis) ends the transfer with ABORT (produce), so
+        the waiting request learns it at once; a client that left cancels the transfer, and the
+        agent's stream is stopped."""
 
         def get(vm) -> dict:
-            info = vm.agent.stat(path)
-            if info.get("type") == "directory":
-                raise from_agent("is_a_directory", f"{path!r} is a directory")
-            replies.send(self.r, reply_key, {"ok": True, "file": info})
-            transfers.produce(self.rb, transfer_id, vm.agent.get_file(path))
+            info, chunks = vm.agent.open_file(path)
+            try:
+                replies.send(self.r, reply_key, {"ok": True, "file": info})
+                transfers.produce(self.rb, transfer_id, chunks)
+            except BaseException as exc:
+                log.warning("session=%s host=%s download stopped midway (%s)",
+                            session_id, self.host, type(exc).__name__)  # fmt: skip
+                raise
+            finally:
+                chunks.close()
             return {}
 
         self._reply(reply_key, get, session_id, pool_name, reply_on_success=False)

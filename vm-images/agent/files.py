@@ -4,9 +4,15 @@ Every path the host names is resolved here, never by the kernel: a path is a lis
 the data directory, walked one component at a time with ``openat(..., O_NOFOLLOW)`` from a
 descriptor of the data directory, so no ``..``, absolute path or symbolic link can lead outside it,
 and a symlink swapped in by user code between a check and a use cannot either (there is no check
-separate from the use). Symbolic links are never followed: a path that goes through one, or ends
-at one for get/put/list, is refused with ``path_outside_data``; stat shows a link as a link and
-delete removes the link itself.
+separate from the use). Symbolic links are never followed: a path that goes through one, or a
+list of one, is refused with ``path_outside_data``; stat shows a link as a link and delete removes
+the link itself.
+
+Only regular files are read or written. get and put look at the final name with ``lstat`` first
+and refuse a directory (``is_a_directory``) or a symbolic link, FIFO, socket or device
+(``not_a_regular_file``) without opening it; get then opens with ``O_NOFOLLOW | O_NONBLOCK`` and
+checks the descriptor with ``fstat``, so a link or FIFO swapped in after the check is refused too
+and never blocks the agent (opening a FIFO for reading without ``O_NONBLOCK`` waits for a writer).
 
 The agent runs as root; the operations here run with the effective uid/gid of the sandbox user
 (``DataDir.as_user``), so files are created with the user's ownership and permissions are the
@@ -76,6 +82,37 @@ def _type_of(mode: int) -> str:
     return "other"
 
 
+def _kind(mode: int) -> str:
+    """What a path that is not a regular file is, in words, for the refusal's message."""
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link (links are never followed)"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "is a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device"
+    return "is not a regular file"
+
+
+def check_regular(st: os.stat_result, path: str) -> None:
+    """Refuse anything but a regular file: a directory, a link, a FIFO, a socket or a device."""
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise FileOpError(protocol.E_IS_DIRECTORY, f"{path}: is a directory")
+    raise FileOpError(
+        protocol.E_NOT_REGULAR, f"{path}: {_kind(st.st_mode)}; only regular files are moved"
+    )
+
+
+def _lstat_existing(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def entry(relpath: str, name: str, st: os.stat_result) -> dict[str, Any]:
     return {
         "path": relpath,
@@ -120,14 +157,11 @@ class Upload:
             os.close(self.fd)
             self.fd = -1
             with self.data_dir.as_user():
-                try:
-                    st = os.stat(self.name, dir_fd=self.parent_fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    st = None
-                if st is not None and stat.S_ISLNK(st.st_mode):
-                    raise FileOpError(protocol.E_PATH_OUTSIDE, f"{self.path}: is a symbolic link")
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    raise FileOpError(protocol.E_IS_DIRECTORY, f"{self.path}: is a directory")
+                # Again at the end: user code may have put a link, FIFO or directory there
+                # meanwhile. (rename replaces a link or FIFO itself and never follows or opens it.)
+                st = _lstat_existing(self.name, self.parent_fd)
+                if st is not None:
+                    check_regular(st, self.path)
                 os.rename(
                     self.tmp_name, self.name, src_dir_fd=self.parent_fd, dst_dir_fd=self.parent_fd
                 )
@@ -305,20 +339,24 @@ class DataDir:
         return truncated
 
     def open_read(self, path: Any) -> tuple[int, dict[str, Any]]:
-        """A descriptor for reading a regular file, and its stat entry."""
+        """A descriptor for reading a regular file, and its stat entry.
+
+        Anything else is refused by its lstat, unopened. The open that follows cannot block or
+        follow a link swapped in since (O_NONBLOCK, O_NOFOLLOW), and fstat checks what it got."""
         try:
             with self.as_user(), self._parent(path) as (pfd, name, parts):
+                check_regular(os.stat(name, dir_fd=pfd, follow_symlinks=False), path)
                 fd = os.open(
                     name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=pfd
                 )
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a link swapped in after the check
+                link = _kind(stat.S_IFLNK)
+                raise FileOpError(protocol.E_NOT_REGULAR, f"{path}: {link}") from None
             raise os_error(exc, path) from None
         try:
             st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise FileOpError(protocol.E_IS_DIRECTORY, f"{path}: is a directory")
-            if not stat.S_ISREG(st.st_mode):
-                raise FileOpError(protocol.E_NOT_REGULAR, f"{path}: not a regular file")
+            check_regular(st, path)
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
@@ -335,14 +373,9 @@ class DataDir:
                 pfd = self._walk(parts[:-1], path, create=True)
                 try:
                     name = parts[-1]
-                    try:
-                        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        st = None
-                    if st is not None and stat.S_ISLNK(st.st_mode):
-                        raise FileOpError(protocol.E_PATH_OUTSIDE, f"{path}: is a symbolic link")
-                    if st is not None and stat.S_ISDIR(st.st_mode):
-                        raise FileOpError(protocol.E_IS_DIRECTORY, f"{path}: is a directory")
+                    st = _lstat_existing(name, pfd)
+                    if st is not None:
+                        check_regular(st, path)  # never write over a link, FIFO or device
                 except BaseException:
                     os.close(pfd)
                     raise
