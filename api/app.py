@@ -6,7 +6,16 @@ import logging
 
 from flask import Flask
 
-from api import dynamic_sessions, errors, health, v1_batches, v1_files, v1_pools, v1_sessions
+from api import (
+    dynamic_sessions,
+    errors,
+    health,
+    request_bounds,
+    v1_batches,
+    v1_files,
+    v1_pools,
+    v1_sessions,
+)
 from shoal.context import make_context
 from shoal.settings import Settings, load
 
@@ -22,11 +31,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes + (1 << 20),
     )
     app.extensions["shoal"] = make_context(settings)
     api = errors.ShoalApi(app)
     errors.register(app)
+    request_bounds.register(app)
     app.register_blueprint(health.blp)
     app.register_blueprint(dynamic_sessions.blp)
     api.register_blueprint(v1_sessions.blp)

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Request
 from api import dynamic_shapes as shapes
 from api.auth import require_tenant
 from api.context import ctx
+from api.request_bounds import MULTIPART_SLACK, streamed_upload
 from api.schemas import code_problem
 from api.v1_files import capped_chunks, check_part
 from shoal import executions, sessions
@@ -198,7 +199,7 @@ def _file_part() -> FileStorage | None:
 def _upload(pool: str) -> dict:
     entry = _session(pool)
     limit = ctx().settings.max_upload_bytes
-    if request.content_length and request.content_length > limit + (1 << 20):
+    if request.content_length and request.content_length > limit + MULTIPART_SLACK:
         raise PayloadTooLarge(f"the upload is over the {limit}-byte limit")
     upload = _file_part()
     if upload is None or not upload.filename:
@@ -211,12 +212,14 @@ def _upload(pool: str) -> dict:
 
 
 @blp.post("/files/upload")
+@streamed_upload
 def legacy_upload(pool: str):
     info = _upload(pool)
     return jsonify({"$id": "1", "value": [shapes.legacy_file(info)]})
 
 
 @blp.post("/files")
+@streamed_upload
 def upload(pool: str):
     return jsonify(shapes.current_file(_upload(pool)))
 

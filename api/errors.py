@@ -1,8 +1,9 @@
 """Every error response, on every route: {"error": {"code", "message"}} plus x-ms-error-code.
 
 Shoal's own errors (shoal/errors.py) carry their code and status; HTTP errors from Flask and
-webargs (bad JSON, validation, 404 routes, 405) get the same shape. The dynamic-sessions routes
-speak the reference service's codes, mapped here.
+webargs (bad JSON, validation, 404 routes, 405, 413) get the same shape, and so do the errors
+gunicorn answers itself (api/server.py). The dynamic-sessions routes speak the reference
+service's codes, mapped here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 
 from flask import Flask, jsonify, request
 from flask_smorest import Api
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from shoal.errors import ShoalError
 
@@ -27,13 +28,23 @@ DYNAMIC_SESSIONS_CODES = {
 HTTP_CODES = {
     400: "ValidationFailed",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
     413: "PayloadTooLarge",
+    414: "URITooLong",
     415: "UnsupportedMediaType",
+    417: "ExpectationFailed",
     422: "ValidationFailed",
+    431: "RequestHeaderFieldsTooLarge",
     500: "InternalError",
+    501: "NotImplemented",
 }
+
+
+def http_code(status: int, name: str = "") -> str:
+    """The error code of an HTTP status that no Shoal error names."""
+    return HTTP_CODES.get(status) or name.replace(" ", "") or f"Http{status}"
 
 
 def error_response(code: str, message: str, status: int, headers: dict | None = None):
@@ -68,14 +79,22 @@ class ShoalApi(Api):
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
         status = 400 if error.code == 422 else (error.code or 500)
+        headers = dict(data.get("headers") or {})
         if "messages" in data:
             message = "; ".join(_flatten(data["messages"])) or "invalid request"
         else:
             message = data.get("message") or error.description or error.name
+        if status == 413:
+            message = (
+                f"the request is too large: on this route the body may be at most "
+                f"{request.max_content_length} bytes, a form field {request.max_form_memory_size} "
+                f"bytes, a form {request.max_form_parts} parts"
+            )
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            headers["Allow"] = ", ".join(error.valid_methods)
         if status >= 500:
             log.error("HTTP %s on %s %s: %s", status, request.method, request.path, message)
-        code = HTTP_CODES.get(status, error.name.replace(" ", ""))
-        return error_response(code, message, status, data.get("headers"))
+        return error_response(http_code(status, error.name), message, status, headers)
 
 
 def register(app: Flask) -> None:

@@ -8,6 +8,7 @@ from marshmallow import Schema, fields, validate, validates
 
 from api.auth import require_tenant
 from api.context import ctx
+from api.request_bounds import batch_body
 from api.schemas import StrictSchema, check_callback_url
 from shoal import batches
 from shoal.use_cases import batches as batch_cases
@@ -73,6 +74,7 @@ class BatchOut(Schema):
 @blp.post("/batches")
 @blp.arguments(BatchCreate)
 @blp.response(202, BatchOut)
+@batch_body
 def create_batch(body: dict):
     c = ctx()
     meta = batch_cases.submit_batch(c, g.tenant, **body)

@@ -11,6 +11,7 @@ from marshmallow import Schema, fields
 
 from api.auth import require_tenant, tenant_session
 from api.context import ctx
+from api.request_bounds import MULTIPART_SLACK, streamed_upload
 from shoal.errors import PayloadTooLarge, ValidationFailed
 from shoal.protocol import FILE_CHUNK
 from shoal.timeutil import iso
@@ -57,10 +58,6 @@ def capped_chunks(stream, limit: int) -> Iterator[bytes]:
         yield chunk
 
 
-# A multipart body carries its file plus boundaries and part headers.
-MULTIPART_SLACK = 1 << 20
-
-
 def _check_length(length: int | None, slack: int = 0) -> None:
     limit = ctx().settings.max_upload_bytes
     if length is not None and length > limit + slack:
@@ -88,6 +85,7 @@ def list_files(query: dict, session_id: str):
 
 @blp.put("/sessions/<session_id>/files/<path:path>")
 @blp.response(201, FileOut)
+@streamed_upload
 def put_file(session_id: str, path: str):
     """Upload the raw request body to `path`; parent directories are created."""
     entry = tenant_session(session_id)
@@ -98,6 +96,7 @@ def put_file(session_id: str, path: str):
 
 @blp.post("/sessions/<session_id>/files")
 @blp.response(201, FileOut)
+@streamed_upload
 def post_file(session_id: str):
     """Multipart upload: part `file`; optional form field `path` names a directory."""
     entry = tenant_session(session_id)

@@ -86,6 +86,18 @@ class PayloadTooLarge(ShoalError):
     code, status = "PayloadTooLarge", 413
 
 
+class URITooLong(ShoalError):
+    """The request's URL is over the length limit."""
+
+    code, status = "URITooLong", 414
+
+
+class HeadersTooLarge(ShoalError):
+    """The request's headers are over the size limit."""
+
+    code, status = "RequestHeaderFieldsTooLarge", 431
+
+
 class TenantSessionLimit(ShoalError):
     """The tenant has as many live sessions as it may have."""
 

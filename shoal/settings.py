@@ -67,6 +67,13 @@ class Settings:
         default=1 << 20, metadata={"doc": "hard cap on max_output (characters)"}
     )
     max_upload_bytes: int = field(default=128 << 20, metadata={"doc": "largest file upload"})
+    max_json_body_bytes: int = field(
+        default=4 << 20,
+        metadata={"doc": "largest JSON body; raised to fit 1 MiB of code JSON-escaped (6.06 MiB)"},
+    )
+    max_batch_body_bytes: int = field(
+        default=16 << 20, metadata={"doc": "largest `POST /v1/batches` body"}
+    )
     execution_ttl_s: int = field(default=86400, metadata={"doc": "how long records are kept"})
     tenant_max_sessions: int = field(
         default=100, metadata={"doc": "concurrent sessions per tenant"}

@@ -93,7 +93,9 @@ def start_services(settings: Settings) -> None:
     worker += ["-l", "INFO", "--without-gossip", "--without-mingle"]
     beat = [python, "-m", "celery", "-A", "workers.worker_app", "beat"]
     beat += ["-S", "workers.beat:ShoalScheduler", "-l", "INFO"]
-    gunicorn = [python, "-m", "gunicorn", "-k", "gthread", "-w", str(settings.api_workers)]
+    # api/server.py: the worker class (gthread, errors in JSON) and gunicorn's request limits.
+    gunicorn = [python, "-m", "gunicorn", "-c", "python:api.server"]
+    gunicorn += ["-w", str(settings.api_workers)]
     gunicorn += ["--threads", str(settings.api_threads), "--timeout", "600"]
     gunicorn += ["--access-logfile", "-", "--error-logfile", "-"]
     asynchronous = [python, "-m", "celery", "-A", "workers.async_app", "worker", "-P", "threads"]

@@ -1,0 +1,66 @@
+"""How much structure a JSON request body may hold, checked on its bytes before it is parsed.
+
+Parsing costs memory by the number of values, not by the body's size: `[[],[],...]` takes ~20
+times its size once parsed, and brackets nested thousands deep end Python's parser in a
+RecursionError. So before any parser sees a body, a scan at C speed (bytes methods and one regular
+expression, no Python loop over the body) counts what lies outside its strings:
+
+- values: 1 + the `[`, `{`, `,` and `:` outside strings, which is at least the number of array
+  elements, object members and object keys; over MAX_JSON_VALUES is 413 `PayloadTooLarge`;
+- depth: the deepest nesting of arrays and objects; over MAX_JSON_DEPTH is 400 `ValidationFailed`.
+
+A body that is not valid JSON may be counted wrongly here; the parser then refuses it with a 400.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from itertools import accumulate
+
+from shoal.errors import PayloadTooLarge, ValidationFailed
+
+# Shoal's requests nest 4 levels at most (a batch's items' files); 64 leaves room for clients
+# that wrap them and stays far below the parser's recursion limit (~1000).
+MAX_JSON_DEPTH = 64
+# A full batch (1,000 items) with every field, 20 collect patterns and 100 files an item counts
+# ~230,000; parsed, 250,000 values cost ~20 MiB at worst (each an empty list).
+MAX_JSON_VALUES = 250_000
+
+# With escaped backslashes and escaped quotes removed first, a string is a quote, anything but
+# a quote, and a quote.
+_STRING = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},:")
+# '[' and '{' go one level down, ']' and '}' one up (0xff is -1 in a signed byte array).
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def check_json_shape(body: bytes) -> None:
+    """PayloadTooLarge for a body with more than MAX_JSON_VALUES values, ValidationFailed for
+    one nested deeper than MAX_JSON_DEPTH; None when the parser may be given the body."""
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Every string is a key or a value: too many quotes is too many values, found before the
+    # regular expression has to visit each string.
+    if unescaped.count(b'"') // 2 > MAX_JSON_VALUES:
+        raise _too_many()
+    structure = _STRING.sub(b"", unescaped).translate(None, _NOT_STRUCTURE)
+    del unescaped
+    values = 1 + len(structure) - structure.count(b"]") - structure.count(b"}")
+    if values > MAX_JSON_VALUES:
+        raise _too_many()
+    brackets = structure.translate(None, b",:")
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return
+    steps = array("b", brackets.translate(_DEPTH_STEP))
+    if max(accumulate(steps)) > MAX_JSON_DEPTH:
+        raise ValidationFailed(
+            f"the JSON body is nested too deeply: at most {MAX_JSON_DEPTH} levels of arrays "
+            "and objects"
+        )
+
+
+def _too_many() -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"the JSON body holds too many values: at most {MAX_JSON_VALUES} array elements, object "
+        "members and keys"
+    )
