@@ -21,21 +21,22 @@ def require_json_body() -> None:
 
 
 def require_tenant() -> None:
-    """A before_request hook: sets g.tenant or answers 401. On a route about one session it
-    reads that session in the same round trip (see tenant_session)."""
+    """A before_request hook: sets g.tenant or answers 401, and takes a token from the tenant's
+    request bucket or answers 429 (RateLimited), in one round trip. On a route about one session
+    it reads that session in the same round trip (see tenant_session)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send `Authorization: Bearer <api key>`")
+    c = ctx()
     session_id = (request.view_args or {}).get("session_id", "")
-    if isinstance(session_id, str) and session_id.startswith("ses_"):
-        r = ctx().redis
-        tenant, entry = tenants.authenticate_reading(r, token.strip(), keys.session(session_id))
-        g.session_read = (session_id, entry or None)
-    else:
-        tenant = tenants.authenticate(ctx().redis, token.strip())
+    reads_session = isinstance(session_id, str) and session_id.startswith("ses_")
+    session_key = keys.session(session_id) if reads_session else ""
+    tenant, entry = tenants.authenticate_request(c.redis, token.strip(), c.settings, session_key)
     if tenant is None:
         raise Unauthorized("the API key is not valid (revoked, or never issued here)")
+    if reads_session:
+        g.session_read = (session_id, entry or None)
     g.tenant = tenant
 
 

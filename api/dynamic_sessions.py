@@ -101,12 +101,9 @@ def _execution_params(body: dict, code_names: tuple[str, ...]) -> dict:
 
 def _run(entry: dict, params: dict, wait: bool) -> dict:
     c = ctx()
-    record = execution_cases.submit_execution(
-        c, entry, params, request.headers.get("Idempotency-Key", "")
+    return execution_cases.run_execution(
+        c, entry, params, request.headers.get("Idempotency-Key", ""), wait=wait
     )
-    if wait and record["status"] not in executions.FINAL:
-        record = execution_cases.wait_execution(c, record)
-    return record
 
 
 # --- executions -------------------------------------------------------------------------------

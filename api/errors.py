@@ -1,9 +1,9 @@
 """Every error response, on every route: {"error": {"code", "message"}} plus x-ms-error-code.
 
-Shoal's own errors (shoal/errors.py) carry their code and status; HTTP errors from Flask and
-webargs (bad JSON, validation, 404 routes, 405, 413) get the same shape, and so do the errors
-gunicorn answers itself (api/server.py). The dynamic-sessions routes speak the reference
-service's codes, mapped here.
+Shoal's own errors (shoal/errors.py) carry their code and status, and a 429 its Retry-After
+(seconds); HTTP errors from Flask and webargs (bad JSON, validation, 404 routes, 405, 413) get
+the same shape, and so do the errors gunicorn answers itself (api/server.py). The
+dynamic-sessions routes speak the reference service's codes, mapped here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from flask import Flask, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, TooManyRequests
 
 log = logging.getLogger("shoal.api")
 
@@ -54,6 +54,8 @@ def error_response(code: str, message: str, status: int, headers: dict | None = 
         if code in ("SessionNotFound", "SessionExpired"):
             status = 400  # ... and an unknown identifier with 400
         code = DYNAMIC_SESSIONS_CODES.get(code, code)
+    if status != 429 and headers:
+        headers = {k: v for k, v in headers.items() if k != "Retry-After"}
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status
     response.headers["x-ms-error-code"] = code
@@ -102,7 +104,10 @@ def register(app: Flask) -> None:
     def _shoal_error(exc: ShoalError):
         if exc.status >= 500:
             log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
-        return error_response(exc.code, exc.message, exc.status)
+        headers = None
+        if isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        return error_response(exc.code, exc.message, exc.status, headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -57,11 +57,9 @@ def create_execution(body: dict, session_id: str):
     entry = tenant_session(session_id)
     if body["timeout_s"] is None:
         body["timeout_s"] = c.settings.default_timeout_s
-    record = execution_cases.submit_execution(
-        c, entry, body, request.headers.get("Idempotency-Key", "")
+    record = execution_cases.run_execution(
+        c, entry, body, request.headers.get("Idempotency-Key", ""), wait=body["wait"]
     )
-    if body["wait"] and record["status"] not in executions.FINAL:
-        record = execution_cases.wait_execution(c, record)
     view = webhooks.execution_view(c.redis, record)
     if record["status"] in executions.FINAL:
         return view

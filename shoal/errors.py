@@ -98,16 +98,47 @@ class HeadersTooLarge(ShoalError):
     code, status = "RequestHeaderFieldsTooLarge", 431
 
 
-class TenantSessionLimit(ShoalError):
+class TooManyRequests(ShoalError):
+    """A fair-share bound was hit: try again later. `retry_after_s` (at least 1) is the
+    response's Retry-After: when a token will be there for the rate limit; 1 for the caps, whose
+    room comes back whenever one of the tenant's sessions, executions or waits ends (the rate
+    limit bounds how often a client can ask again)."""
+
+    code, status = "TooManyRequests", 429
+
+    def __init__(self, message: str = "", retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(int(retry_after_s), 1)
+
+
+class RateLimited(TooManyRequests):
+    """The tenant is over its request rate."""
+
+    code = "RateLimited"
+
+
+class TooManyPendingExecutions(TooManyRequests):
+    """The session or the tenant has as many unfinished executions as it may have."""
+
+    code = "TooManyPendingExecutions"
+
+
+class TooManyWaits(TooManyRequests):
+    """The tenant has as many requests waiting for an execution as it may have."""
+
+    code = "TooManyWaits"
+
+
+class TenantSessionLimit(TooManyRequests):
     """The tenant has as many live sessions as it may have."""
 
-    code, status = "TenantSessionLimit", 429
+    code = "TenantSessionLimit"
 
 
-class PoolExhausted(ShoalError):
+class PoolExhausted(TooManyRequests):
     """The pool is at its session limit."""
 
-    code, status = "PoolExhausted", 429
+    code = "PoolExhausted"
 
 
 class NoHostAvailable(ShoalError):

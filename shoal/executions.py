@@ -9,12 +9,13 @@ import contextlib
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from shoal import keys
-from shoal.errors import ExecutionNotFound
+from shoal import keys, redis_conn
+from shoal.errors import ExecutionNotFound, TooManyPendingExecutions, TooManyWaits
 from shoal.records import ExecutionRecord, SessionEntry
 from shoal.timeutil import iso
 
@@ -84,6 +85,131 @@ def save(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_s:
     body = json.dumps(record)
     r.set(keys.execution(record["id"]), body, ex=ttl_s)
     return body
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What admitting a new execution checks, with the tenant's own limits winning over these
+    defaults (shoal/tenants.py LIMITS): unfinished executions per session and per tenant, and
+    the tenant's waiting requests."""
+
+    session_pending: int
+    tenant_pending: int
+    waits: int
+    longest_s: float  # the most one execution can take: counted no longer than its queue's
+
+
+# Atomically: admit a new execution within its session's and tenant's bounds, number it,
+# store its record, count it as unfinished in its session and its tenant, claim its
+# idempotency key and (when the request waits) one of the tenant's wait slots, and touch the
+# session (what sessions.touch does).
+# KEYS: the record, the session's and the tenant's unfinished sets, the session's seq, the
+# session, the idle deadlines, the tenant's own limits, the idempotency key, the tenant's waits.
+# ARGV: the execution id, the session id, the record's JSON before and after its seq, its TTL,
+# now, the session's cooldown, the longest one execution takes, the default session, tenant and
+# wait caps, the wait's deadline (0: no wait), the idempotency key's TTL (0: none), the wait id.
+# Returns {'ok', seq}, {'earlier', id} for an idempotency key claimed before, or
+# {'session'|'tenant'|'waits', cap}, admitting nothing.
+_ADMIT = redis_conn.script("""
+local now = tonumber(ARGV[6])
+local own = redis.call('HMGET', KEYS[7], 'max_session_pending', 'max_pending', 'max_waits')
+local waits = ARGV[12] ~= '0'
+if waits then
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+  local cap = tonumber(own[3]) or tonumber(ARGV[11])
+  if redis.call('ZCARD', KEYS[9]) >= cap then return {'waits', cap} end
+end
+if ARGV[13] ~= '0' then
+  local earlier = redis.call('GET', KEYS[8])
+  if earlier then
+    if waits then redis.call('ZADD', KEYS[9], ARGV[12], ARGV[14]) end
+    return {'earlier', earlier}
+  end
+end
+local session_cap = tonumber(own[1]) or tonumber(ARGV[9])
+if redis.call('ZCARD', KEYS[2]) >= session_cap then return {'session', session_cap} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local tenant_cap = tonumber(own[2]) or tonumber(ARGV[10])
+if redis.call('ZCARD', KEYS[3]) >= tenant_cap then return {'tenant', tenant_cap} end
+local seq = redis.call('INCR', KEYS[4])
+redis.call('SET', KEYS[1], ARGV[3] .. seq .. ARGV[4], 'EX', ARGV[5])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('ZADD', KEYS[3], now + session_cap * tonumber(ARGV[8]), ARGV[1])
+redis.call('HSET', KEYS[5], 'last_used_at', ARGV[6])
+redis.call('ZADD', KEYS[6], 'XX', now + tonumber(ARGV[7]), ARGV[2])
+if ARGV[13] ~= '0' then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[13]) end
+if waits then redis.call('ZADD', KEYS[9], ARGV[12], ARGV[14]) end
+return {'ok', seq}
+""")
+
+
+def admit(
+    r: redis.Redis,
+    record: ExecutionRecord,
+    admission: Admission,
+    *,
+    ttl_s: int,
+    cooldown_s: int,
+    idempotency: tuple[str, int] | None = None,
+    wait: tuple[str, float] | None = None,
+) -> tuple[str, str]:
+    """Admit the new execution `record` (its seq is given here) in one round trip; see _ADMIT.
+    `idempotency` is (key, ttl_s); `wait` is (wait id, deadline as epoch seconds), the slot
+    end_wait gives back. Returns ("", the stored JSON) when admitted, (earlier id, "") when the
+    idempotency key was claimed before; TooManyPendingExecutions or TooManyWaits otherwise."""
+    tenant, session_id = record["tenant"], record["session_id"]
+    rest = {k: v for k, v in record.items() if k != "seq"}
+    head, tail = '{"seq": ', ", " + json.dumps(rest)[1:]
+    now = time.time()
+    script_keys = [
+        keys.execution(record["id"]),
+        keys.session_executions(session_id),
+        keys.tenant_executions(tenant),
+        keys.session_seq(session_id),
+        keys.session(session_id),
+        keys.session_deadlines(),
+        keys.tenant_limits(tenant),
+        keys.idempotency(tenant, idempotency[0] if idempotency else ""),  # untouched without
+        keys.tenant_waits(tenant),
+    ]
+    args = [
+        record["id"],
+        session_id,
+        head,
+        tail,
+        int(ttl_s),
+        f"{now:.6f}",
+        cooldown_s,
+        admission.longest_s,
+        admission.session_pending,
+        admission.tenant_pending,
+        admission.waits,
+        wait[1] if wait else 0,
+        idempotency[1] if idempotency else 0,
+        wait[0] if wait else "",
+    ]
+    outcome, value = _ADMIT(keys=script_keys, args=args, client=r)
+    if outcome == "ok":
+        record["seq"] = int(value)
+        return "", head + str(value) + tail
+    if outcome == "earlier":
+        return str(value), ""
+    if outcome == "waits":
+        raise TooManyWaits(
+            f"tenant {tenant!r} already has {value} requests waiting for an execution "
+            "(SHOAL_TENANT_MAX_WAITS, or its own); send it with wait false and poll, or retry"
+        )
+    where = f"session {session_id}" if outcome == "session" else f"tenant {tenant!r}"
+    setting = "SHOAL_SESSION_MAX_PENDING" if outcome == "session" else "SHOAL_TENANT_MAX_PENDING"
+    raise TooManyPendingExecutions(
+        f"{where} already has {value} unfinished executions ({setting}, or the tenant's own); "
+        "wait for one to end"
+    )
+
+
+def end_wait(r: redis.Redis, tenant: str, wait_id: str) -> None:
+    """Give back the wait slot admit() took for `wait_id`."""
+    r.zrem(keys.tenant_waits(tenant), wait_id)
 
 
 # Atomically: unless a cancel is waiting for the execution (KEYS[2]), store its running record.
@@ -167,6 +293,7 @@ def finish(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_
     pipe.rpush(done, body if len(body) <= INLINE_DONE_BYTES else "1")
     pipe.expire(done, 600)
     pipe.zrem(keys.session_executions(record["session_id"]), record["id"])
+    pipe.zrem(keys.tenant_executions(record["tenant"]), record["id"])
     if pipe is not r:
         pipe.execute()
 

@@ -126,10 +126,36 @@ def usage(tenant: str) -> str:
     return f"{PREFIX}:usage:{tenant}"
 
 
-# --- webhooks and batches (docs/async.md) ---------------------------------------------------
+# --- fair share per tenant (docs/limits.md) ------------------------------------------------
 def tenant_max_sessions(tenant: str) -> str:
     """String: the tenant's own session cap, overriding SHOAL_TENANT_MAX_SESSIONS."""
     return f"{PREFIX}:tenant:{tenant}:max_sessions"
+
+
+def tenant_limits(tenant: str) -> str:
+    """Hash: the tenant's own rate, burst, max_waits, max_pending, max_session_pending, each
+    overriding its SHOAL_* default (shoal/tenants.py LIMITS)."""
+    return f"{PREFIX}:tenant:{tenant}:limits"
+
+
+def tenant_bucket(tenant: str) -> str:
+    """Hash (with a TTL): the tenant's request token bucket: tokens, at_ms."""
+    return f"{PREFIX}:tenant:{tenant}:bucket"
+
+
+def tenant_executions(tenant: str) -> str:
+    """Sorted set: the tenant's unfinished execution ids, scored by when they stop counting
+    (long after any could still be running: a record that never ends cannot hold a slot)."""
+    return f"{PREFIX}:tenant:{tenant}:pending"
+
+
+def tenant_waits(tenant: str) -> str:
+    """Sorted set: the tenant's requests waiting for an execution, scored by their deadline (an
+    API process that died mid-wait leaks no slot past it)."""
+    return f"{PREFIX}:tenant:{tenant}:waits"
+
+
+# --- webhooks and batches (docs/async.md) ---------------------------------------------------
 
 
 def webhook_secret(tenant: str) -> str:

@@ -33,11 +33,14 @@ def check_hosts(r: redis.Redis, ttl_s: int = 86400) -> list[str]:
 
 
 def fail_pending(r: redis.Redis, session_id: str, reason: str, ttl_s: int) -> None:
-    """End every unfinished execution of the session as `lost`."""
+    """End every unfinished execution of the session as `lost` (executions.finish also stops
+    counting it against its session's and tenant's bounds)."""
+    tenant = r.hget(keys.session(session_id), "tenant") or ""
     for execution_id in r.zrange(keys.session_executions(session_id), 0, -1):
         record = executions.load(r, execution_id)
         if record is None or record["status"] in executions.FINAL:
             r.zrem(keys.session_executions(session_id), execution_id)
+            r.zrem(keys.tenant_executions(tenant), execution_id)
             continue
         record["status"] = executions.LOST
         record["stderr"] = f"The session was lost: {reason}"

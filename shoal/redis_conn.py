@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import redis
+from redis.commands.core import Script
 
 from shoal.settings import Settings
 
@@ -50,3 +51,9 @@ def binary_client(settings: Settings) -> redis.Redis:
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=5,
     )
+
+
+def script(source: str) -> Script:
+    """A Lua script sent by its SHA (EVALSHA; the source goes once per server), run on whichever
+    client is passed: `SCRIPT(keys=[...], args=[...], client=r)`."""
+    return Script(None, source.encode())  # type: ignore[arg-type]

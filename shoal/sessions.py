@@ -13,8 +13,8 @@ from typing import Any
 
 import redis
 
-from shoal import keys
-from shoal.errors import SessionExpired, SessionNotFound
+from shoal import keys, redis_conn
+from shoal.errors import PoolExhausted, SessionExpired, SessionNotFound, TenantSessionLimit
 from shoal.pools import Pool
 from shoal.records import SessionEntry
 from shoal.timeutil import iso
@@ -28,9 +28,38 @@ def new_id() -> str:
     return "ses_" + secrets.token_hex(10)
 
 
+# Atomically: take a place within the tenant's and the pool's caps and register the session,
+# so concurrent creates never exceed either. KEYS: the session, the tenant's and the pool's
+# session sets, the host's, the idle deadlines, the lifetimes, the tenant's own cap. ARGV: the
+# session id, the default tenant cap (-1: none), the pool's cap, the idle deadline, the end of
+# its lifetime, then the entry's fields and values. Returns {'ok'}, or {'tenant'|'pool', cap}.
+_CREATE = redis_conn.script("""
+if ARGV[2] ~= '-1' then
+  local cap = tonumber(redis.call('GET', KEYS[7])) or tonumber(ARGV[2])
+  if redis.call('SCARD', KEYS[2]) >= cap then return {'tenant', cap} end
+end
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return {'pool', tonumber(ARGV[3])} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+return {'ok'}
+""")
+
+
 def create(
-    r: redis.Redis, tenant: str, pool: Pool, host: str, identifier: str = ""
+    r: redis.Redis,
+    tenant: str,
+    pool: Pool,
+    host: str,
+    identifier: str = "",
+    tenant_cap: int | None = None,
 ) -> SessionEntry:
+    """Register a new session (state `creating`) within the pool's max_sessions and, given
+    `tenant_cap` (the default; the tenant's own cap wins), the tenant's cap: TenantSessionLimit
+    or PoolExhausted, registering nothing, when one is full. Check and take are one step."""
     now = time.time()
     entry: SessionEntry = {
         "id": new_id(),
@@ -44,14 +73,34 @@ def create(
         "cooldown_s": str(pool.cooldown_s),
         "reason": "",
     }
-    pipe = r.pipeline()
-    pipe.hset(keys.session(entry["id"]), mapping=entry)
-    pipe.zadd(keys.session_deadlines(), {entry["id"]: now + pool.cooldown_s})
-    pipe.zadd(keys.session_lifetimes(), {entry["id"]: now + pool.max_lifetime_s})
-    pipe.sadd(keys.tenant_sessions(tenant), entry["id"])
-    pipe.sadd(keys.pool_sessions(pool.name), entry["id"])
-    pipe.sadd(keys.host_sessions(host), entry["id"])
-    pipe.execute()
+    script_keys = [
+        keys.session(entry["id"]),
+        keys.tenant_sessions(tenant),
+        keys.pool_sessions(pool.name),
+        keys.host_sessions(host),
+        keys.session_deadlines(),
+        keys.session_lifetimes(),
+        keys.tenant_max_sessions(tenant),
+    ]
+    args: list[str | int | float] = [
+        entry["id"],
+        -1 if tenant_cap is None else tenant_cap,
+        pool.max_sessions,
+        now + pool.cooldown_s,
+        now + pool.max_lifetime_s,
+    ]
+    for name, value in entry.items():
+        args += [name, value]
+    answer = _CREATE(keys=script_keys, args=args, client=r)
+    if answer[0] == "tenant":
+        raise TenantSessionLimit(
+            f"tenant {tenant!r} already has {answer[1]} live sessions "
+            "(SHOAL_TENANT_MAX_SESSIONS, or its own cap); delete one first"
+        )
+    if answer[0] == "pool":
+        raise PoolExhausted(
+            f"pool {pool.name!r} is at its limit of {answer[1]} sessions (max_sessions)"
+        )
     return entry
 
 

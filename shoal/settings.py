@@ -75,9 +75,6 @@ class Settings:
         default=16 << 20, metadata={"doc": "largest `POST /v1/batches` body"}
     )
     execution_ttl_s: int = field(default=86400, metadata={"doc": "how long records are kept"})
-    tenant_max_sessions: int = field(
-        default=100, metadata={"doc": "concurrent sessions per tenant"}
-    )
     cooldown_s: int = field(default=300, metadata={"doc": "idle timeout of the default pool"})
     heartbeat_s: float = field(default=3.0, metadata={"doc": "worker heartbeat period"})
     heartbeat_ttl_s: float = field(
@@ -89,6 +86,30 @@ class Settings:
     )
     worker_concurrency: int = field(
         default=0, metadata={"doc": "worker threads per host (0: SHOAL_HOST_MAX_VMS + 16)"}
+    )
+    # --- fair share per tenant (docs/limits.md; `shoal keys limits` sets a tenant's own) -------
+    tenant_max_sessions: int = field(
+        default=24,
+        metadata={"doc": "live sessions per tenant; never above half of SHOAL_HOST_MAX_VMS"},
+    )
+    tenant_rate: float = field(
+        default=50.0, metadata={"doc": "requests per second per tenant (token bucket refill)"}
+    )
+    tenant_burst: int = field(
+        default=100, metadata={"doc": "requests a tenant may send at once (token bucket size)"}
+    )
+    tenant_max_waits: int = field(
+        default=8,
+        metadata={
+            "doc": "requests per tenant waiting for an execution at once; never above a "
+            "quarter of the API's threads"
+        },
+    )
+    session_max_pending: int = field(
+        default=16, metadata={"doc": "unfinished executions per session"}
+    )
+    tenant_max_pending: int = field(
+        default=64, metadata={"doc": "unfinished executions per tenant, across its sessions"}
     )
     # --- webhooks and batches (docs/async.md) --------------------------------------------------
     secret_key: str = field(
@@ -107,6 +128,21 @@ class Settings:
     )
     webhook_concurrency: int = field(default=8, metadata={"doc": "webhook delivery threads"})
     batch_concurrency: int = field(default=4, metadata={"doc": "batches run at once"})
+
+    def __post_init__(self) -> None:
+        # No tenant's default share may take most of a host (or of the API's threads): the
+        # defaults are clamped, so changing SHOAL_HOST_MAX_VMS or the API's size moves them too.
+        # A tenant's own limits (`shoal keys`) are not clamped.
+        for name in POSITIVE:
+            if not getattr(self, name) > 0:
+                raise SystemExit(f"{env_name(name)} must be above 0")
+        api_threads = self.api_workers * self.api_threads
+        clamped = {
+            "tenant_max_sessions": min(self.tenant_max_sessions, max(self.host_max_vms // 2, 1)),
+            "tenant_max_waits": min(self.tenant_max_waits, max(api_threads // 4, 1)),
+        }
+        for name, value in clamped.items():
+            object.__setattr__(self, name, value)
 
     @property
     def worker_threads(self) -> int:
@@ -141,6 +177,15 @@ class Settings:
 
 
 FIELDS = fields(Settings)
+# Limits that 0 would turn into "nothing at all" (or a division by zero): refused at load.
+POSITIVE = (
+    "tenant_max_sessions",
+    "tenant_rate",
+    "tenant_burst",
+    "tenant_max_waits",
+    "session_max_pending",
+    "tenant_max_pending",
+)
 
 
 def env_name(name: str) -> str:

@@ -27,9 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from shoal import batches, executions, keys, queue, sessions, tenants, webhooks
 from shoal.context import Context
-from shoal.errors import NoHostAvailable, PoolExhausted, ShoalError, TenantSessionLimit
+from shoal.errors import (
+    NoHostAvailable,
+    PoolExhausted,
+    ShoalError,
+    TenantSessionLimit,
+    TooManyPendingExecutions,
+)
 from shoal.protocol import FILE_CHUNK
-from shoal.records import BatchItem, SessionEntry
+from shoal.records import BatchItem, ExecutionRecord, SessionEntry
 from shoal.use_cases import executions as execution_cases
 from shoal.use_cases import files as file_cases
 from shoal.use_cases import sessions as session_cases
@@ -38,7 +44,7 @@ log = logging.getLogger("shoal.batches")
 
 LEASE_S = 30
 LEASE_RENEW_S = 5
-CAP_POLL_S = 0.25  # how often an item waiting for a free session slot looks again
+CAP_POLL_S = 0.25  # how often an item waiting for a session (or execution) slot looks again
 
 
 def resume_orphans(c: Context) -> list[str]:
@@ -169,7 +175,9 @@ class BatchRunner:
             if self._cancelled():
                 return self._end(item, executions.CANCELLED)
             params = {k: spec[k] for k in ("code", "language", "timeout_s", "max_output")}
-            record = execution_cases.submit_execution(c, entry, params)
+            record = self._submit(entry, params)
+            if record is None:
+                return self._end(item, executions.CANCELLED)
             item["execution_id"] = record["id"]
             batches.save_item(r, self.batch_id, item)
             if self._cancelled():  # a cancel that came before the execution id was saved
@@ -212,6 +220,17 @@ class BatchRunner:
                     with self._cap_lock:
                         self._creating -= 1
             time.sleep(CAP_POLL_S)
+        return None
+
+    def _submit(self, entry: SessionEntry, params: dict) -> ExecutionRecord | None:
+        """Submit once the session and the tenant have room for another unfinished execution
+        (bounds shared with the tenant's other clients); None if the batch is cancelled while
+        waiting."""
+        while not self._cancelled():
+            try:
+                return execution_cases.submit_execution(self.c, entry, params)
+            except TooManyPendingExecutions:
+                time.sleep(CAP_POLL_S)
         return None
 
     def _collect(

@@ -75,6 +75,16 @@ def _cmd_keys_max_sessions(s: Settings, a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_limits(s: Settings, a: argparse.Namespace) -> int:
+    r = redis_conn.client(s)
+    given = {name: getattr(a, name) for name in tenants.LIMITS if getattr(a, name) is not None}
+    if given:
+        tenants.set_limits(r, a.tenant, **given)
+    found = tenants.limits(r, a.tenant, s)
+    print(f"tenant {a.tenant}: " + ", ".join(f"{name} {value:g}" for name, value in found.items()))
+    return 0
+
+
 def _cmd_settings(s: Settings, a: argparse.Namespace) -> int:
     """Print the settings table (the one in README.md) with this machine's values."""
     print("| variable | default here | meaning |\n|---|---|---|")
@@ -118,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--tenant", required=True)
     cap.add_argument("limit", type=int)
     cap.set_defaults(func=_cmd_keys_max_sessions)
+    limits = keys.add_parser(
+        "limits", help="show a tenant's limits, or give it its own (0: back to the default)"
+    )
+    limits.add_argument("--tenant", required=True)
+    limits.add_argument("--rate", type=float, help="requests per second (SHOAL_TENANT_RATE)")
+    limits.add_argument("--burst", type=int, help="requests at once (SHOAL_TENANT_BURST)")
+    limits.add_argument(
+        "--max-waits", type=int, help="requests waiting for executions (SHOAL_TENANT_MAX_WAITS)"
+    )
+    limits.add_argument(
+        "--max-pending", type=int, help="unfinished executions (SHOAL_TENANT_MAX_PENDING)"
+    )
+    limits.add_argument(
+        "--max-session-pending",
+        type=int,
+        help="unfinished executions per session (SHOAL_SESSION_MAX_PENDING)",
+    )
+    limits.set_defaults(func=_cmd_keys_limits)
     sub.add_parser("settings", help="print every setting").set_defaults(func=_cmd_settings)
     from shoal.bench.options import add_parser as add_bench_parser
 

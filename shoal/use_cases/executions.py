@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -18,44 +19,91 @@ LIVENESS_POLL_S = 5.0
 IDEMPOTENCY_TTL_S = 86400
 IDEMPOTENCY_RACE_S = 5.0
 IDEMPOTENCY_POLL_S = 0.01
+# A wait slot lapses this long after its wait's own deadline: an API process that dies while
+# waiting leaks no slot for longer.
+WAIT_SLOT_MARGIN_S = 10
+
+
+def admission(c: Context) -> executions.Admission:
+    """The default bounds a new execution is admitted within (docs/limits.md)."""
+    s = c.settings
+    return executions.Admission(
+        session_pending=s.session_max_pending,
+        tenant_pending=s.tenant_max_pending,
+        waits=s.tenant_max_waits,
+        longest_s=queue.execution_wait_s(s, s.max_timeout_s),
+    )
 
 
 def submit_execution(
-    c: Context, entry: SessionEntry, params: dict[str, Any], idempotency_key: str = ""
+    c: Context,
+    entry: SessionEntry,
+    params: dict[str, Any],
+    idempotency_key: str = "",
+    wait_id: str = "",
 ) -> ExecutionRecord:
-    """Queue an execution on the session's host and return its record (status `queued`)."""
+    """Queue an execution on the session's host and return its record (status `queued`).
+    Refused (TooManyPendingExecutions) when its session or tenant already has as many
+    unfinished executions as it may have. Given `wait_id`, the request also takes one of its
+    tenant's wait slots (TooManyWaits when none is free), to give back with
+    executions.end_wait."""
     if entry["state"] == sessions.LOST:
         raise SessionLost(
             f"session {entry['id']} was lost ({entry.get('reason') or 'its VM died'}); "
             "create a new session"
         )
-    r = c.redis
-    execution_id = executions.new_id()
-    if idempotency_key:
-        # Claim the key before anything runs, so two requests racing with it make one execution.
-        idem = keys.idempotency(entry["tenant"], idempotency_key)
-        if not r.set(idem, execution_id, nx=True, ex=IDEMPOTENCY_TTL_S):
-            return _idempotent_earlier(c, r.get(idem) or "")
-    seq = r.incr(keys.session_seq(entry["id"]))
     record = executions.new_record(
-        entry, params["code"], params["language"], params["timeout_s"], params["max_output"], seq
+        entry, params["code"], params["language"], params["timeout_s"], params["max_output"], 0
     )
-    record["id"] = execution_id
     record["callback_url"] = params.get("callback_url") or None  # shoal/webhooks.py
-    pipe = r.pipeline(transaction=False)  # one round trip; nothing reads these in between
-    body = executions.save(pipe, record, c.settings.execution_ttl_s)
-    pipe.zadd(keys.session_executions(entry["id"]), {record["id"]: seq})
-    sessions.touch(pipe, entry["id"], int(entry["cooldown_s"]))
-    pipe.execute()
+    wait = None
+    if wait_id:
+        longest = queue.execution_wait_s(c.settings, record["timeout_s"]) + IDEMPOTENCY_RACE_S
+        wait = (wait_id, time.time() + longest + WAIT_SLOT_MARGIN_S)
+    # One round trip: admitted, numbered, stored, counted; an idempotency key claimed before
+    # anything runs, so two requests racing with it make one execution.
+    earlier, body = executions.admit(
+        c.redis,
+        record,
+        admission(c),
+        ttl_s=c.settings.execution_ttl_s,
+        cooldown_s=int(entry["cooldown_s"]),
+        idempotency=(idempotency_key, IDEMPOTENCY_TTL_S) if idempotency_key else None,
+        wait=wait,
+    )
+    if earlier:
+        return _idempotent_earlier(c, earlier)
     # The record rides along: the worker need not read it back.
     queue.EXECUTE.send(
         c.celery,
         host=entry["host"],
-        execution_id=execution_id,
+        execution_id=record["id"],
         pool_name=entry["pool"],
         record_json=body,
     )
     return record
+
+
+def run_execution(
+    c: Context,
+    entry: SessionEntry,
+    params: dict[str, Any],
+    idempotency_key: str = "",
+    wait: bool = False,
+) -> ExecutionRecord:
+    """Submit an execution and, with `wait`, wait for it to end (wait_execution) while holding
+    one of the tenant's wait slots: a tenant's waiting requests never take all of the API's
+    threads (TooManyWaits beyond SHOAL_TENANT_MAX_WAITS)."""
+    if not wait:
+        return submit_execution(c, entry, params, idempotency_key)
+    wait_id = "wait_" + secrets.token_hex(8)
+    try:
+        record = submit_execution(c, entry, params, idempotency_key, wait_id)
+        if record["status"] not in executions.FINAL:
+            record = wait_execution(c, record)
+        return record
+    finally:
+        executions.end_wait(c.redis, entry["tenant"], wait_id)
 
 
 def _idempotent_earlier(c: Context, execution_id: str) -> ExecutionRecord:

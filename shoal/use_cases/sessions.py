@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import time
 
-from shoal import metrics, queue, replies, sessions, tenants
+from shoal import metrics, queue, replies, sessions
 from shoal.context import Context
-from shoal.errors import HostTimeout, PoolExhausted, SessionNotFound, TenantSessionLimit
+from shoal.errors import HostTimeout, SessionNotFound
 from shoal.keys import identifier as identifier_key
 from shoal.placement import choose_host
 from shoal.pools import get_pool
@@ -22,31 +22,25 @@ IDENT_POLL_S = 0.05
 
 
 def create_session(c: Context, tenant: str, pool_name: str, identifier: str = "") -> SessionEntry:
-    """Place a new session on a host and wait until its VM is ready."""
+    """Place a new session on a host and wait until its VM is ready. Its place within the
+    tenant's and the pool's caps is taken at once (TenantSessionLimit, PoolExhausted) and given
+    back if the session is not made."""
     pool = get_pool(c.settings, pool_name)
-    cap = tenants.max_sessions(c.redis, tenant, c.settings.tenant_max_sessions)
-    if sessions.count_for_tenant(c.redis, tenant) >= cap:
-        raise TenantSessionLimit(
-            f"tenant {tenant!r} already has {cap} live sessions "
-            "(SHOAL_TENANT_MAX_SESSIONS, or its own cap); delete one first"
-        )
-    if sessions.count_for_pool(c.redis, pool.name) >= pool.max_sessions:
-        raise PoolExhausted(
-            f"pool {pool.name!r} is at its limit of {pool.max_sessions} sessions (max_sessions)"
-        )
     host = choose_host(c.redis, pool.name)
-    entry = sessions.create(c.redis, tenant, pool, host, identifier)
+    entry = sessions.create(
+        c.redis, tenant, pool, host, identifier, tenant_cap=c.settings.tenant_max_sessions
+    )
     reply_key = replies.new_key()
     timeout = queue.create_wait_s(c.settings)
-    queue.CREATE_SESSION.send(
-        c.celery,
-        host=host,
-        expires_s=timeout,
-        session_id=entry["id"],
-        pool_name=pool.name,
-        reply_key=reply_key,
-    )
     try:
+        queue.CREATE_SESSION.send(
+            c.celery,
+            host=host,
+            expires_s=timeout,
+            session_id=entry["id"],
+            pool_name=pool.name,
+            reply_key=reply_key,
+        )
         replies.wait(c.redis, reply_key, timeout)
     except Exception:
         # The host may yet give it a VM: the tombstone makes it destroy that VM at once.
