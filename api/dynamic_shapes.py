@@ -79,6 +79,22 @@ def legacy_result(record: dict) -> Any:
     return _json_value(result.get("text/plain", ""))
 
 
+def truncation(record: dict, result_name: str, with_outputs: bool) -> dict:
+    """What was cut, in fields the reference service does not have (added ones: its clients
+    ignore them): the streams at max_output; the result, and with_outputs the displayed
+    outputs too (the legacy result is the first image displayed, when there is one); the
+    notes saying what was cut or dropped and why."""
+    cut = bool(record.get("result_truncated"))
+    if with_outputs:
+        cut = cut or bool(record.get("outputs_truncated"))
+    return {
+        "stdoutTruncated": record["stdout_truncated"],
+        "stderrTruncated": record["stderr_truncated"],
+        f"{result_name}Truncated": cut,
+        "outputNotes": record.get("output_notes") or [],
+    }
+
+
 def legacy_execution(record: dict) -> dict:
     ok = record["status"] == "succeeded"
     return {
@@ -90,6 +106,7 @@ def legacy_execution(record: dict) -> dict:
             "stderr": record["stderr"] if ok else failure_text(record),
             "result": legacy_result(record) if ok else "",
             "executionTimeInMilliseconds": round(record["duration_ms"] or 0),
+            **truncation(record, "result", with_outputs=True),
         },
     }
 
@@ -107,6 +124,7 @@ def current_execution(record: dict, identifier: str, execution_type: str) -> dic
             "stderr": record["stderr"] if record["status"] == "succeeded" else failure_text(record),
             "executionResult": None if result in (None, "None") else result,
             "executionTimeInMilliseconds": round(record["duration_ms"] or 0),
+            **truncation(record, "executionResult", with_outputs=False),
         }
     return {
         "id": record["id"],

@@ -112,10 +112,37 @@ class ExecutionOut(Schema):
     )
     stdout = fields.String()
     stderr = fields.String()
-    stdout_truncated = fields.Boolean()
-    stderr_truncated = fields.Boolean()
+    stdout_truncated = fields.Boolean(
+        metadata={"description": "stdout was cut at max_output characters"}
+    )
+    stderr_truncated = fields.Boolean(
+        metadata={"description": "stderr was cut at max_output characters"}
+    )
     result = fields.Dict(allow_none=True, metadata={"description": "last value by MIME type"})
-    outputs = fields.List(fields.Dict(), metadata={"description": "displayed outputs, in order"})
+    result_truncated = fields.Boolean(
+        metadata={
+            "description": "the result was cut: a text part at max_output characters, or a part "
+            "dropped (an image over the rich-output budget, JSON over max_output); null when "
+            "nothing of it was kept. output_notes says what"
+        }
+    )
+    outputs = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "displayed outputs, in order: {type, data: {mime: value}}, plus "
+            "truncated: true on one that was cut or had parts dropped"
+        },
+    )
+    outputs_truncated = fields.Boolean(
+        metadata={
+            "description": "an output was cut or had parts dropped, or outputs after the "
+            "rich-output budget was spent were dropped"
+        }
+    )
+    output_notes = fields.List(
+        fields.String(),
+        metadata={"description": "what was cut or dropped from the result and outputs, and why"},
+    )
     error = fields.Nested(ErrorDetail, allow_none=True)
     exit_code = fields.Integer(allow_none=True)
     interpreter_restarted = fields.Boolean()

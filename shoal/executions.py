@@ -38,11 +38,16 @@ RESULT_FIELDS = (
     "stdout_truncated",
     "stderr_truncated",
     "result",
+    "result_truncated",
     "outputs",
+    "outputs_truncated",
+    "output_notes",
     "error",
     "exit_code",
     "interpreter_restarted",
 )
+# Fields added after records were first stored: a record from before has none of them.
+LATER_FIELDS = {"result_truncated": False, "outputs_truncated": False, "output_notes": []}
 
 
 def new_id() -> str:
@@ -68,7 +73,10 @@ def new_record(
         "stdout_truncated": False,
         "stderr_truncated": False,
         "result": None,
+        "result_truncated": False,
         "outputs": [],
+        "outputs_truncated": False,
+        "output_notes": [],
         "error": None,
         "exit_code": None,
         "interpreter_restarted": False,
@@ -240,7 +248,9 @@ def get_for_tenant(r: redis.Redis, tenant: str, execution_id: str) -> ExecutionR
 
 
 def apply_agent_result(record: ExecutionRecord, answer: dict[str, Any]) -> None:
-    """Copy an agent's execute answer into the record and set the final status."""
+    """Copy an agent's execute answer into the record and set the final status. The answer is
+    already held to the execution's output bounds (workers/agent_client.py, with
+    protocol.bound_answer)."""
     for name in RESULT_FIELDS:
         if name in answer:
             record[name] = answer[name]
@@ -326,7 +336,7 @@ def public_view(record: ExecutionRecord) -> dict[str, Any]:
         "status": record["status"],
     }
     for name in RESULT_FIELDS:
-        view[name] = record[name]
+        view[name] = record[name] if name in record else LATER_FIELDS[name]
     view.update(
         created_at=stamp(record["created_at"]),
         started_at=stamp(record["started_at"]),

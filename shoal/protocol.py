@@ -17,6 +17,7 @@ Requests carry {"id": int, "op": str, ...}; each answer repeats the id and carri
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from typing import Any
@@ -32,13 +33,47 @@ DATA_DIR = "/mnt/data"
 
 # Limits. The guest is hostile: the host refuses anything larger from it and kills the VM.
 MAX_JSON_TO_GUEST = 2 << 20  # code up to 1 MiB plus envelope
-MAX_JSON_FROM_GUEST = 32 << 20  # results with base64 images, bounded by MAX_RICH_OUTPUT_BYTES
+MAX_JSON_FROM_GUEST = 32 << 20  # an execute answer: images within its rich-output budget
 MAX_BLOB = 1 << 20  # one file chunk
 FILE_CHUNK = 256 << 10  # the chunk size both sides send
 MAX_CODE_BYTES = 1 << 20
-MAX_RICH_OUTPUT_BYTES = 16 << 20  # all display outputs of one execution, base64 included
-DEFAULT_MAX_OUTPUT = 4096  # characters of stdout / stderr, as the reference service
+DEFAULT_MAX_OUTPUT = 4096  # characters of stdout / stderr / each text part, as the reference
 MAX_OUTPUT_CAP = 1 << 20
+
+# The rich-output budget of one execution (the execute request's max_rich_output_bytes): the
+# result and every display output share it. Images count their decoded bytes, text and JSON
+# their characters, and each display output OUTPUT_COST more (its envelope), so a flood of tiny
+# displays is bounded too. See bound_answer() below and docs/limits.md ("Outputs").
+DEFAULT_RICH_OUTPUT_BYTES = 4 << 20
+MAX_RICH_OUTPUT_BYTES = 16 << 20  # the largest budget a request may ask for
+OUTPUT_COST = 64
+# MIME types an answer carries. Text parts are cut at max_output characters; images are kept
+# whole or dropped (a cut PNG is garbage), and so is application/json (a cut document does not
+# parse), kept when its JSON text is within max_output characters.
+RICH_MIMES = (
+    "text/plain",
+    "text/html",
+    "text/markdown",
+    "text/latex",
+    "application/json",
+    "image/png",
+    "image/jpeg",
+    "image/svg+xml",
+)
+TEXT_MIMES = frozenset(RICH_MIMES[:4])
+BASE64_MIMES = frozenset({"image/png", "image/jpeg"})
+JSON_MIME = "application/json"
+SVG_MIME = "image/svg+xml"
+# What was cut or dropped is said in output_notes: at most MAX_NOTES lines (the last one says
+# when there were more), each at most MAX_NOTE_CHARS.
+MAX_NOTES = 16
+MAX_NOTE_CHARS = 300
+MORE_NOTES = "more parts were cut or dropped than these notes show; `truncated` marks them"
+# An error's fields; longer ones keep head and tail (clip()).
+MAX_ERROR_NAME = 256
+MAX_ERROR_VALUE = 16 << 10
+MAX_TRACEBACK = 256 << 10
+CLIP_MARK = "\n... [truncated] ...\n"
 
 # The agent's interrupt grace: after an interrupt or a timeout it sends SIGINT, and kills the
 # interpreter (then starts a fresh one) when the execution has not stopped this long after. The
@@ -119,3 +154,161 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 def error_message(request_id: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": {"code": code, "message": message}}
+
+
+# --- output bounds: applied by the interpreter as it collects, by the agent to what the
+# interpreter says, and by the host to what the agent says (it trusts no flag of the guest's) --
+def add_note(notes: list[str], text: str) -> None:
+    """Append a note unless MAX_NOTES are there (the last one then says there were more)."""
+    if len(notes) < MAX_NOTES - 1:
+        notes.append(text[:MAX_NOTE_CHARS])
+    elif len(notes) == MAX_NOTES - 1:
+        notes.append(MORE_NOTES)
+
+
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters: head and tail around CLIP_MARK when longer."""
+    if len(text) <= limit:
+        return text
+    half = max(limit - len(CLIP_MARK), 0) // 2
+    return text[:half] + CLIP_MARK + text[len(text) - half :] if half else text[:limit]
+
+
+def base64_size(text: str) -> int:
+    """The decoded size of base64 text, from its length alone (nothing is decoded)."""
+    return len(text) * 3 // 4 - text[-2:].count("=")
+
+
+def bound_bundle(
+    data: dict, where: str, max_output: int, room: int, notes: list[str]
+) -> tuple[dict, int, bool]:
+    """One MIME bundle held to the bounds: (the bundle, the budget it spends, cut or dropped).
+
+    Text parts are cut at max_output characters (or at `room`, what is left of the budget);
+    images are kept whole when they fit in `room`, else dropped; application/json is kept whole
+    when its JSON text is within max_output characters and `room`. Anything else (a type the
+    protocol does not carry, a value of the wrong type) is dropped. Each cut or drop adds a
+    note naming `where`. The interpreter's raw values are taken too (bytes: images are then
+    encoded only once they are known to fit). When nothing changes `data` itself is returned:
+    the common case costs a len() per part.
+    """
+    bundle: dict[str, Any] = {}
+    changed = cut = False
+    cost = 0
+    for mime, value in data.items():
+        left = max(room - cost, 0)
+        drop = None
+        if isinstance(value, bytes | bytearray) and mime not in BASE64_MIMES:
+            value, changed = bytes(value).decode("utf-8", "replace"), True
+        if mime in TEXT_MIMES:
+            if not isinstance(value, str):
+                drop = "dropped: not text"
+            elif len(value) > min(max_output, left):
+                keep = min(max_output, left)
+                why = "max_output" if keep == max_output else "the rich-output budget left"
+                add_note(notes, f"{where}: {mime} cut to {keep} of {len(value)} characters ({why})")
+                value, changed, cut = value[:keep], True, True
+            size = len(value) if drop is None else 0
+        elif mime in BASE64_MIMES or mime == SVG_MIME:
+            if isinstance(value, str):
+                size = base64_size(value) if mime in BASE64_MIMES else len(value)
+            elif isinstance(value, bytes | bytearray):
+                size = len(value)
+            else:
+                size, drop = 0, "dropped: not a string"
+            if drop is None and size > left:
+                drop = f"of {size} bytes dropped: {left} of the rich-output budget was left"
+            elif drop is None and not isinstance(value, str):
+                value, changed = base64.b64encode(value).decode("ascii"), True
+        elif mime == JSON_MIME:
+            try:
+                size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+            except (TypeError, ValueError, RecursionError):
+                size, drop = 0, "dropped: not JSON data"
+            if drop is None and size > max_output:
+                drop = f"of {size} characters dropped: over max_output ({max_output})"
+            elif drop is None and size > left:
+                drop = f"of {size} characters dropped: {left} of the rich-output budget was left"
+        else:
+            size, drop = 0, "dropped: not a MIME type the protocol carries"
+            mime = repr(mime[:40])
+        if drop is not None:
+            add_note(notes, f"{where}: {mime} {drop}")
+            changed = cut = True
+            continue
+        cost += size
+        bundle[mime] = value
+    return (bundle if changed else data), cost, cut
+
+
+def bound_answer(answer: dict[str, Any], max_output: int, budget: int) -> dict[str, Any]:
+    """Hold an execute answer to its request's bounds, in place, and return it.
+
+    stdout and stderr at most max_output characters; the result and the display outputs within
+    the rich-output `budget` (bound_bundle, in that order; an output that no longer fits, with
+    all after it, is dropped); the error's fields clipped; `result_truncated`,
+    `outputs_truncated`, each cut output's `truncated` and `output_notes` say what was cut or
+    dropped. The guest's own flags and notes are kept (bounded), never relied on; notes of cuts
+    made here come first, so a guest cannot crowd them out. Cheap when nothing is over: a len()
+    per text field and per MIME part, no copy, no encoding.
+    """
+    for name in ("stdout", "stderr"):
+        text = answer.get(name)
+        if isinstance(text, str) and len(text) > max_output:
+            answer[name] = text[:max_output]
+            answer[name + "_truncated"] = True
+    notes: list[str] = []  # of the cuts made here
+    result = answer.get("result")
+    result_cut = answer.get("result_truncated") is True
+    used = 0
+    if result:
+        result, used, cut = bound_bundle(result, "result", max_output, budget, notes)
+        result_cut = result_cut or cut
+    outputs = answer.get("outputs") or []
+    outputs_cut = answer.get("outputs_truncated") is True
+    if outputs:
+        kept = []
+        for index, output in enumerate(outputs):
+            room = budget - used - OUTPUT_COST
+            if room < 0:
+                dropped = len(outputs) - index
+                add_note(
+                    notes,
+                    f"outputs[{index}:]: {dropped} display outputs dropped: the execution's "
+                    f"rich-output budget of {budget} bytes was spent",
+                )
+                outputs_cut = True
+                break
+            data, cost, cut = bound_bundle(
+                output["data"], f"outputs[{index}]", max_output, room, notes
+            )
+            used += OUTPUT_COST + cost
+            entry: dict[str, Any] = {"type": "display", "data": data}
+            if cut or output.get("truncated") is True:
+                entry["truncated"] = outputs_cut = True
+            kept.append(entry)
+        outputs = kept
+    said = answer.get("output_notes")
+    if notes or said:
+        said = said[:MAX_NOTES] if isinstance(said, list) else []
+        notes, own = [], notes
+        for note in own + [n for n in said if isinstance(n, str)]:
+            add_note(notes, note)
+    answer.update(
+        result=result or None,
+        outputs=outputs,
+        result_truncated=result_cut,
+        outputs_truncated=outputs_cut,
+        output_notes=notes,
+    )
+    error = answer.get("error")
+    if isinstance(error, dict):
+        for name, limit in (
+            ("name", MAX_ERROR_NAME),
+            ("value", MAX_ERROR_VALUE),
+            ("traceback", MAX_TRACEBACK),
+        ):
+            text = error.get(name)
+            if isinstance(text, str) and len(text) > limit:
+                error[name] = clip(text, limit)
+    return answer

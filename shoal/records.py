@@ -37,7 +37,10 @@ class ExecutionRecord(TypedDict):
     stdout_truncated: bool
     stderr_truncated: bool
     result: dict[str, Any] | None
-    outputs: list[dict[str, Any]]
+    result_truncated: NotRequired[bool]  # text cut at max_output, or parts dropped
+    outputs: list[dict[str, Any]]  # {type, data, truncated?}
+    outputs_truncated: NotRequired[bool]
+    output_notes: NotRequired[list[str]]  # what was cut or dropped (protocol.bound_answer)
     error: dict[str, Any] | None  # {name, value, traceback}
     exit_code: int | None
     interpreter_restarted: bool

@@ -66,6 +66,10 @@ class Settings:
     max_output_cap: int = field(
         default=1 << 20, metadata={"doc": "hard cap on max_output (characters)"}
     )
+    max_rich_output_bytes: int = field(
+        default=4 << 20,
+        metadata={"doc": "result + displayed outputs of one execution (at most 16 MiB)"},
+    )
     max_upload_bytes: int = field(default=128 << 20, metadata={"doc": "largest file upload"})
     max_json_body_bytes: int = field(
         default=4 << 20,

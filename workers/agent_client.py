@@ -7,8 +7,10 @@ another waiting call are handed over, so there is no reader thread and no per-ca
 
 Everything the guest sends is hostile. Frames over protocol.MAX_JSON_FROM_GUEST / MAX_BLOB,
 bad magic, non-JSON or answers of the wrong shape raise AgentProtocolError: the caller should
-destroy the VM. An answer that does not come in time raises AgentTimeout, a closed connection
-AgentDisconnected, a clean error answer AgentError(code, message).
+destroy the VM. An execute answer of the right shape is then held to its request's output bounds
+(protocol.bound_answer), whatever the guest says it did. An answer that does not come in time
+raises AgentTimeout, a closed connection AgentDisconnected, a clean error answer
+AgentError(code, message).
 """
 
 from __future__ import annotations
@@ -204,8 +206,10 @@ class AgentClient:
         timeout_s: float = 60,
         max_output: int = protocol.DEFAULT_MAX_OUTPUT,
         grace_s: float | None = None,
+        max_rich_output_bytes: int = protocol.DEFAULT_RICH_OUTPUT_BYTES,
     ) -> dict[str, Any]:
-        """Run code; the answer dict (status, stdout, stderr, result, outputs, error, ...).
+        """Run code; the answer dict (status, stdout, stderr, result, outputs, error, ...),
+        within max_output characters per text part and the rich-output budget.
 
         Waits at most timeout_s + grace_s (default: the agent's interrupt grace + a margin).
         """
@@ -217,8 +221,10 @@ class AgentClient:
             "language": language,
             "timeout_s": timeout_s,
             "max_output": max_output,
+            "max_rich_output_bytes": max_rich_output_bytes,
         }
-        return validate_execute(self._call(request, timeout_s + grace_s))
+        answer = validate_execute(self._call(request, timeout_s + grace_s))
+        return protocol.bound_answer(answer, max_output, max_rich_output_bytes)
 
     def interrupt(self, timeout: float = 5.0) -> dict[str, Any]:
         """Interrupt the running execution (or file_get); safe from another thread."""

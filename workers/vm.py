@@ -119,8 +119,11 @@ class VM:
         if self.lost_reason is not None:
             raise VMLost(f"VM {self.vm_id}: {self.lost_reason}")
         grace = self.agent.interrupt_grace_s + self.settings.interrupt_grace_s
+        budget = min(max(self.settings.max_rich_output_bytes, 0), protocol.MAX_RICH_OUTPUT_BYTES)
         try:
-            return self.agent.execute(code, language, timeout_s, max_output, grace_s=grace)
+            return self.agent.execute(
+                code, language, timeout_s, max_output, grace_s=grace, max_rich_output_bytes=budget
+            )
         except AgentError as exc:
             raise AgentRefused(exc.code, exc.message) from None
         except AgentTimeout:

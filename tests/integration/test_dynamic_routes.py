@@ -88,6 +88,11 @@ def test_legacy_execute_creates_the_session_and_keeps_state(stack: Stack, legacy
         "stdout": "out\n",
         "stderr": "",
         "result": "text",
+        # Shoal's additions (docs/limits.md "Outputs"): nothing here was cut.
+        "stdoutTruncated": False,
+        "stderrTruncated": False,
+        "resultTruncated": False,
+        "outputNotes": [],
     }
     shaped = legacy.request(
         "POST", "code/execute", LEGACY, json={"properties": {"code": "x + 1"}}

@@ -276,18 +276,175 @@ def test_matplotlib_figures_become_png_outputs(agent):
     assert base64.b64decode(answer["result"]["image/png"]).startswith(PNG_MAGIC)
 
 
-def test_rich_output_is_bounded(agent):
+# --- output bounds (protocol.bound_answer; docs/limits.md "Outputs") ----------------------------
+def test_small_rich_output_is_untouched_and_unflagged(agent):
+    answer = run(agent, "from IPython.display import HTML, display\ndisplay(HTML('<i>x</i>'))\n7")
+    assert answer["outputs"] == [{"type": "display", "data": {
+        "text/html": "<i>x</i>", "text/plain": "<IPython.core.display.HTML object>"}}]  # fmt: skip
+    assert answer["result"] == {"text/plain": "7"}
+    assert answer["result_truncated"] is answer["outputs_truncated"] is False
+    assert answer["output_notes"] == []
+
+
+def test_displayed_text_is_cut_at_max_output_with_a_flag(agent):
     answer = run(
         agent,
-        "from IPython.display import HTML, display\n"
-        f"display(HTML('a' * {protocol.MAX_RICH_OUTPUT_BYTES // 2}))\n"
-        f"display(HTML('b' * {protocol.MAX_RICH_OUTPUT_BYTES // 2 + 10}))\n"
-        "display(HTML('small'))",
+        "from IPython.display import display, JSON\n"
+        "display({'text/plain': 'A' * 2_000_000}, raw=True)\n"
+        "display({'text/html': '<p>' * 1000, 'text/markdown': 'ok'}, raw=True)\n"
+        "display(JSON({'k': 'v' * 100}))\n"
+        "display(JSON({'k': 1}))\n"
+        "'B' * 50",
+        max_output=10,
     )
-    assert answer["status"] == "ok"
+    assert answer["status"] == "ok", answer["error"]
+    first, second, big_json, small_json = answer["outputs"]
+    assert first == {"type": "display", "data": {"text/plain": "A" * 10}, "truncated": True}
+    assert second["data"] == {"text/html": "<p>" * 3 + "<", "text/markdown": "ok"}
+    assert second["truncated"] is True
+    # A cut JSON document would not parse: over max_output it is dropped, its text stays.
+    assert "application/json" not in big_json["data"] and big_json["truncated"] is True
+    assert len(big_json["data"]["text/plain"]) <= 10
+    assert small_json["data"]["application/json"] == {"k": 1}
     assert answer["outputs_truncated"] is True
-    kept = [o["data"]["text/html"][:1] for o in answer["outputs"]]
-    assert kept == ["a", "s"]
+    assert answer["result"] == {"text/plain": "'" + "B" * 9}
+    assert answer["result_truncated"] is True
+    notes = answer["output_notes"]
+    assert "result: text/plain cut to 10 of 52 characters (max_output)" in notes
+    assert "outputs[0]: text/plain cut to 10 of 2000000 characters (max_output)" in notes
+    assert any(
+        n.startswith("outputs[2]: application/json of 108 characters dropped") for n in notes
+    )
+    assert len(json.dumps(answer)) < 10_000  # the 2 MB never crossed the channel
+
+
+IMAGES = (
+    "import hashlib, os\n"
+    "from IPython.display import display\n"
+    "def png(n):\n"
+    "    data = b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(n - 8)\n"
+    "    print(hashlib.sha256(data).hexdigest())\n"
+    "    return data\n"
+)
+
+
+def sha256_of(output: dict) -> str:
+    return hashlib.sha256(base64.b64decode(output["data"]["image/png"])).hexdigest()
+
+
+def test_images_are_kept_whole_within_the_budget_and_dropped_beyond_it(agent):
+    # The default budget, 4 MiB: 3 MiB fits whole, 5 MiB more does not.
+    answer = run(
+        agent,
+        IMAGES + "display({'image/png': png(3 << 20), 'text/plain': 'kept'}, raw=True)\n"
+        "display({'image/png': png(5 << 20), 'text/plain': 'too big'}, raw=True)",
+    )
+    assert answer["status"] == "ok", answer["error"]
+    kept, dropped = answer["outputs"]
+    digests = answer["stdout"].split()
+    assert sha256_of(kept) == digests[0] and "truncated" not in kept
+    assert dropped == {"type": "display", "data": {"text/plain": "too big"}, "truncated": True}
+    assert answer["outputs_truncated"] is True
+    assert any(
+        n.startswith(f"outputs[1]: image/png of {5 << 20} bytes dropped")
+        for n in answer["output_notes"]
+    ), answer["output_notes"]
+
+    # A budget of the host's choosing is one budget for the whole execution, in order.
+    answer = run(
+        agent,
+        IMAGES + "display({'image/png': png(60_000), 'text/plain': 'first'}, raw=True)\n"
+        "display({'image/png': png(60_000), 'text/plain': 'second'}, raw=True)\n"
+        "display({'image/png': png(10_000), 'text/plain': 'third'}, raw=True)",
+        max_rich_output_bytes=100_000,
+    )
+    first, second, third = answer["outputs"]
+    digests = answer["stdout"].split()
+    assert sha256_of(first) == digests[0] and sha256_of(third) == digests[2]
+    assert second == {"type": "display", "data": {"text/plain": "second"}, "truncated": True}
+    assert [n.split(":")[0] for n in answer["output_notes"]] == ["outputs[1]"]
+
+
+def test_a_figure_over_the_budget_keeps_its_text_and_says_so(agent):
+    answer = run(
+        agent, "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);", max_rich_output_bytes=500
+    )
+    assert answer["status"] == "ok", answer["error"]
+    (figure,) = answer["outputs"]
+    assert set(figure["data"]) == {"text/plain"} and figure["data"]["text/plain"].startswith("<Fig")
+    assert figure["truncated"] is True
+    assert "image/png" in answer["output_notes"][0]
+
+
+def test_a_64_mib_result_is_cut_or_refused_and_says_so(agent):
+    answer = run(agent, "'A' * (64 << 20)")
+    assert answer["status"] == "ok", answer["error"]
+    assert answer["result"] == {"text/plain": "'" + "A" * 4095}
+    assert answer["result_truncated"] is True
+    assert answer["output_notes"] == [
+        f"result: text/plain cut to 4096 of {(64 << 20) + 2} characters (max_output)"
+    ]
+    # A 64 MiB image as the result: refused whole, its text kept, and said.
+    answer = run(
+        agent,
+        "class Big:\n"
+        "    def _repr_png_(self): return b'\\x89PNG\\r\\n\\x1a\\n' + bytes(64 << 20)\n"
+        "Big()",
+    )
+    assert answer["status"] == "ok", answer["error"]
+    assert set(answer["result"]) == {"text/plain"} and "Big" in answer["result"]["text/plain"]
+    assert answer["result_truncated"] is True
+    assert answer["output_notes"][0].startswith("result: image/png of 67108872 bytes dropped")
+
+
+def test_a_flood_of_small_displays_is_bounded_by_the_budget(agent):
+    answer = run(
+        agent,
+        "from IPython.display import display\nfor i in range(1000): display('x')",
+        max_rich_output_bytes=10_000,
+    )
+    outputs = answer["outputs"]
+    assert 0 < len(outputs) * (protocol.OUTPUT_COST + 3) <= 10_000 < 1000 * protocol.OUTPUT_COST
+    assert answer["outputs_truncated"] is True
+    assert answer["output_notes"][-1] == (
+        f"outputs[{len(outputs)}:]: {1000 - len(outputs)} display outputs dropped: the "
+        "execution's rich-output budget of 10000 bytes was spent"
+    )
+
+
+def test_the_agent_bounds_what_a_tampered_interpreter_reports(agent):
+    """User code can change the interpreter's own bounds; the agent cuts again before answering."""
+    answer = run(
+        agent,
+        "import shoal_kernel\n"
+        "shoal_kernel.RICH.limit = shoal_kernel.RICH.budget = 1 << 40\n"
+        "from IPython.display import display\n"
+        "display({'text/plain': 'A' * 2_000_000}, raw=True)\n"
+        "display({'image/png': bytes(5 << 20)}, raw=True)",
+        max_output=10,
+    )
+    assert answer["outputs"] == [
+        {"type": "display", "data": {"text/plain": "A" * 10}, "truncated": True},
+        {"type": "display", "data": {}, "truncated": True},
+    ]
+    assert answer["output_notes"][0] == (
+        "outputs[0]: text/plain cut to 10 of 2000000 characters (max_output)"
+    )
+    assert answer["output_notes"][1].startswith(f"outputs[1]: image/png of {5 << 20} bytes")
+    assert run(agent, "shoal_kernel.RICH.limit")["result"] == {"text/plain": "4096"}
+
+
+def test_clear_output_frees_the_budget(agent):
+    answer = run(
+        agent,
+        "from IPython.display import display, clear_output\n"
+        "for i in range(50):\n"
+        "    clear_output(wait=True)\n"
+        "    display({'text/plain': str(i) * 1000}, raw=True)",
+        max_rich_output_bytes=5_000,
+    )
+    assert answer["outputs"] == [{"type": "display", "data": {"text/plain": "49" * 1000}}]
+    assert answer["outputs_truncated"] is False and answer["output_notes"] == []
 
 
 def test_interrupt_from_another_thread_stops_a_busy_loop(agent):
@@ -916,6 +1073,87 @@ def test_client_rejects_malformed_answers(fake_guest):
     )
     with pytest.raises(AgentProtocolError):
         client.execute("1")
+
+
+def test_client_holds_a_hostile_answer_to_the_output_bounds(fake_guest):
+    """A guest that ignores the bounds and says nothing was cut: the host cuts, flags and notes
+    what it sent, whatever its flags say."""
+    client, guest = fake_guest
+    image = base64.b64encode(PNG_MAGIC + bytes(3 << 20)).decode()
+    hostile = {
+        "status": "ok",
+        "stdout": "o" * 100_000,
+        "stderr": "e" * 100_000,
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "result": {"text/plain": "r" * 1_000_000, "image/png": image, "x/evil": "z" * 1000},
+        "result_truncated": False,
+        "outputs": [
+            {"type": "<script>", "data": {"text/html": "h" * 500_000}, "junk": "j" * 100_000},
+            {"type": "display", "data": {"image/png": image, "text/plain": "fig"}},
+            *[{"type": "display", "data": {"text/plain": "x"}}] * 50_000,
+        ],
+        "outputs_truncated": False,
+        "output_notes": ["n" * 10_000] * 1000,
+        "error": {"name": "E" * 100_000, "value": "v" * (1 << 20), "traceback": "t" * (1 << 20)},
+        "exit_code": None,
+        "interpreter_restarted": False,
+        "duration_ms": 1.0,
+    }
+    answer_next_request(guest, lambda r: protocol.encode({"id": r["id"], "ok": True, **hostile}))
+    budget = 1 << 20
+    answer = client.execute("1", max_output=10, max_rich_output_bytes=budget)
+
+    assert (answer["stdout"], answer["stderr"]) == ("o" * 10, "e" * 10)
+    assert answer["stdout_truncated"] is answer["stderr_truncated"] is True
+    assert answer["result"] == {"text/plain": "r" * 10}  # 3 MiB image over 1 MiB: dropped
+    assert answer["result_truncated"] is True
+    first, second, *rest = answer["outputs"]
+    assert first == {"type": "display", "data": {"text/html": "h" * 10}, "truncated": True}
+    assert second == {"type": "display", "data": {"text/plain": "fig"}, "truncated": True}
+    assert 0 < len(rest) < 50_000 and all(o == {"type": "display", "data": {"text/plain": "x"}}
+                                          for o in rest)  # fmt: skip
+    assert (len(answer["outputs"]) * protocol.OUTPUT_COST) <= budget
+    assert answer["outputs_truncated"] is True
+    notes = answer["output_notes"]
+    assert len(notes) <= protocol.MAX_NOTES and all(
+        len(n) <= protocol.MAX_NOTE_CHARS for n in notes
+    )
+    # The host's own notes come first: a guest's notes cannot crowd them out.
+    assert notes[0] == "result: text/plain cut to 10 of 1000000 characters (max_output)"
+    assert any(n.startswith(f"result: image/png of {(3 << 20) + 8} bytes dropped") for n in notes)
+    assert any("'x/evil' dropped" in n for n in notes)
+    assert any(n.startswith("outputs[1]: image/png") for n in notes)
+    assert any("display outputs dropped" in n for n in notes)
+    error = answer["error"]
+    assert len(error["name"]) <= protocol.MAX_ERROR_NAME
+    assert len(error["value"]) <= protocol.MAX_ERROR_VALUE
+    assert len(error["traceback"]) <= protocol.MAX_TRACEBACK
+
+
+def test_client_keeps_a_bounded_answer_as_it_is(fake_guest):
+    """What an honest guest sends within the bounds comes through unchanged (the re-check only
+    measures), and its flags and notes stand."""
+    client, guest = fake_guest
+    honest = {
+        "status": "ok",
+        "stdout": "1234567890",
+        "stderr": "",
+        "stdout_truncated": True,
+        "stderr_truncated": False,
+        "result": {"text/plain": "'abcdefghi", "image/png": base64.b64encode(b"p" * 900).decode()},
+        "result_truncated": True,
+        "outputs": [{"type": "display", "data": {"text/plain": "x"}, "truncated": True}],
+        "outputs_truncated": True,
+        "output_notes": ["result: text/plain cut to 10 of 99 characters (max_output)"],
+        "error": None,
+        "exit_code": None,
+        "interpreter_restarted": False,
+        "duration_ms": 1.0,
+    }
+    answer_next_request(guest, lambda r: protocol.encode({"id": r["id"], "ok": True, **honest}))
+    answer = client.execute("1", max_output=10, max_rich_output_bytes=900 + 10 + 64 + 1)
+    assert answer == {**honest, "status": "ok"}
 
 
 def test_client_error_timeout_and_disconnect(fake_guest):

@@ -66,13 +66,17 @@ class Capture:
 class Execution:
     """One execute request, from the request to its answer: python (sent to the kernel) or shell."""
 
-    def __init__(self, request_id: int, language: str, code: str, timeout_s: float, limit: int):
+    def __init__(
+        self, request_id: int, language: str, code: str, timeout_s: float, limit: int, budget: int
+    ):
         self.id = request_id
         self.language = language
         self.code = code
         self.started = time.monotonic()
         self.deadline = self.started + timeout_s
         self.timeout_s = timeout_s
+        self.max_output = limit  # characters of stdout, stderr and each text part
+        self.rich_budget = budget  # result + display outputs (protocol.bound_answer)
         self.stdout = Capture(limit)
         self.stderr = Capture(limit)
         self.interrupt_reason: str | None = None  # "interrupted" | "timed_out"
@@ -117,7 +121,14 @@ class Executions:
             raise BadRequest("max_output must be an integer")
         if not 0 <= limit <= protocol.MAX_OUTPUT_CAP:
             raise BadRequest(f"max_output must be between 0 and {protocol.MAX_OUTPUT_CAP}")
-        ex = Execution(rid, language, code, float(timeout_s), limit)
+        budget = message.get("max_rich_output_bytes", protocol.DEFAULT_RICH_OUTPUT_BYTES)
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise BadRequest("max_rich_output_bytes must be an integer")
+        if not 0 <= budget <= protocol.MAX_RICH_OUTPUT_BYTES:
+            raise BadRequest(
+                f"max_rich_output_bytes must be between 0 and {protocol.MAX_RICH_OUTPUT_BYTES}"
+            )
+        ex = Execution(rid, language, code, float(timeout_s), limit, budget)
         self.execution = ex
         if language == "shell":
             self._start_shell(ex)
@@ -141,7 +152,8 @@ class Executions:
                 "op": "execute",
                 "id": ex.seq,
                 "code": ex.code,
-                "max_rich": protocol.MAX_RICH_OUTPUT_BYTES,
+                "max_output": ex.max_output,
+                "max_rich": ex.rich_budget,
             }
         )
 
@@ -209,6 +221,8 @@ class Executions:
         result: Any = None,
         outputs: list | None = None,
         outputs_truncated: bool = False,
+        result_truncated: bool = False,
+        notes: Any = None,
         error: dict | None = None,
         exit_code: int | None = None,
         restarted: bool = False,
@@ -228,8 +242,10 @@ class Executions:
             "stdout_truncated": ex.stdout.truncated,
             "stderr_truncated": ex.stderr.truncated,
             "result": result,
+            "result_truncated": result_truncated,
             "outputs": outputs or [],
             "outputs_truncated": outputs_truncated,
+            "output_notes": notes,
             "error": error,
             "exit_code": exit_code,
             "interpreter_restarted": restarted,
@@ -239,8 +255,21 @@ class Executions:
             "id": ex.id,
             "ok": True,
         }
+        # The interpreter runs user code: what it reported is held to the request's bounds here,
+        # before it crosses the channel (the host checks again).
+        protocol.bound_answer(answer, ex.max_output, ex.rich_budget)
         body = json_bytes(answer)
         if len(body) > protocol.MAX_JSON_FROM_GUEST:
-            answer.update(result=None, outputs=[], outputs_truncated=True)
+            drop_rich(answer, f"the answer was over the {protocol.MAX_JSON_FROM_GUEST}-byte limit")
             body = json_bytes(answer)
         self.send_body(body)
+
+
+def drop_rich(answer: dict, why: str) -> None:
+    """Drop the result and display outputs of an answer too large to send, saying so."""
+    if answer["result"] is not None:
+        answer["result_truncated"] = True
+    if answer["outputs"]:
+        answer["outputs_truncated"] = True
+    answer.update(result=None, outputs=[])
+    protocol.add_note(answer["output_notes"], f"result and display outputs dropped: {why}")

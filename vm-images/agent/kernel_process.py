@@ -260,6 +260,8 @@ class KernelSupervision:
             result=result,
             outputs=outputs,
             outputs_truncated=message.get("outputs_truncated") is True,
+            result_truncated=message.get("result_truncated") is True,
+            notes=message.get("output_notes"),
             error=error,
             execution_count=count if isinstance(count, int) else None,
             restarted=restarted,

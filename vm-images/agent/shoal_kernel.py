@@ -10,15 +10,22 @@ kernel.py only imports this module (so the byte-code compiled at image build tim
   subprocesses and C code is captured as well as print()).
 - SHOAL_KERNEL_FD is a socket to the agent carrying JSON messages, framed as in
   shoal_kernel_framing.py (which the agent imports too):
-    agent -> kernel  {"op": "execute", "id": n, "code": str, "max_rich": int}
+    agent -> kernel  {"op": "execute", "id": n, "code": str, "max_output": int,
+                      "max_rich": int (the rich-output budget, bytes)}
                      {"op": "reseed", "seed": base64}
     kernel -> agent  {"op": "ready", "pid": int, "ipython": str}
-                     {"op": "done", "id": n, "status": "ok"|"error", "result", "outputs",
-                      "outputs_truncated", "error", "execution_count",
+                     {"op": "done", "id": n, "status": "ok"|"error", "result",
+                      "result_truncated", "outputs", "outputs_truncated", "output_notes",
+                      "error", "execution_count",
                       "kernel_at": [received, replied] (time.monotonic(), for the phases)}
   The kernel runs user code, so the agent treats everything it says as untrusted.
 - SHOAL_INTERRUPT_FD is a shared 8-byte memfd: the agent writes an execution id there before it
   sends SIGINT, and KeyboardInterrupt is raised only in that execution's cell (see Interrupts).
+
+Output is held to the execute request's bounds as it is collected (shoal/protocol.py
+bound_bundle, loaded as the private module shoal_protocol): text parts cut at max_output
+characters, images kept whole within the rich-output budget or dropped (before they are ever
+base64-encoded), each cut or drop flagged and noted. The agent and the host check again.
 
 Standard library plus IPython; matplotlib only when the user imports it.
 """
@@ -51,31 +58,29 @@ MAX_REPLY = 28 << 20  # the agent kills a kernel whose message is over 30 MiB
 FLUSH_INTERVAL_S = 0.1
 FLUSH_LINGER_S = 2.0
 MPL_BACKEND_MODULE = "shoal_mpl_backend"
-RICH_MIMES = (
-    "text/plain",
-    "text/html",
-    "text/markdown",
-    "text/latex",
-    "application/json",
-    "image/png",
-    "image/jpeg",
-    "image/svg+xml",
-)
-BINARY_MIMES = ("image/png", "image/jpeg")
-MAX_ERROR_VALUE = 16 << 10
-MAX_TRACEBACK = 256 << 10
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+def _load_protocol():
+    """shoal/protocol.py, whose bounds the agent and the host apply too, as the private module
+    shoal_protocol: next to this file in the guest image, at the repository's root in a source
+    checkout. Not `import shoal`: a `shoal` package of the user's stays theirs."""
+    for parts in (("shoal",), (os.pardir, os.pardir, "shoal")):
+        path = os.path.join(HERE, *parts, "protocol.py")
+        if os.path.exists(path):
+            break
+    spec = importlib.util.spec_from_file_location("shoal_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["shoal_protocol"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+P = _load_protocol()
 
 
 def strip_ansi(text: str) -> str:
     return ANSI_RE.sub("", text)
-
-
-def clip(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return text[:half] + "\n... [truncated] ...\n" + text[-half:]
 
 
 class AgentLink:
@@ -124,76 +129,95 @@ def encode_reply(reply: dict) -> bytes:
             "traceback": "",
         }
     if not body or len(body) > MAX_REPLY:
-        reply.update(result=None, outputs=[], outputs_truncated=True)
+        if reply["result"] is not None:
+            reply["result_truncated"] = True
+        if reply["outputs"]:
+            reply["outputs_truncated"] = True
+        reply.update(result=None, outputs=[])
+        why = "could not be serialised" if not body else f"were over {MAX_REPLY} bytes"
+        P.add_note(
+            reply.setdefault("output_notes", []), f"result and display outputs dropped: they {why}"
+        )
         body = encode(reply)
     return body
 
 
 class RichOutput:
-    """Result and display outputs of the running cell, bounded in total size."""
+    """Result and display outputs of the running cell, within the execution's bounds: text
+    parts cut at max_output characters, everything within the rich-output budget
+    (shoal/protocol.py bound_bundle, the same rules the agent and the host check)."""
 
     def __init__(self) -> None:
-        self.reset(0)
+        self.reset(0, 0)
 
-    def reset(self, budget: int) -> None:
+    def reset(self, budget: int, limit: int) -> None:
         self.budget = budget
-        self.used = 0
+        self.limit = limit
+        self.used = 0  # of the budget: the result's cost plus the outputs'
         self.result: dict | None = None
+        self.result_cost = 0
+        self.result_truncated = False
+        self.result_notes: list[str] = []
         self.outputs: list[dict] = []
         self.truncated = False
+        self.output_notes: list[str] = []
+        self.dropped = 0  # display outputs that came after the budget was spent
         self.traceback: str | None = None
 
-    def _take(self, data: dict) -> dict | None:
-        bundle = clean_bundle(data)
-        if not bundle:
-            return None
-        size = sum(
-            len(v.encode()) if isinstance(v, str) else len(encode(v)) for v in bundle.values()
-        )
-        if self.used + size > self.budget:
-            self.truncated = True
-            return None
-        self.used += size
-        return bundle
-
     def set_result(self, data: dict) -> None:
-        bundle = self._take(data)
-        if bundle is not None:
-            self.result = bundle
+        self.used -= self.result_cost  # a second displayhook call replaces the first value
+        self.result_notes = []
+        bundle, cost, cut = P.bound_bundle(
+            carried(data), "result", self.limit, self.budget - self.used, self.result_notes
+        )
+        self.used += cost
+        self.result_cost = cost
+        self.result = bundle or None
+        self.result_truncated = cut
 
     def add_display(self, data: dict) -> None:
-        bundle = self._take(data)
-        if bundle is not None:
-            self.outputs.append({"type": "display", "data": bundle})
+        room = self.budget - self.used - P.OUTPUT_COST
+        if room < 0:
+            self.dropped += 1
+            self.truncated = True
+            return
+        where = f"outputs[{len(self.outputs)}]"
+        bundle, cost, cut = P.bound_bundle(
+            carried(data), where, self.limit, room, self.output_notes
+        )
+        if not bundle and not cut:
+            return  # nothing of a type the protocol carries
+        self.used += P.OUTPUT_COST + cost
+        output = {"type": "display", "data": bundle}
+        if cut:
+            output["truncated"] = self.truncated = True
+        self.outputs.append(output)
 
     def clear(self) -> None:
+        """clear_output(): the outputs so far, and what was said about them, are gone."""
         self.outputs.clear()
-        self.used = 0
-        if self.result is not None:
-            self.used = sum(len(v) if isinstance(v, str) else 0 for v in self.result.values())
+        self.output_notes = []
+        self.dropped = 0
+        self.truncated = False
+        self.used = self.result_cost
+
+    def notes(self) -> list[str]:
+        notes: list[str] = []
+        for note in self.result_notes + self.output_notes:
+            P.add_note(notes, note)
+        if self.dropped:
+            P.add_note(
+                notes,
+                f"outputs[{len(self.outputs)}:]: {self.dropped} display outputs dropped: the "
+                f"execution's rich-output budget of {self.budget} bytes was spent",
+            )
+        return notes
 
 
-def clean_bundle(data: dict) -> dict:
-    """Keep the MIME types the protocol carries, as JSON-safe values (images base64)."""
-    bundle = {}
-    for mime in RICH_MIMES:
-        if mime not in data:
-            continue
-        value = data[mime]
-        if isinstance(value, bytes | bytearray):
-            if mime in BINARY_MIMES:
-                value = base64.b64encode(value).decode("ascii")
-            else:
-                value = bytes(value).decode("utf-8", "replace")
-        if mime == "application/json":
-            try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                continue
-        elif not isinstance(value, str):
-            continue
-        bundle[mime] = value
-    return bundle
+def carried(data: dict) -> dict:
+    """The parts of a format dict of the MIME types the protocol carries (IPython may add
+    others, e.g. a widget's view: those are not sent)."""
+    return {mime: data[mime] for mime in P.RICH_MIMES if mime in data}
 
 
 RICH = RichOutput()
@@ -382,7 +406,10 @@ os.register_at_fork(
 
 
 def execute(shell, message: dict) -> dict:
-    RICH.reset(int(message.get("max_rich", 16 << 20)))
+    RICH.reset(
+        int(message.get("max_rich", P.DEFAULT_RICH_OUTPUT_BYTES)),
+        int(message.get("max_output", P.DEFAULT_MAX_OUTPUT)),
+    )
     result = None
     interrupted_late = False
     FLUSHER.wake()
@@ -416,17 +443,19 @@ def execute(shell, message: dict) -> dict:
         else:
             name, value = type(exc).__name__, str(exc)
         error = {
-            "name": name,
-            "value": clip(value, MAX_ERROR_VALUE),
-            "traceback": clip(RICH.traceback or f"{name}: {value}", MAX_TRACEBACK),
+            "name": P.clip(name, P.MAX_ERROR_NAME),
+            "value": P.clip(value, P.MAX_ERROR_VALUE),
+            "traceback": P.clip(RICH.traceback or f"{name}: {value}", P.MAX_TRACEBACK),
         }
     return {
         "op": "done",
         "id": message.get("id"),
         "status": status,
         "result": RICH.result,
+        "result_truncated": RICH.result_truncated,
         "outputs": RICH.outputs,
         "outputs_truncated": RICH.truncated,
+        "output_notes": RICH.notes(),
         "error": error,
         "execution_count": shell.execution_count - 1,
         "exiting": bool(shell.exit_now),  # exit() was called: this process ends after replying
@@ -440,7 +469,7 @@ def warm_up(shell) -> None:
     coro = shell.run_code(compile("raise RuntimeError('warm-up')", "<shoal-warm-up>", "exec"))
     with contextlib.suppress(StopIteration):
         coro.send(None)  # a coroutine since IPython 7, with nothing to await here
-    RICH.reset(0)
+    RICH.reset(0, 0)
 
 
 def warm_paths(shell) -> None:
@@ -455,7 +484,12 @@ def warm_paths(shell) -> None:
             exec(compiled[0], {})
         shell.display_formatter.format("text")
         result = shell.display_formatter.format(12345)[0]
-        encode_reply({"op": "done", "status": "ok", "result": result, "outputs": [], "error": None})
+        RICH.reset(P.DEFAULT_RICH_OUTPUT_BYTES, P.DEFAULT_MAX_OUTPUT)
+        RICH.set_result(result)
+        encode_reply(
+            {"op": "done", "status": "ok", "result": RICH.result, "outputs": [], "error": None}
+        )
+        RICH.reset(0, 0)
     except Exception:  # a warm-up must never cost the session
         pass
 
