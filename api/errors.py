@@ -83,7 +83,8 @@ def register(app: Flask) -> None:
     def _shoal_error(exc: ShoalError):
         if exc.status >= 500:
             log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
-        return error_response(exc.code, exc.message, exc.status)
+        retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return error_response(exc.code, exc.message, exc.status, retry)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
