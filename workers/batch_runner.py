@@ -233,9 +233,7 @@ class BatchRunner:
                 room = len(live) + self._creating < cap
                 if room:
                     self._creating += 1
-            blocked: ShoalError = TenantSessionLimit(
-                f"the tenant stayed at its session cap ({cap} sessions)"
-            )
+            blocked: ShoalError = TenantSessionLimit()
             if room:
                 try:
                     return session_cases.create_session(self.c, tenant, pool)
