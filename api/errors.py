@@ -14,7 +14,7 @@ from flask import Flask, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from shoal.errors import ShoalError, TooManyRequests
+from shoal.errors import ShoalError
 
 log = logging.getLogger("shoal.api")
 
@@ -104,10 +104,8 @@ def register(app: Flask) -> None:
     def _shoal_error(exc: ShoalError):
         if exc.status >= 500:
             log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
-        headers = None
-        if isinstance(exc, TooManyRequests):
-            headers = {"Retry-After": str(exc.retry_after_s)}
-        return error_response(exc.code, exc.message, exc.status, headers)
+        retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return error_response(exc.code, exc.message, exc.status, retry)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -143,11 +143,12 @@ def create(
     raw_items: list,
     max_parallel: int,
     callback_url: str | None,
+    batch_id: str | None = None,
 ) -> dict[str, str]:
     """Store a new batch (every item validated) and return its hash; the caller queues it."""
     if not 1 <= len(raw_items) <= MAX_ITEMS:
         raise ValidationFailed(f"items: between 1 and {MAX_ITEMS} items per batch")
-    batch_id = new_id()
+    batch_id = batch_id or new_id()
     ttl = settings.execution_ttl_s
     specs, items = {}, {}
     for index, raw in enumerate(raw_items):
@@ -231,6 +232,8 @@ def finish(r: redis.Redis, batch_id: str) -> BatchMeta:
         pipe.hset(keys.batch(batch_id), "status", COMPLETED)
     pipe.hset(keys.batch(batch_id), "finished_at", f"{time.time():.6f}")
     pipe.srem(keys.batches_running(), batch_id)
+    if meta.get("tenant"):
+        pipe.zrem(keys.tenant_batches(meta["tenant"]), batch_id)
     pipe.execute()
     return load(r, batch_id) or meta
 

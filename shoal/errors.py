@@ -4,10 +4,12 @@ from __future__ import annotations
 
 
 class ShoalError(Exception):
-    """Base of every error a client may see. `code` is stable; `message` says what is wrong."""
+    """Base of every error a client may see. `code` is stable; `message` says what is wrong;
+    `retry_after_s`, when set, is sent as the answer's Retry-After header."""
 
     code = "InternalError"
     status = 500
+    retry_after_s: int | None = None
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.__doc__ or self.code)
@@ -139,6 +141,13 @@ class PoolExhausted(TooManyRequests):
     """The pool is at its session limit."""
 
     code = "PoolExhausted"
+
+
+class TooManyBatches(ShoalError):
+    """The tenant has as many unfinished batches as it may have."""
+
+    code, status = "TooManyBatches", 429
+    retry_after_s = 30  # a hint: a batch's length is not known in advance
 
 
 class NoHostAvailable(ShoalError):

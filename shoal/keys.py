@@ -196,3 +196,30 @@ def batch_lease(batch_id: str) -> str:
 def batches_running() -> str:
     """Set: ids of batches not yet finished, for resuming after a batch worker dies."""
     return f"{PREFIX}:batches:running"
+
+
+# --- fair share between tenants in the asynchronous pipelines (docs/limits.md) ---------------
+def webhooks_in_flight(tenant: str) -> str:
+    """Sorted set (shoal/leases.py): the tenant's webhook attempts in flight, by lease end."""
+    return f"{PREFIX}:tenant:{tenant}:webhooks:inflight"
+
+
+def webhooks_deferred(tenant: str) -> str:
+    """Sorted set: the tenant's deliveries put off for its in-flight cap, by when last put off."""
+    return f"{PREFIX}:tenant:{tenant}:webhooks:deferred"
+
+
+def tenant_batches(tenant: str) -> str:
+    """Sorted set (shoal/leases.py): the tenant's unfinished batches, by when their records
+    expire; bounds the batches a tenant may have at once."""
+    return f"{PREFIX}:tenant:{tenant}:batches"
+
+
+def batch_coordinators(tenant: str) -> str:
+    """Sorted set (shoal/leases.py): the tenant's batches holding a coordinator, by lease end."""
+    return f"{PREFIX}:tenant:{tenant}:batches:coordinators"
+
+
+def batches_waiting(tenant: str) -> str:
+    """Sorted set: the tenant's batches waiting for a coordinator, by when they began to wait."""
+    return f"{PREFIX}:tenant:{tenant}:batches:waiting"

@@ -122,7 +122,10 @@ class Settings:
     webhook_allow_hosts: str = field(
         default="", metadata={"doc": "callback hosts exempt from the SSRF check (comma-separated)"}
     )
-    webhook_timeout_s: float = field(default=10.0, metadata={"doc": "per delivery attempt"})
+    webhook_timeout_s: float = field(
+        default=10.0,
+        metadata={"doc": "a whole delivery attempt: DNS, connect, send, status and headers"},
+    )
     webhook_retry_first_s: float = field(
         default=5.0, metadata={"doc": "first retry delay; doubles each time, with jitter"}
     )
@@ -131,7 +134,21 @@ class Settings:
         default=3600.0, metadata={"doc": "no retry starts later than this after the first try"}
     )
     webhook_concurrency: int = field(default=8, metadata={"doc": "webhook delivery threads"})
+    webhook_tenant_in_flight: int = field(
+        default=2,
+        metadata={"doc": "one tenant's delivery attempts at once (below the delivery threads)"},
+    )
     batch_concurrency: int = field(default=4, metadata={"doc": "batches run at once"})
+    batch_tenant_running: int = field(
+        default=2, metadata={"doc": "one tenant's batches run at once (below the coordinators)"}
+    )
+    batch_session_wait_s: float = field(
+        default=300.0,
+        metadata={"doc": "a batch item's wait for a session while none of the tenant's ends"},
+    )
+    tenant_max_batches: int = field(
+        default=10, metadata={"doc": "unfinished batches per tenant (429 beyond)"}
+    )
 
     def __post_init__(self) -> None:
         # No tenant's default share may take most of a host (or of the API's threads): the

@@ -10,6 +10,11 @@ nothing else, so a slow receiver never holds up an execution. One attempt is one
 the same task sent again with a countdown. Every attempt is recorded under the owner's delivery
 key (shoal/keys.py `webhook_delivery`), which the execution and batch views show as `webhook`.
 
+Fair share: an attempt is bounded as a whole by SHOAL_WEBHOOK_TIMEOUT_S, DNS check included
+(shoal/webhook_http.py bounds the HTTP exchange), and a tenant has at most
+SHOAL_WEBHOOK_TENANT_IN_FLIGHT attempts at once; a delivery over that is put off with a
+countdown rather than take a thread, so one tenant's slow receivers never stall the others'.
+
 SSRF: the URL's host must resolve only to public addresses (not loopback, private, link-local,
 metadata, multicast or reserved), unless the host is listed in SHOAL_WEBHOOK_ALLOW_HOSTS. It is
 checked at submission and again before every attempt, and the connection goes to the address
@@ -29,26 +34,25 @@ import logging
 import random
 import secrets
 import socket
-import ssl
+import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 
-from shoal import executions, keys, queue, secrets_box
+from shoal import executions, keys, leases, queue, secrets_box, webhook_http
 from shoal.errors import ValidationFailed
 from shoal.records import ExecutionRecord
 from shoal.settings import Settings
 from shoal.timeutil import iso
+from shoal.webhook_http import Deadline
 
 log = logging.getLogger("shoal.webhooks")
 
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32  # Standard Webhooks asks for 24 to 64
 MAX_URL = 2048
-# Only the status line matters; a receiver's body is read up to this and dropped.
-MAX_RESPONSE_READ = 4096
 USER_AGENT = "Shoal-Webhooks/1"
 # Cloud metadata services; all but the last are also caught as link-local or shared addresses,
 # listed here so the refusal says what it is.
@@ -57,6 +61,15 @@ METADATA_ADDRESSES = frozenset(
 )
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+# A tenant at its in-flight cap has its delivery put off, not run: first by about DEFER_S, more
+# the more of its deliveries wait (each waiting one looks again about once per that delay, so
+# a tenant with a thousand waiting does not keep the workers busy looking), at most DEFER_MAX_S.
+DEFER_S = 1.0
+DEFER_MAX_S = 30.0
+# An in-flight lease outlives the attempt's deadline by this; a worker that died mid-attempt
+# frees its tenant's place when it runs out.
+IN_FLIGHT_MARGIN_S = 30.0
 
 
 class Refused(ValidationFailed):
@@ -112,10 +125,34 @@ def address_problem(address: str) -> str | None:
     return None
 
 
-def resolve(settings: Settings, url: str) -> tuple[str, str, int, str]:
+def _lookup(host: str, port: int, timeout_s: float) -> list[tuple]:
+    """getaddrinfo within `timeout_s`: the resolver's own timeouts are long, and a tenant may
+    run the name server. A lookup still going at the deadline is left to end in its thread."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except Exception as exc:  # gaierror, UnicodeError (a bad IDN), ...
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="webhook-dns", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise Refused(f"callback_url host {host!r} does not resolve within {timeout_s:g} s")
+    if "error" in box:
+        raise Refused(f"callback_url host {host!r} does not resolve: {box['error']}")
+    return box["infos"]
+
+
+def resolve(
+    settings: Settings, url: str, deadline: Deadline | None = None
+) -> tuple[str, str, int, str]:
     """Check `url` and pick the address to connect to: (scheme, host, port, address).
-    Raises Refused when the URL is malformed or its host resolves to a forbidden address."""
-    if len(url) > MAX_URL or any(c.isspace() for c in url):
+    Raises Refused when the URL is malformed, its host does not resolve before the deadline
+    (default: SHOAL_WEBHOOK_TIMEOUT_S from now) or resolves to a forbidden address."""
+    if len(url) > MAX_URL or any(c.isspace() or not c.isprintable() for c in url):
         raise Refused(f"callback_url must be one URL of at most {MAX_URL} characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -125,10 +162,11 @@ def resolve(settings: Settings, url: str) -> tuple[str, str, int, str]:
     except ValueError:
         raise Refused("callback_url has an invalid port") from None
     host = parts.hostname.lower()
+    deadline = deadline or Deadline(settings.webhook_timeout_s)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise Refused(f"callback_url host {host!r} does not resolve: {exc}") from None
+        infos = _lookup(host, port, deadline.left())
+    except TimeoutError:
+        raise Refused(f"callback_url host {host!r} does not resolve in time") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
         raise Refused(f"callback_url host {host!r} does not resolve")
@@ -237,49 +275,23 @@ def retry_delay(settings: Settings, attempts_made: int) -> float:
     return base * (0.5 + random.random() / 2)
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
-    """Connects to the address that passed the SSRF check, whatever DNS says now."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
 def post_once(
     settings: Settings, url: str, headers: dict[str, str], body: bytes
 ) -> tuple[int | None, str | None, bool]:
-    """One attempt: (HTTP status or None, error or None, worth retrying)."""
+    """One attempt, as a whole within SHOAL_WEBHOOK_TIMEOUT_S (the DNS check included):
+    (HTTP status or None, error or None, worth retrying)."""
+    deadline = Deadline(settings.webhook_timeout_s)
     try:
-        scheme, host, port, address = resolve(settings, url)
+        scheme, host, port, address = resolve(settings, url, deadline)
     except Refused as exc:
         transient = "does not resolve" in exc.message
         return None, exc.message, transient
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    cls = _PinnedHTTPS if scheme == "https" else _PinnedHTTP
-    conn = cls(host, port, address, settings.webhook_timeout_s)
     try:
-        conn.request("POST", target, body=body, headers=headers)
-        response = conn.getresponse()
-        response.read(MAX_RESPONSE_READ)
-        status = response.status
-    except (OSError, http.client.HTTPException) as exc:
+        status = webhook_http.post(scheme, host, port, address, target, headers, body, deadline)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         return None, f"{type(exc).__name__}: {exc}", True
-    finally:
-        conn.close()
     if 200 <= status < 300:
         return status, None, False
     retry = status == 429 or status >= 500
@@ -287,11 +299,49 @@ def post_once(
     return status, note, retry
 
 
+def in_flight_cap(settings: Settings) -> int:
+    """A tenant's attempts at once: SHOAL_WEBHOOK_TENANT_IN_FLIGHT, kept below the delivery
+    threads so that one tenant never holds them all (unless there is only one)."""
+    return max(1, min(settings.webhook_tenant_in_flight, settings.webhook_concurrency - 1))
+
+
+def defer_delay(r: redis.Redis, tenant: str, cap: int) -> float:
+    """How long a delivery over its tenant's in-flight cap is put off (with jitter)."""
+    waiting = r.zcard(keys.webhooks_deferred(tenant))
+    return min(DEFER_MAX_S, DEFER_S * (1 + waiting / cap)) * (0.5 + random.random() / 2)
+
+
 def deliver(settings: Settings, r: redis.Redis, celery, owner_id: str) -> None:
-    """Make one attempt at the owner's callback and record it; queue the next one if due."""
+    """Make one attempt at the owner's callback and record it; queue the next one if due.
+
+    A tenant has at most in_flight_cap() attempts at once: beyond it the delivery is sent
+    again with a countdown instead of taking a delivery thread, so other tenants' deliveries
+    go through while one tenant's receivers are slow."""
     delivery = _load(r, owner_id)
     if delivery is None or delivery["status"] != PENDING:
         return
+    tenant, token = delivery["tenant"], secrets.token_hex(8)
+    cap, deferred = in_flight_cap(settings), keys.webhooks_deferred(tenant)
+    lease_s = settings.webhook_timeout_s + IN_FLIGHT_MARGIN_S
+    if not leases.take(r, keys.webhooks_in_flight(tenant), token, cap, lease_s):
+        delay = defer_delay(r, tenant, cap)
+        pipe = r.pipeline()
+        pipe.zremrangebyscore(deferred, "-inf", time.time() - 2 * DEFER_MAX_S)
+        pipe.zadd(deferred, {owner_id: time.time()})
+        pipe.expire(deferred, int(2 * DEFER_MAX_S))
+        pipe.execute()
+        log.info("webhook owner=%s at its tenant's in-flight cap; again in %.1f s", owner_id, delay)
+        queue.DELIVER_WEBHOOK.send(celery, owner_id=owner_id, countdown=delay)
+        return
+    r.zrem(deferred, owner_id)
+    try:
+        _attempt(settings, r, celery, delivery)
+    finally:
+        leases.release(r, keys.webhooks_in_flight(tenant), token)
+
+
+def _attempt(settings: Settings, r: redis.Redis, celery, delivery: dict[str, Any]) -> None:
+    owner_id = delivery["owner"]
     secret = tenant_secret(settings, r, delivery["tenant"])
     now = time.time()
     timestamp = int(now)

@@ -8,7 +8,13 @@ host's one-execution-at-a-time slot, the liveness check) applies to batch items 
 
 Concurrency: up to `max_parallel` items at a time (a thread each), and never more sessions than
 the tenant's cap allows: an item waits while the tenant is at its cap (or the pool at its own)
-and starts when a session frees up, so a batch larger than the cap still finishes.
+and starts when a session frees up, so a batch larger than the cap still finishes. An item that
+has waited SHOAL_BATCH_SESSION_WAIT_S without any of the tenant's sessions ending (a cap held
+by sessions that stay) ends `error` instead of waiting forever.
+
+Fair share: a coordinator runs its batch only when the batch gets a turn among its tenant's
+running batches (shoal/batch_turns.py); a batch over its tenant's cap waits in Redis and lets
+the coordinator go, so one tenant's batches never hold every coordinator.
 
 Failure: an item's failure, timeout or lost VM ends only that item. The coordinator holds a
 lease in Redis (renewed every few seconds); when its worker dies the lease runs out, and the
@@ -25,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from shoal import batches, executions, keys, queue, sessions, tenants, webhooks
+from shoal import batch_turns, batches, executions, keys, queue, sessions, tenants, webhooks
 from shoal.context import Context
 from shoal.errors import (
     NoHostAvailable,
@@ -48,17 +54,23 @@ CAP_POLL_S = 0.25  # how often an item waiting for a session (or execution) slot
 
 
 def resume_orphans(c: Context) -> list[str]:
-    """Start a coordinator again for each batch whose coordinator started and then died."""
-    resumed = []
+    """Start a coordinator again for each batch whose coordinator started and then died, and
+    wake the waiting batches of tenants with room to run them (a lost wake-up costs at most
+    one lease period)."""
+    resumed, tenants_waiting = [], set()
     for batch_id in c.redis.smembers(keys.batches_running()):
         meta = batches.load(c.redis, batch_id)
         if meta is None:
             c.redis.srem(keys.batches_running(), batch_id)
             continue
-        if meta.get("started_at") and not c.redis.exists(keys.batch_lease(batch_id)):
+        if batch_turns.is_waiting(c.redis, meta):
+            tenants_waiting.add(meta["tenant"])
+        elif meta.get("started_at") and not c.redis.exists(keys.batch_lease(batch_id)):
             log.warning("batch=%s its coordinator stopped; resuming it", batch_id)
             queue.RUN_BATCH.send(c.celery, batch_id=batch_id)
             resumed.append(batch_id)
+    for tenant in sorted(tenants_waiting):
+        resumed += batch_turns.wake(c, tenant)
     return resumed
 
 
@@ -81,10 +93,14 @@ class BatchRunner:
         if not self.r.set(lease, self.token, nx=True, ex=LEASE_S):
             return  # another coordinator runs it
         self.meta = meta
-        self.r.hset(keys.batch(self.batch_id), "started_at", f"{time.time():.6f}")
-        renewer = threading.Thread(target=self._renew_lease, name="batch-lease", daemon=True)
-        renewer.start()
+        if not batch_turns.take_turn(self.c, meta, LEASE_S):
+            log.info("batch=%s waits: its tenant has as many batches running as it may", meta["id"])
+            self._drop_lease()
+            return
         try:
+            self.r.hset(keys.batch(self.batch_id), "started_at", f"{time.time():.6f}")
+            renewer = threading.Thread(target=self._renew_lease, name="batch-lease", daemon=True)
+            renewer.start()
             self._recover_in_flight()
             pending = [
                 i
@@ -108,13 +124,19 @@ class BatchRunner:
                 )
         finally:
             self._done.set()
-            if self.r.get(lease) == self.token:
-                self.r.delete(lease)
+            self._drop_lease()
+            batch_turns.end_turn(self.c, self.meta)
+
+    def _drop_lease(self) -> None:
+        lease = keys.batch_lease(self.batch_id)
+        if self.r.get(lease) == self.token:
+            self.r.delete(lease)
 
     def _renew_lease(self) -> None:
         lease = keys.batch_lease(self.batch_id)
         while not self._done.wait(LEASE_RENEW_S):
             self.r.set(lease, self.token, ex=LEASE_S)
+            batch_turns.renew_turn(self.r, self.meta, LEASE_S)
 
     def _recover_in_flight(self) -> None:
         """Items a dead coordinator left `running`: keep a finished execution's result, else end
@@ -202,23 +224,37 @@ class BatchRunner:
 
     def _new_session(self) -> SessionEntry | None:
         """A fresh session from the batch's pool once the tenant (and the pool) have room;
-        None if the batch is cancelled while waiting."""
+        None if the batch is cancelled while waiting.
+
+        The wait is bounded: once SHOAL_BATCH_SESSION_WAIT_S pass with none of the tenant's
+        sessions ending, it raises (the item ends `error`). Sessions ending, this batch's own
+        included, restart the clock: the cap is turning over, so an item queued behind its own
+        batch's items waits as long as they run, but a cap held by sessions that stay ends it."""
         tenant, pool = self.meta["tenant"], self.meta["pool"]
         default_cap = self.c.settings.tenant_max_sessions
+        limit = self.c.settings.batch_session_wait_s
+        since, seen = time.monotonic(), None
         while not self._cancelled():
+            live = self.r.smembers(keys.tenant_sessions(tenant))
             with self._cap_lock:
                 cap = tenants.max_sessions(self.r, tenant, default_cap)
-                room = sessions.count_for_tenant(self.r, tenant) + self._creating < cap
+                room = len(live) + self._creating < cap
                 if room:
                     self._creating += 1
+            blocked: ShoalError = TenantSessionLimit()
             if room:
                 try:
                     return session_cases.create_session(self.c, tenant, pool)
-                except (TenantSessionLimit, PoolExhausted, NoHostAvailable):
-                    pass  # another client took the room first; wait for the next
+                except (TenantSessionLimit, PoolExhausted, NoHostAvailable) as exc:
+                    blocked = exc  # another client took the room first; wait for the next
                 finally:
                     with self._cap_lock:
                         self._creating -= 1
+            if seen is not None and seen - live:  # one of the tenant's sessions ended
+                since = time.monotonic()
+            seen = live
+            if time.monotonic() - since >= limit:
+                raise _wait_expired(blocked, cap, pool, limit)
             time.sleep(CAP_POLL_S)
         return None
 
@@ -260,3 +296,17 @@ class BatchRunner:
                 f"files, {batches.MAX_COLLECT_BYTES} bytes per item): {skipped[:5]}"
             )
         return files, note
+
+
+def _wait_expired(blocked: ShoalError, cap: int, pool: str, limit: float) -> ShoalError:
+    """What ends an item that waited too long for a session, by what kept it waiting."""
+    if isinstance(blocked, PoolExhausted):
+        why = f"pool {pool!r} stayed at its max_sessions"
+    elif isinstance(blocked, NoHostAvailable):
+        why = "no host had room for a session"
+    else:
+        why = f"the tenant stayed at its session cap ({cap} sessions)"
+    return type(blocked)(
+        f"{why} for {limit:g} s with none of the tenant's sessions ending; the item did not "
+        "run (SHOAL_BATCH_SESSION_WAIT_S)"
+    )

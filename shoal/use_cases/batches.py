@@ -6,8 +6,9 @@ through the other use cases, exactly as a client would by hand.
 
 from __future__ import annotations
 
-from shoal import batches, executions, queue
+from shoal import batch_turns, batches, executions, keys, leases, queue
 from shoal.context import Context
+from shoal.errors import TooManyBatches
 from shoal.pools import get_pool
 from shoal.records import BatchMeta
 from shoal.use_cases.executions import cancel_execution
@@ -21,9 +22,26 @@ def submit_batch(
     max_parallel: int,
     callback_url: str | None = None,
 ) -> BatchMeta:
-    """Store the batch and queue its coordinator; return the batch's hash."""
+    """Store the batch and queue its coordinator; return the batch's hash.
+
+    A tenant has at most SHOAL_TENANT_MAX_BATCHES unfinished batches: its place is taken
+    atomically before anything is stored (TooManyBatches beyond it) and given back when the
+    batch finishes, or when its records expire if it never does."""
     get_pool(c.settings, pool)
-    meta = batches.create(c.settings, c.redis, tenant, pool, items, max_parallel, callback_url)
+    batch_id, cap = batches.new_id(), c.settings.tenant_max_batches
+    unfinished = keys.tenant_batches(tenant)
+    if not leases.take(c.redis, unfinished, batch_id, cap, c.settings.execution_ttl_s):
+        raise TooManyBatches(
+            f"tenant {tenant!r} already has {cap} unfinished batches, the most it may have "
+            "(SHOAL_TENANT_MAX_BATCHES); wait for one to finish, or cancel one"
+        )
+    try:
+        meta = batches.create(
+            c.settings, c.redis, tenant, pool, items, max_parallel, callback_url, batch_id
+        )
+    except BaseException:
+        leases.release(c.redis, unfinished, batch_id)
+        raise
     queue.RUN_BATCH.send(c.celery, batch_id=meta["id"])
     return meta
 
@@ -32,6 +50,7 @@ def cancel_batch(c: Context, meta: BatchMeta) -> None:
     """Cancel what has not finished: pending items end when the runner reaches them, running
     executions are interrupted (they end `cancelled`)."""
     batches.request_cancel(c.redis, meta, c.settings.execution_ttl_s)
+    batch_turns.wake_cancelled(c, meta)
     for item in batches.load_items(c.redis, meta["id"]).values():
         if item["status"] != batches.RUNNING or not item.get("execution_id"):
             continue
