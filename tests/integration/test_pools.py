@@ -22,6 +22,20 @@ def pool_counts(stack: Stack, pool: str) -> dict:
     return response.json()["counts"]
 
 
+def settled_busy(stack: Stack, pool: str) -> int:
+    """The pool's busy count once the host's heartbeat (every second here) has caught up with
+    sessions that earlier tests ended just before: two reads a heartbeat apart agree."""
+    seen = [pool_counts(stack, pool)["busy"]]
+
+    def agrees() -> bool:
+        time.sleep(1.2)
+        seen.append(pool_counts(stack, pool)["busy"])
+        return seen[-1] == seen[-2]
+
+    wait_until(agrees, 15, 0)
+    return seen[-1]
+
+
 def test_pools_are_listed_with_settings_and_counts(stack: Stack) -> None:
     response = requests.get(f"{stack.url}/v1/pools", headers=stack.headers(), timeout=10)
     pools = {p["name"]: p for p in response.json()["pools"]}
@@ -33,7 +47,7 @@ def test_pools_are_listed_with_settings_and_counts(stack: Stack) -> None:
 
 def test_a_ready_vm_is_taken_and_the_pool_refills(stack: Stack) -> None:
     wait_until(lambda: pool_counts(stack, "default")["ready"] == 2, 120)
-    busy_before = pool_counts(stack, "default")["busy"]
+    busy_before = settled_busy(stack, "default")
     session_id = stack.new_session()
     # Counts come from the hosts' heartbeats, which a host refreshes at once on acquisition.
     wait_until(lambda: pool_counts(stack, "default")["busy"] == busy_before + 1, 5, 0.1)
