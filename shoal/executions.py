@@ -221,18 +221,24 @@ def end_wait(r: redis.Redis, tenant: str, wait_id: str) -> None:
 
 
 # Atomically: unless a cancel is waiting for the execution (KEYS[2]), store its running record.
+# ... and only while the stored record is still queued: an execution runs at most once, even
+# when its task arrives after a restarted worker already ran it (workers/host.py resumes them).
 _MARK_RUNNING = """
+local stored = redis.call('GET', KEYS[1])
+if stored and not string.find(stored, '"status": "queued"', 1, true) then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
+STARTED, CANCELLED_FIRST, NOT_QUEUED = 1, 0, -1
 
 
-def mark_running(r: redis.Redis, record: ExecutionRecord, ttl_s: int) -> bool:
-    """Store the (running) record in one round trip; False, storing nothing, when the
-    execution was cancelled before it started."""
+def mark_running(r: redis.Redis, record: ExecutionRecord, ttl_s: int) -> int:
+    """Store the (running) record in one round trip: STARTED; CANCELLED_FIRST, storing nothing,
+    when a cancel came before it started; NOT_QUEUED, storing nothing, when it is no longer
+    queued (it ran, runs or ended already)."""
     keys_ = [keys.execution(record["id"]), keys.execution_cancel(record["id"])]
-    return bool(r.eval(_MARK_RUNNING, 2, *keys_, json.dumps(record), int(ttl_s)))
+    return int(r.eval(_MARK_RUNNING, 2, *keys_, json.dumps(record), int(ttl_s)))
 
 
 def load(r: redis.Redis, execution_id: str) -> ExecutionRecord | None:

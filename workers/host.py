@@ -84,6 +84,7 @@ class HostRuntime:
         self.beat_once()
         self.publish_image_info(default_spec)
         self.reconcile()
+        self.resume_executions()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(
             target=self._warm_up, args=(default_spec,), name="warm-up", daemon=True
@@ -177,6 +178,38 @@ class HostRuntime:
             self.mark_session_lost(session_id, "its VM vanished from the host")
         if report.destroyed:
             log.warning("host=%s destroyed stray domains %s", self.host, report.destroyed)
+
+    def resume_executions(self) -> None:
+        """Executions an earlier worker of this host left unfinished (it stopped or was killed;
+        what waited in its session queues is only in Redis now): the queued ones run in their
+        turn, in the background; one that was running ended with that worker (its answer went
+        with it) and ends `lost`, never run twice."""
+        for session_id, entry in self._live_sessions().items():
+            queued = []
+            for execution_id in self.r.zrange(keys.session_executions(session_id), 0, -1):
+                record = executions.load(self.r, execution_id)
+                if record is None or record["status"] in executions.FINAL:
+                    continue
+                if record["status"] == executions.RUNNING:
+                    record["started_at"] = record["started_at"] or time.time()
+                    record["status"] = executions.LOST
+                    record["stderr"] = (
+                        "The host's worker stopped while this execution ran; its result is gone "
+                        "(an execution is never run twice)"
+                    )
+                    self._finish(record, entry["pool"])
+                else:
+                    queued.append(record)
+            if queued:
+                log.info("session=%s host=%s resuming %d queued execution(s)", session_id,
+                         self.host, len(queued))  # fmt: skip
+                threading.Thread(
+                    target=self._resume, args=(entry["pool"], queued), daemon=True
+                ).start()
+
+    def _resume(self, pool_name: str, records: list[ExecutionRecord]) -> None:
+        for record in records:
+            self.execute(record["id"], pool_name, json.dumps(record))
 
     # --- ready pools -------------------------------------------------------------------------
     def _start_ready_vm(self, vm_id: str, pool: Pool) -> None:
@@ -356,8 +389,12 @@ class HostRuntime:
         try:
             pool = get_pool(self.settings, pool_name)
             cooldown_s = pool.cooldown_s
-            if not executions.mark_running(self.r, record, self.settings.execution_ttl_s):
-                self._finish_cancelled(queued)  # a cancel came first: it never runs
+            started = executions.mark_running(self.r, record, self.settings.execution_ttl_s)
+            if started == executions.CANCELLED_FIRST:
+                self._finish_cancelled(queued)  # it never runs
+                return
+            if started == executions.NOT_QUEUED:
+                log.info("execution=%s host=%s ran already; not again", record["id"], self.host)
                 return
             self._run_in_vm(record, pool)
         except Exception as exc:

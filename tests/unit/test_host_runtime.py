@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -210,3 +211,31 @@ def test_deleting_a_session_ends_the_executions_waiting_for_it(c, runtime, vms, 
     release.set()
     runner.join(timeout=5)
     assert executions.load(c.redis, first["id"])["status"] in executions.FINAL
+
+
+def test_a_restarted_worker_resumes_what_waited_and_never_runs_anything_twice(
+    c, runtime, vms, entry
+) -> None:
+    params = {"code": "1", "language": "python", "timeout_s": 5, "max_output": 100}
+    running = execution_cases.submit_execution(c, entry, params)
+    stored = executions.load(c.redis, running["id"])
+    stored["status"] = executions.RUNNING  # the old worker died while this one ran
+    executions.save(c.redis, stored, 3600)
+    waiting = [execution_cases.submit_execution(c, entry, params)["id"] for _ in range(3)]
+    tasks = c.celery.take(queue.EXECUTE.name)  # these tasks died with the old worker's memory
+
+    runtime.resume_executions()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        executions.load(c.redis, e)["status"] != executions.SUCCEEDED for e in waiting
+    ):
+        time.sleep(0.02)
+    assert [executions.load(c.redis, e)["status"] for e in waiting] == ["succeeded"] * 3
+    lost = executions.load(c.redis, running["id"])
+    assert lost["status"] == executions.LOST and "never run twice" in lost["stderr"]
+    assert vms.get("vm_1").ran == ["1"] * 3
+
+    for task in tasks:  # the tasks arrive after all: nothing runs a second time
+        runtime.execute(**task.kwargs)
+    assert vms.get("vm_1").ran == ["1"] * 3
+    assert not c.redis.zcard(keys.session_executions(entry["id"]))
