@@ -1,8 +1,8 @@
 """Every error response, on every route: {"error": {"code", "message"}} plus x-ms-error-code.
 
-Shoal's own errors (shoal/errors.py) carry their code and status, and a 429 its Retry-After
-(seconds); HTTP errors from Flask and webargs (bad JSON, validation, 404 routes, 405, 413) get
-the same shape, and so do the errors gunicorn answers itself (api/server.py). The
+Shoal's own errors (shoal/errors.py) carry their code and status, and a 429 or 503 its
+Retry-After (seconds); HTTP errors from Flask and webargs (bad JSON, validation, 404 routes,
+405, 413) get the same shape, and so do the errors gunicorn answers itself (api/server.py). The
 dynamic-sessions routes speak the reference service's codes, mapped here.
 """
 
@@ -54,7 +54,7 @@ def error_response(code: str, message: str, status: int, headers: dict | None = 
         if code in ("SessionNotFound", "SessionExpired"):
             status = 400  # ... and an unknown identifier with 400
         code = DYNAMIC_SESSIONS_CODES.get(code, code)
-    if status != 429 and headers:
+    if status not in (429, 503) and headers:
         headers = {k: v for k, v in headers.items() if k != "Retry-After"}
     response = jsonify({"error": {"code": code, "message": message}})
     response.status_code = status

@@ -1,14 +1,17 @@
-"""GET /healthz: the state of every part, 200 when all are up, 503 naming what is down."""
+"""GET /healthz: the state of every part, 200 when all are up, 503 naming what is down; with
+Redis's memory pressure (`redis.memory`)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 from flask import Blueprint, Response, jsonify
 
 from api.context import ctx
-from shoal import hosts, keys, metrics
+from shoal import hosts, keys, metrics, storage
+from shoal.context import Context
 
 blp = Blueprint("health", __name__)
 
@@ -23,6 +26,9 @@ def health_report() -> tuple[dict, bool]:
         report["redis"]["error"] = str(exc)
         return report, False
     down: list[str] = []
+    report["redis"]["memory"] = memory_report(c)
+    if report["redis"]["memory"].get("full"):
+        down.append("redis (at its maxmemory: writes are refused)")
     for host, beat in hosts.heartbeats(c.redis).items():
         if beat is None:
             report["workers"][host] = {"up": False}
@@ -49,6 +55,42 @@ def health_report() -> tuple[dict, bool]:
         down.append("beat")
     report["down"] = down
     return report, not down
+
+
+def memory_report(c: Context) -> dict[str, Any]:
+    """Redis's memory against its maxmemory, and what all tenants' data is counted for against
+    its share (shoal/storage.py). `full` (the instance degraded) only when Redis itself is at
+    maxmemory: then the service's own writes fail. Tenants at their caps are refused by design,
+    with the headroom left for the service: not an outage."""
+    totals = {
+        "tenants_bytes": storage.held_by_all(c.redis),
+        "tenants_max_bytes": c.settings.tenants_redis_bytes,
+    }
+    try:
+        info = c.redis.info("memory")
+    except redis.RedisError as exc:  # a Redis that does not tell (INFO refused)
+        return {**totals, "error": f"INFO memory: {exc}", "full": False}
+    used, maxmemory = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    policy = str(info.get("maxmemory_policy", ""))
+    notes = []
+    if not maxmemory:
+        notes.append("Redis has no maxmemory: nothing keeps it from taking the host's memory")
+    elif maxmemory != c.settings.redis_maxmemory_bytes:
+        notes.append(
+            f"Redis's maxmemory is {maxmemory} bytes, SHOAL_REDIS_MAXMEMORY_MIB says "
+            f"{c.settings.redis_maxmemory_bytes}: the tenants' share is computed from the latter"
+        )
+    if maxmemory and policy != "noeviction":
+        notes.append(f"maxmemory-policy {policy} may evict Shoal's records; use noeviction")
+    return {
+        "used_bytes": used,
+        "max_bytes": maxmemory,
+        "used_pct": round(100 * used / maxmemory, 1) if maxmemory else None,
+        "policy": policy,
+        **totals,
+        "full": bool(maxmemory) and used >= maxmemory,
+        "notes": notes,
+    }
 
 
 @blp.get("/metrics")

@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from shoal import executions, keys, sessions, webhooks
+from shoal import executions, keys, redis_conn, sessions, storage, webhooks
 from shoal.errors import BatchNotFound, ShoalError, ValidationFailed
 from shoal.protocol import MAX_CODE_BYTES
 from shoal.records import BatchItem, BatchMeta
@@ -169,6 +169,10 @@ def create(
         "finished_at": "",
         "total": str(len(raw_items)),
     }
+    # Counted against what the tenant holds in Redis before anything is stored: refused
+    # (TenantStorageFull, StorageFull) when it does not fit.
+    size = sum(_hash_bytes(h) for h in (meta, items, specs))
+    storage.reserve(r, tenant, "batch:" + batch_id, size, ttl, storage.caps(settings))
     pipe = r.pipeline()
     pipe.hset(keys.batch(batch_id), mapping=meta)
     pipe.hset(keys.batch_items(batch_id), mapping=items)
@@ -179,6 +183,75 @@ def create(
     pipe.sadd(keys.batches_running(), batch_id)
     pipe.execute()
     return meta
+
+
+# A hash field's cost in Redis beyond its name and value (counted with each, shoal/storage.py).
+FIELD_OVERHEAD = 48
+
+
+def _hash_bytes(fields: dict[str, str]) -> int:
+    return sum(len(k) + len(v) + FIELD_OVERHEAD for k, v in fields.items())
+
+
+# Write fields of one of a batch's hashes and count the change against its tenant
+# (shoal/storage.py: the batch is one entry); the batch's keys, and its entry, then expire
+# `ttl` after this write, so a batch that runs long keeps its records. A batch already expired
+# is not written (its keys would come back without a TTL).
+# KEYS: the hash written, the batch's meta, items and specs. ARGV: the tenant's storage keys'
+# names around the tenant's name (2 + 2), the totals' name, now, the TTL, the batch id, then
+# field, value pairs. Returns 1 when written. The storage keys are named in the script, as the
+# tenant is read here: fine on the one Redis (not a cluster) that Shoal runs on.
+_WRITE = redis_conn.script(
+    storage.LUA
+    + """
+local tenant = redis.call('HGET', KEYS[2], 'tenant')
+if not tenant then return 0 end
+local zkey, hkey = ARGV[1] .. tenant .. ARGV[2], ARGV[3] .. tenant .. ARGV[4]
+local now, ttl, member = tonumber(ARGV[6]), tonumber(ARGV[7]), 'batch:' .. ARGV[8]
+local size = tonumber(redis.call('HGET', hkey, member))
+if not size then
+  size = ENTRY_OVERHEAD
+  for k = 2, 4 do
+    for _, field in ipairs(redis.call('HKEYS', KEYS[k])) do
+      size = size + #field + FIELD_OVERHEAD + redis.call('HSTRLEN', KEYS[k], field)
+    end
+  end
+end
+for i = 9, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    size = size + #ARGV[i] + FIELD_OVERHEAD
+  else
+    size = size - redis.call('HSTRLEN', KEYS[1], ARGV[i])
+  end
+  size = size + #ARGV[i + 1]
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+for k = 2, 4 do redis.call('EXPIRE', KEYS[k], ttl) end
+charge(tenant, zkey, hkey, ARGV[5], member, size, now + ttl, now)
+return 1
+""".replace("ENTRY_OVERHEAD", str(storage.ENTRY_OVERHEAD)).replace(
+        "FIELD_OVERHEAD", str(FIELD_OVERHEAD)
+    )
+)
+_STORAGE_KEYS = (
+    *keys.tenant_storage("\0").split("\0"),
+    *keys.tenant_storage_sizes("\0").split("\0"),
+    keys.storage_totals(),
+)
+
+
+def _write(r: redis.Redis, batch_id: str, key: str, ttl_s: int, **fields: str) -> bool:
+    """Write `fields` into `key`, one of the batch's hashes; see _WRITE."""
+    script_keys = [
+        key,
+        keys.batch(batch_id),
+        keys.batch_items(batch_id),
+        keys.batch_specs(batch_id),
+    ]
+    args: list[str | int] = [*_STORAGE_KEYS, f"{time.time():.6f}", int(ttl_s), batch_id]
+    for name, value in fields.items():
+        args += [name, value]
+    return bool(_WRITE(keys=script_keys, args=args, client=r))
 
 
 def load(r: redis.Redis, batch_id: str) -> BatchMeta | None:
@@ -204,8 +277,15 @@ def load_spec(r: redis.Redis, batch_id: str, index: int) -> dict[str, Any]:
     return json.loads(r.hget(keys.batch_specs(batch_id), str(index)) or "{}")
 
 
-def save_item(r: redis.Redis, batch_id: str, item: BatchItem) -> None:
-    r.hset(keys.batch_items(batch_id), str(item["index"]), json.dumps(item))
+def save_item(r: redis.Redis, batch_id: str, item: BatchItem, ttl_s: int) -> None:
+    """Store the item's state (with its execution and collected files, when it has them); its
+    bytes count against the batch's tenant, and are stored whatever its cap (a result is never
+    lost: the tenant's next submission is refused instead)."""
+    _write(r, batch_id, keys.batch_items(batch_id), ttl_s, **{str(item["index"]): json.dumps(item)})
+
+
+def mark_started(r: redis.Redis, batch_id: str, ttl_s: int) -> None:
+    _write(r, batch_id, keys.batch(batch_id), ttl_s, started_at=f"{time.time():.6f}")
 
 
 def cancel_requested(r: redis.Redis, batch_id: str) -> bool:
@@ -217,20 +297,19 @@ def request_cancel(r: redis.Redis, meta: dict[str, str], ttl_s: int) -> None:
     executions in flight."""
     if meta["status"] != BATCH_RUNNING:
         return
-    pipe = r.pipeline()
-    pipe.set(keys.batch_cancel(meta["id"]), "1", ex=ttl_s)
-    pipe.hset(keys.batch(meta["id"]), "status", CANCELLED)
-    pipe.execute()
+    r.set(keys.batch_cancel(meta["id"]), "1", ex=ttl_s)
+    _write(r, meta["id"], keys.batch(meta["id"]), ttl_s, status=CANCELLED)
     meta["status"] = CANCELLED
 
 
-def finish(r: redis.Redis, batch_id: str) -> BatchMeta:
+def finish(r: redis.Redis, batch_id: str, ttl_s: int) -> BatchMeta:
     """Every item has ended: the batch is completed (unless it was cancelled)."""
     meta = load(r, batch_id) or {}
-    pipe = r.pipeline()
+    done = {"finished_at": f"{time.time():.6f}"}
     if meta.get("status") == BATCH_RUNNING:
-        pipe.hset(keys.batch(batch_id), "status", COMPLETED)
-    pipe.hset(keys.batch(batch_id), "finished_at", f"{time.time():.6f}")
+        done["status"] = COMPLETED
+    _write(r, batch_id, keys.batch(batch_id), ttl_s, **done)
+    pipe = r.pipeline()
     pipe.srem(keys.batches_running(), batch_id)
     if meta.get("tenant"):
         pipe.zrem(keys.tenant_batches(meta["tenant"]), batch_id)

@@ -143,6 +143,24 @@ class PoolExhausted(TooManyRequests):
     code = "PoolExhausted"
 
 
+class TenantStorageFull(TooManyRequests):
+    """The tenant holds as many bytes in Shoal's Redis as it may (shoal/storage.py): its
+    `retry_after_s` is when the first of its records expires."""
+
+    code = "TenantStorageFull"
+
+
+class StorageFull(ShoalError):
+    """All tenants' data in Shoal's Redis is at its share of Redis's memory: the rest is kept
+    for the service's own writes. Not the tenant's doing, so a 503, with a Retry-After."""
+
+    code, status = "StorageFull", 503
+
+    def __init__(self, message: str = "", retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(int(retry_after_s), 1)
+
+
 class TooManyBatches(ShoalError):
     """The tenant has as many unfinished batches as it may have."""
 

@@ -14,8 +14,14 @@ from typing import Any
 
 import redis
 
-from shoal import keys, redis_conn
-from shoal.errors import ExecutionNotFound, TooManyPendingExecutions, TooManyWaits
+from shoal import keys, redis_conn, storage
+from shoal.errors import (
+    ExecutionNotFound,
+    SessionExpired,
+    SessionNotFound,
+    TooManyPendingExecutions,
+    TooManyWaits,
+)
 from shoal.records import ExecutionRecord, SessionEntry
 from shoal.timeutil import iso
 
@@ -88,6 +94,11 @@ def new_record(
     }
 
 
+# Room for the execution's number in its stored record (the admission counts it before it has
+# one).
+SEQ_DIGITS = 10
+
+
 def save(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_s: int) -> str:
     """Store the record; return the JSON stored."""
     body = json.dumps(record)
@@ -98,29 +109,46 @@ def save(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_s:
 @dataclass(frozen=True)
 class Admission:
     """What admitting a new execution checks, with the tenant's own limits winning over these
-    defaults (shoal/tenants.py LIMITS): unfinished executions per session and per tenant, and
-    the tenant's waiting requests."""
+    defaults (shoal/tenants.py LIMITS): unfinished executions per session and per tenant, the
+    tenant's waiting requests, and the bytes the tenant holds in Redis (shoal/storage.py)."""
 
     session_pending: int
     tenant_pending: int
     waits: int
     longest_s: float  # the most one execution can take: counted no longer than its queue's
+    storage: storage.Caps
 
 
 # Atomically: admit a new execution within its session's and tenant's bounds, number it,
-# store its record, count it as unfinished in its session and its tenant, claim its
-# idempotency key and (when the request waits) one of the tenant's wait slots, and touch the
-# session (what sessions.touch does).
+# store its record, count it as unfinished in its session and its tenant and as bytes the
+# tenant holds (shoal/storage.py), claim its idempotency key and (when the request waits) one
+# of the tenant's wait slots, and touch the session (what sessions.touch does). The sorted
+# sets it adds to get a TTL that outlasts their newest member (they never live for ever),
+# pushed out by 5 minutes more once it runs short, so not on every admission. A session that
+# has ended admits nothing (its keys would come back without a TTL).
 # KEYS: the record, the session's and the tenant's unfinished sets, the session's seq, the
-# session, the idle deadlines, the tenant's own limits, the idempotency key, the tenant's waits.
+# session, the idle deadlines, the tenant's own limits, the idempotency key, the tenant's waits,
+# the tenant's three storage keys.
 # ARGV: the execution id, the session id, the record's JSON before and after its seq, its TTL,
 # now, the session's cooldown, the longest one execution takes, the default session, tenant and
-# wait caps, the wait's deadline (0: no wait), the idempotency key's TTL (0: none), the wait id.
-# Returns {'ok', seq}, {'earlier', id} for an idempotency key claimed before, or
-# {'session'|'tenant'|'waits', cap}, admitting nothing.
-_ADMIT = redis_conn.script("""
+# wait caps, the wait's deadline (0: no wait), the idempotency key's TTL (0: none), the wait id,
+# the record's size counted, the default and all-tenants storage caps.
+# Returns {'ok', seq}, {'earlier', id} for an idempotency key claimed before, {'gone', state}
+# for a session that has ended, or {'session'|'tenant'|'waits', cap} or a storage refusal
+# ({'storage'|'storage_all', cap, used, retry_s}), admitting nothing.
+_ADMIT = redis_conn.script(
+    storage.LUA
+    + """
+local function expire_after(key, seconds)
+  if redis.call('TTL', key) < seconds then redis.call('EXPIRE', key, seconds + 300) end
+end
 local now = tonumber(ARGV[6])
-local own = redis.call('HMGET', KEYS[7], 'max_session_pending', 'max_pending', 'max_waits')
+local state = redis.call('HGET', KEYS[5], 'state')
+if state ~= 'active' and state ~= 'creating' and state ~= 'lost' then
+  return {'gone', state or ''}
+end
+local own = redis.call(
+  'HMGET', KEYS[7], 'max_session_pending', 'max_pending', 'max_waits', 'max_redis_mib')
 local waits = ARGV[12] ~= '0'
 if waits then
   redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
@@ -130,7 +158,10 @@ end
 if ARGV[13] ~= '0' then
   local earlier = redis.call('GET', KEYS[8])
   if earlier then
-    if waits then redis.call('ZADD', KEYS[9], ARGV[12], ARGV[14]) end
+    if waits then
+      redis.call('ZADD', KEYS[9], ARGV[12], ARGV[14])
+      expire_after(KEYS[9], math.ceil(tonumber(ARGV[12]) - now) + 1)
+    end
     return {'earlier', earlier}
   end
 end
@@ -139,16 +170,31 @@ if redis.call('ZCARD', KEYS[2]) >= session_cap then return {'session', session_c
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local tenant_cap = tonumber(own[2]) or tonumber(ARGV[10])
 if redis.call('ZCARD', KEYS[3]) >= tenant_cap then return {'tenant', tenant_cap} end
+local tenant = ARGV[18]
+local size = tonumber(ARGV[15])
+local storage_cap = tonumber(own[4]) or tonumber(ARGV[16]) / 1048576
+local full = room(
+  tenant, KEYS[10], KEYS[11], KEYS[12], size, storage_cap * 1048576, tonumber(ARGV[17]), now)
+if full then return full end
 local seq = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], ARGV[3] .. seq .. ARGV[4], 'EX', ARGV[5])
+local expiry = now + tonumber(ARGV[5])
+charge(tenant, KEYS[10], KEYS[11], KEYS[12], 'exec:' .. ARGV[1], size, expiry, now, true)
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[3], now + session_cap * tonumber(ARGV[8]), ARGV[1])
+expire_after(KEYS[2], tonumber(ARGV[5]))
+local lapse = session_cap * tonumber(ARGV[8])
+redis.call('ZADD', KEYS[3], now + lapse, ARGV[1])
+expire_after(KEYS[3], math.ceil(lapse) + 1)
 redis.call('HSET', KEYS[5], 'last_used_at', ARGV[6])
 redis.call('ZADD', KEYS[6], 'XX', now + tonumber(ARGV[7]), ARGV[2])
 if ARGV[13] ~= '0' then redis.call('SET', KEYS[8], ARGV[1], 'EX', ARGV[13]) end
-if waits then redis.call('ZADD', KEYS[9], ARGV[12], ARGV[14]) end
+if waits then
+  redis.call('ZADD', KEYS[9], ARGV[12], ARGV[14])
+  expire_after(KEYS[9], math.ceil(tonumber(ARGV[12]) - now) + 1)
+end
 return {'ok', seq}
-""")
+"""
+)
 
 
 def admit(
@@ -164,7 +210,9 @@ def admit(
     """Admit the new execution `record` (its seq is given here) in one round trip; see _ADMIT.
     `idempotency` is (key, ttl_s); `wait` is (wait id, deadline as epoch seconds), the slot
     end_wait gives back. Returns ("", the stored JSON) when admitted, (earlier id, "") when the
-    idempotency key was claimed before; TooManyPendingExecutions or TooManyWaits otherwise."""
+    idempotency key was claimed before; TooManyPendingExecutions, TooManyWaits,
+    TenantStorageFull, StorageFull, or SessionNotFound / SessionExpired (the session ended)
+    otherwise."""
     tenant, session_id = record["tenant"], record["session_id"]
     rest = {k: v for k, v in record.items() if k != "seq"}
     head, tail = '{"seq": ', ", " + json.dumps(rest)[1:]
@@ -179,6 +227,7 @@ def admit(
         keys.tenant_limits(tenant),
         keys.idempotency(tenant, idempotency[0] if idempotency else ""),  # untouched without
         keys.tenant_waits(tenant),
+        *storage.tenant_keys(tenant),
     ]
     args = [
         record["id"],
@@ -195,13 +244,23 @@ def admit(
         wait[1] if wait else 0,
         idempotency[1] if idempotency else 0,
         wait[0] if wait else "",
+        len(head) + len(tail) + SEQ_DIGITS + storage.ENTRY_OVERHEAD,
+        admission.storage.tenant,
+        admission.storage.all_tenants,
+        tenant,
     ]
-    outcome, value = _ADMIT(keys=script_keys, args=args, client=r)
+    outcome, value, *more = _ADMIT(keys=script_keys, args=args, client=r)
     if outcome == "ok":
         record["seq"] = int(value)
         return "", head + str(value) + tail
     if outcome == "earlier":
         return str(value), ""
+    if outcome == "gone":
+        if value == "expired":
+            raise SessionExpired(f"session {session_id!r} expired after being idle")
+        raise SessionNotFound(f"session {session_id!r} has ended")
+    if outcome in ("storage", "storage_all"):
+        raise storage.refuse(outcome, tenant, int(value), int(more[0]), int(more[1]))
     if outcome == "waits":
         raise TooManyWaits(
             f"tenant {tenant!r} already has {value} requests waiting for an execution "
@@ -299,15 +358,28 @@ def guest_phases(answer: dict[str, Any]) -> dict[str, float] | None:
 INLINE_DONE_BYTES = 64 << 10
 
 
+# How long a "done" list waits to be read.
+DONE_TTL_S = 600
+
+
 def finish(r: redis.Redis | redis.client.Pipeline, record: ExecutionRecord, ttl_s: int) -> None:
     """Store the final record and wake whoever waits for it. Given a pipeline, only queue the
-    commands (the caller executes it with its own)."""
+    commands (the caller executes it with its own).
+
+    The record replaces the queued one in what its tenant holds in Redis (shoal/storage.py),
+    with the copy in the done list: always stored, even past the tenant's cap (a result is
+    never lost); the tenant's next submission is refused instead."""
     record["finished_at"] = time.time()
     done = keys.execution_done(record["id"])
     pipe = r if isinstance(r, redis.client.Pipeline) else r.pipeline()
     body = save(pipe, record, ttl_s)
-    pipe.rpush(done, body if len(body) <= INLINE_DONE_BYTES else "1")
-    pipe.expire(done, 600)
+    inline = len(body) <= INLINE_DONE_BYTES
+    pipe.rpush(done, body if inline else "1")
+    pipe.expire(done, DONE_TTL_S)
+    counted = [("exec:" + record["id"], len(body), ttl_s)]
+    if inline:
+        counted.append(("done:" + record["id"], len(body), DONE_TTL_S))
+    storage.charge(pipe, record["tenant"], counted)
     pipe.zrem(keys.session_executions(record["session_id"]), record["id"])
     pipe.zrem(keys.tenant_executions(record["tenant"]), record["id"])
     if pipe is not r:

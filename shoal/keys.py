@@ -133,8 +133,8 @@ def tenant_max_sessions(tenant: str) -> str:
 
 
 def tenant_limits(tenant: str) -> str:
-    """Hash: the tenant's own rate, burst, max_waits, max_pending, max_session_pending, each
-    overriding its SHOAL_* default (shoal/tenants.py LIMITS)."""
+    """Hash: the tenant's own rate, burst, max_waits, max_pending, max_session_pending,
+    max_redis_mib, each overriding its SHOAL_* default (shoal/tenants.py LIMITS)."""
     return f"{PREFIX}:tenant:{tenant}:limits"
 
 
@@ -153,6 +153,23 @@ def tenant_waits(tenant: str) -> str:
     """Sorted set: the tenant's requests waiting for an execution, scored by their deadline (an
     API process that died mid-wait leaks no slot past it)."""
     return f"{PREFIX}:tenant:{tenant}:waits"
+
+
+# --- Redis memory per tenant (shoal/storage.py, docs/limits.md "Storage") --------------------
+def tenant_storage(tenant: str) -> str:
+    """Sorted set: what the tenant holds in Redis (an execution's record, a batch, a webhook
+    delivery, ...), each entry scored by when its data expires."""
+    return f"{PREFIX}:tenant:{tenant}:storage"
+
+
+def tenant_storage_sizes(tenant: str) -> str:
+    """Hash: entry of tenant_storage -> the bytes it is counted for."""
+    return f"{PREFIX}:tenant:{tenant}:storage:sizes"
+
+
+def storage_totals() -> str:
+    """Hash: tenant -> the bytes its entries are counted for; `*`: all tenants together."""
+    return f"{PREFIX}:storage:totals"
 
 
 # --- webhooks and batches (docs/async.md) ---------------------------------------------------

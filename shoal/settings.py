@@ -16,6 +16,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Worker threads beyond one per VM (Settings.worker_threads).
 WORKER_SPARE_THREADS = 16
+# The default maxmemory is 1/8 of RAM, at most this (Settings.redis_maxmemory_bytes).
+DEFAULT_REDIS_MAXMEMORY_CAP = 4 << 30
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _default_home() -> str:
@@ -115,6 +121,25 @@ class Settings:
     tenant_max_pending: int = field(
         default=64, metadata={"doc": "unfinished executions per tenant, across its sessions"}
     )
+    # --- Redis memory (docs/limits.md, "Storage") ---------------------------------------------
+    redis_maxmemory_mib: int = field(
+        default=0,
+        metadata={
+            "doc": "maxmemory of the private Redis, or SHOAL_REDIS_URL's as configured there "
+            "(0: 1/8 of RAM, at most 4096)"
+        },
+    )
+    redis_tenants_pct: int = field(
+        default=80,
+        metadata={"doc": "share of maxmemory all tenants' data may hold; the rest is headroom"},
+    )
+    tenant_max_redis_mib: int = field(
+        default=256,
+        metadata={
+            "doc": "records, outputs and batch results a tenant may hold in Redis; never above "
+            "half of the tenants' share"
+        },
+    )
     # --- webhooks and batches (docs/async.md) --------------------------------------------------
     secret_key: str = field(
         default="", metadata={"doc": "Fernet key sealing webhook secrets (default: SHOAL_HOME)"}
@@ -157,10 +182,16 @@ class Settings:
         for name in POSITIVE:
             if not getattr(self, name) > 0:
                 raise SystemExit(f"{env_name(name)} must be above 0")
+        if self.redis_maxmemory_mib < 0:
+            raise SystemExit(f"{env_name('redis_maxmemory_mib')} must be 0 (the default) or above")
+        if not 1 <= self.redis_tenants_pct <= 95:
+            raise SystemExit(f"{env_name('redis_tenants_pct')} must be between 1 and 95")
         api_threads = self.api_workers * self.api_threads
+        tenants_mib = self.tenants_redis_bytes >> 20
         clamped = {
             "tenant_max_sessions": min(self.tenant_max_sessions, max(self.host_max_vms // 2, 1)),
             "tenant_max_waits": min(self.tenant_max_waits, max(api_threads // 4, 1)),
+            "tenant_max_redis_mib": min(self.tenant_max_redis_mib, max(tenants_mib // 2, 1)),
         }
         for name, value in clamped.items():
             object.__setattr__(self, name, value)
@@ -171,6 +202,20 @@ class Settings:
         at most one per session: with a thread per VM and some to spare, creates, file
         operations, destroys and cancels always find a free thread."""
         return self.worker_concurrency or self.host_max_vms + WORKER_SPARE_THREADS
+
+    @property
+    def redis_maxmemory_bytes(self) -> int:
+        """The Redis's maxmemory: SHOAL_REDIS_MAXMEMORY_MIB, else 1/8 of this machine's RAM, at
+        most 4 GiB (Redis shares the host with the guests, which need the rest)."""
+        if self.redis_maxmemory_mib:
+            return self.redis_maxmemory_mib << 20
+        return min(physical_memory_bytes() // 8, DEFAULT_REDIS_MAXMEMORY_CAP)
+
+    @property
+    def tenants_redis_bytes(self) -> int:
+        """What all tenants' data together may hold in Redis (shoal/storage.py): the rest of
+        maxmemory is headroom for heartbeats, the session registry, queues and transfers."""
+        return self.redis_maxmemory_bytes * self.redis_tenants_pct // 100
 
     @property
     def instance_id(self) -> str:
@@ -206,6 +251,7 @@ POSITIVE = (
     "tenant_max_waits",
     "session_max_pending",
     "tenant_max_pending",
+    "tenant_max_redis_mib",
 )
 
 

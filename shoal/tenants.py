@@ -167,6 +167,7 @@ LIMITS = {
     "max_waits": "tenant_max_waits",
     "max_pending": "tenant_max_pending",
     "max_session_pending": "session_max_pending",
+    "max_redis_mib": "tenant_max_redis_mib",
 }
 
 

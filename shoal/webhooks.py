@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from shoal import executions, keys, leases, queue, secrets_box, webhook_http
+from shoal import executions, keys, leases, queue, secrets_box, storage, webhook_http
 from shoal.errors import ValidationFailed
 from shoal.records import ExecutionRecord
 from shoal.settings import Settings
@@ -193,8 +193,13 @@ def _load(r: redis.Redis, owner_id: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
-def _save(r: redis.Redis, delivery: dict[str, Any], ttl_s: int) -> None:
-    r.set(keys.webhook_delivery(delivery["owner"]), json.dumps(delivery), ex=ttl_s)
+def _save(r: redis.Redis, delivery: dict[str, Any], ttl_s: int, nx: bool = False) -> bool:
+    """Store the delivery (only if absent, with `nx`), counted against its tenant's bytes in
+    Redis (shoal/storage.py; never refused: it reports a result already stored)."""
+    owner = delivery["owner"]
+    body = json.dumps(delivery)
+    key = keys.webhook_delivery(owner)
+    return storage.store(r, delivery["tenant"], key, "webhook:" + owner, body, ttl_s, nx)
 
 
 def delivery_view(r: redis.Redis, owner_id: str) -> dict[str, Any]:
@@ -244,7 +249,7 @@ def schedule(
         "created_at": time.time(),
         "next_attempt_at": iso(time.time()),
     }
-    if not r.set(keys.webhook_delivery(owner_id), json.dumps(delivery), ex=ttl_s, nx=True):
+    if not _save(r, delivery, ttl_s, nx=True):
         return  # already scheduled: an owner has one callback
     queue.DELIVER_WEBHOOK.send(celery, owner_id=owner_id)
 

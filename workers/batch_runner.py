@@ -79,6 +79,7 @@ class BatchRunner:
         self.c = c
         self.r = c.redis
         self.batch_id = batch_id
+        self.ttl_s = c.settings.execution_ttl_s
         self.token = secrets.token_hex(8)
         self._cap_lock = threading.Lock()
         self._creating = 0
@@ -98,7 +99,7 @@ class BatchRunner:
             self._drop_lease()
             return
         try:
-            self.r.hset(keys.batch(self.batch_id), "started_at", f"{time.time():.6f}")
+            batches.mark_started(self.r, self.batch_id, self.ttl_s)
             renewer = threading.Thread(target=self._renew_lease, name="batch-lease", daemon=True)
             renewer.start()
             self._recover_in_flight()
@@ -110,7 +111,7 @@ class BatchRunner:
             log.info("batch=%s running %d item(s)", self.batch_id, len(pending))
             with ThreadPoolExecutor(int(meta["max_parallel"]), "batch-item") as pool:
                 list(pool.map(self._run_item_safely, pending))
-            meta = batches.finish(self.r, self.batch_id)
+            meta = batches.finish(self.r, self.batch_id, self.ttl_s)
             log.info("batch=%s %s", self.batch_id, meta.get("status"))
             if meta.get("callback_url"):
                 webhooks.schedule(
@@ -157,7 +158,7 @@ class BatchRunner:
                 entry = sessions.load(self.r, item["own_session"])
                 if entry:
                     session_cases.delete_session(self.c, entry)
-            batches.save_item(self.r, self.batch_id, item)
+            batches.save_item(self.r, self.batch_id, item, self.ttl_s)
 
     def _cancelled(self) -> bool:
         return batches.cancel_requested(self.r, self.batch_id)
@@ -170,7 +171,7 @@ class BatchRunner:
             log.exception("batch=%s item=%d failed unexpectedly", self.batch_id, index)
             item = batches.load_item(self.r, self.batch_id, index)
             item.update(index=index, status=batches.ERROR, error=f"internal error: {exc}")
-            batches.save_item(self.r, self.batch_id, item)
+            batches.save_item(self.r, self.batch_id, item, self.ttl_s)
 
     def _run_item(self, index: int) -> None:
         c, r = self.c, self.r
@@ -189,7 +190,7 @@ class BatchRunner:
             else:
                 entry = sessions.get_for_tenant(r, self.meta["tenant"], spec["session_id"])
             item["status"] = batches.RUNNING
-            batches.save_item(r, self.batch_id, item)
+            batches.save_item(r, self.batch_id, item, self.ttl_s)
             for name, content in spec["files"].items():
                 data = base64.b64decode(content)
                 chunks = (data[i : i + FILE_CHUNK] for i in range(0, len(data), FILE_CHUNK))
@@ -201,7 +202,7 @@ class BatchRunner:
             if record is None:
                 return self._end(item, executions.CANCELLED)
             item["execution_id"] = record["id"]
-            batches.save_item(r, self.batch_id, item)
+            batches.save_item(r, self.batch_id, item, self.ttl_s)
             if self._cancelled():  # a cancel that came before the execution id was saved
                 execution_cases.cancel_execution(c, record)
             record = execution_cases.wait_execution(c, record)
@@ -220,7 +221,7 @@ class BatchRunner:
         item["status"] = status
         if error:
             item["error"] = error
-        batches.save_item(self.r, self.batch_id, item)
+        batches.save_item(self.r, self.batch_id, item, self.ttl_s)
 
     def _new_session(self) -> SessionEntry | None:
         """A fresh session from the batch's pool once the tenant (and the pool) have room;

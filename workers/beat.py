@@ -3,8 +3,9 @@ one beat acts.
 
 Housekeeping runs in beat itself, not as tasks on a worker: it must go on when workers die
 (marking a dead host's sessions lost is its whole point). Every HOUSEKEEPING_S it marks the
-sessions of silent hosts lost (shoal/liveness.py), expires idle sessions (pool/expiry.py)
-and asks every live host to top its ready pools up (pool/ready.py).
+sessions of silent hosts lost (shoal/liveness.py), expires idle sessions (pool/expiry.py),
+lets go of the bytes counted for tenants' expired records (shoal/storage.py) and asks every
+live host to top its ready pools up (pool/ready.py).
 Two beats may be started (by mistake, or one per host for safety); each tick, a beat renews or
 takes the lease in Redis, and only the holder acts. When the holder dies, another takes over
 once the lease runs out.
@@ -19,7 +20,7 @@ import time
 from celery.beat import PersistentScheduler
 
 from pool import expiry
-from shoal import hosts, keys, liveness, queue
+from shoal import hosts, keys, liveness, queue, storage
 from shoal.context import make_context
 from shoal.settings import load
 
@@ -66,6 +67,7 @@ class ShoalScheduler(PersistentScheduler):
         try:
             liveness.check_hosts(self._redis, self._settings.execution_ttl_s)
             expiry.expire_idle(self._context)
+            storage.sweep(self._redis)
             for host in hosts.live_hosts(self._redis):
                 queue.REPLENISH.send(self.app, host=host, expires_s=HOUSEKEEPING_S)
         except Exception:

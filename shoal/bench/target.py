@@ -115,7 +115,8 @@ def start_private(progress) -> Target:
 # these commands (docs/performance.md).
 BENCH_TENANT_LIMITS = (
     ("keys", "limits", "--tenant", "dev", "--rate", "100000", "--burst", "100000",
-     "--max-waits", "1000", "--max-pending", "10000", "--max-session-pending", "1000"),
+     "--max-waits", "1000", "--max-pending", "10000", "--max-session-pending", "1000",
+     "--max-redis-mib", "100000"),
     ("keys", "max-sessions", "--tenant", "dev", "1000"),
 )  # fmt: skip
 

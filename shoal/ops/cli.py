@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="unfinished executions per session (SHOAL_SESSION_MAX_PENDING)",
     )
+    limits.add_argument(
+        "--max-redis-mib",
+        type=int,
+        help="MiB of records, outputs and batch results in Redis (SHOAL_TENANT_MAX_REDIS_MIB)",
+    )
     limits.set_defaults(func=_cmd_keys_limits)
     sub.add_parser("settings", help="print every setting").set_defaults(func=_cmd_settings)
     from shoal.bench.options import add_parser as add_bench_parser

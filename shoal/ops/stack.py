@@ -62,6 +62,11 @@ def start_redis(settings: Settings) -> None:
     data.mkdir(parents=True, exist_ok=True)
     argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
     argv += ["--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+    # Bounded, and never evicting: an evicted record would be state lost without a word. The
+    # tenants' data is refused before this is reached (shoal/storage.py), leaving headroom for
+    # heartbeats, the session registry and control writes (docs/limits.md, "Storage").
+    argv += ["--maxmemory", str(settings.redis_maxmemory_bytes)]
+    argv += ["--maxmemory-policy", "noeviction"]
     processes.start(settings, "redis", argv)
     url_file.write_text(f"redis://127.0.0.1:{port}/0")
     _wait_for(lambda: _redis_ok(settings), 20, "redis", settings)

@@ -6,7 +6,7 @@ import secrets
 import time
 from typing import Any
 
-from shoal import executions, keys, liveness, queue, sessions
+from shoal import executions, keys, liveness, queue, sessions, storage
 from shoal.context import Context
 from shoal.errors import HostTimeout, SessionLost
 from shoal.hosts import live_hosts
@@ -32,6 +32,7 @@ def admission(c: Context) -> executions.Admission:
         tenant_pending=s.tenant_max_pending,
         waits=s.tenant_max_waits,
         longest_s=queue.execution_wait_s(s, s.max_timeout_s),
+        storage=storage.caps(s),
     )
 
 
@@ -44,9 +45,10 @@ def submit_execution(
 ) -> ExecutionRecord:
     """Queue an execution on the session's host and return its record (status `queued`).
     Refused (TooManyPendingExecutions) when its session or tenant already has as many
-    unfinished executions as it may have. Given `wait_id`, the request also takes one of its
-    tenant's wait slots (TooManyWaits when none is free), to give back with
-    executions.end_wait."""
+    unfinished executions as it may have, and (TenantStorageFull, StorageFull) when its tenant,
+    or all tenants, hold as many bytes in Redis as they may (shoal/storage.py). Given
+    `wait_id`, the request also takes one of its tenant's wait slots (TooManyWaits when none is
+    free), to give back with executions.end_wait."""
     if entry["state"] == sessions.LOST:
         raise SessionLost(
             f"session {entry['id']} was lost ({entry.get('reason') or 'its VM died'}); "

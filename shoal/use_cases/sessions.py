@@ -19,6 +19,7 @@ log = logging.getLogger("shoal.sessions")
 # A dynamic-sessions identifier's session is made under this lock; a crashed maker's lock lapses.
 IDENT_LOCK_S = 300
 IDENT_POLL_S = 0.05
+IDENT_MARGIN_S = 3600
 
 
 def create_session(c: Context, tenant: str, pool_name: str, identifier: str = "") -> SessionEntry:
@@ -74,7 +75,7 @@ def session_for_identifier(
 ) -> SessionEntry:
     """The live session behind `identifier` (per tenant and pool); made on first use, and made
     afresh once the old one expired, was deleted or was lost."""
-    get_pool(c.settings, pool_name)
+    pool = get_pool(c.settings, pool_name)
     ident_key = identifier_key(tenant, pool_name, identifier)
     deadline = time.monotonic() + queue.create_wait_s(c.settings)
     while True:
@@ -90,7 +91,9 @@ def session_for_identifier(
                 if entry is not None:
                     delete_session(c, entry)
                 entry = create_session(c, tenant, pool_name, identifier)
-                c.redis.set(ident_key, entry["id"])
+                # Deleted when the session ends; its TTL outlasts the longest a session lives,
+                # so a key whose session ended without a word is not kept for ever.
+                c.redis.set(ident_key, entry["id"], ex=pool.max_lifetime_s + IDENT_MARGIN_S)
                 return entry
             finally:
                 c.redis.delete(lock)

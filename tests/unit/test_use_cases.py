@@ -573,10 +573,16 @@ def test_cancel_batch_cancels_it_and_interrupts_only_its_running_executions(c) -
     c.celery.take(queue.EXECUTE.name)
     finish_as_host(c, done)
     batches.save_item(
-        c.redis, meta["id"], {"index": 0, "status": batches.RUNNING, "execution_id": running["id"]}
+        c.redis,
+        meta["id"],
+        {"index": 0, "status": batches.RUNNING, "execution_id": running["id"]},
+        3600,
     )
     batches.save_item(
-        c.redis, meta["id"], {"index": 1, "status": batches.RUNNING, "execution_id": done["id"]}
+        c.redis,
+        meta["id"],
+        {"index": 1, "status": batches.RUNNING, "execution_id": done["id"]},
+        3600,
     )
 
     batch_cases.cancel_batch(c, meta)
