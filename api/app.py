@@ -8,8 +8,10 @@ from flask import Flask
 
 from api import (
     dynamic_sessions,
+    dynamic_spec,
     errors,
     health,
+    openapi,
     request_bounds,
     v1_batches,
     v1_files,
@@ -31,9 +33,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS=openapi.spec_options(),
     )
     app.extensions["shoal"] = make_context(settings)
-    api = errors.ShoalApi(app)
+    api = errors.ShoalApi(app, spec_kwargs={"extra_plugins": [openapi.ErrorResponsesPlugin()]})
+    openapi.register_components(api.spec)
     errors.register(app)
     request_bounds.register(app)
     app.register_blueprint(health.blp)
@@ -42,5 +46,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(v1_files.blp)
     api.register_blueprint(v1_pools.blp)
     api.register_blueprint(v1_batches.blp)
+    dynamic_spec.document(app, api.spec, settings, dynamic_sessions.blp.name)
     logging.getLogger("shoal").setLevel(logging.INFO)
     return app

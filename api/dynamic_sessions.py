@@ -32,6 +32,7 @@ blp = Blueprint("dynamic_sessions", __name__, url_prefix="/pools/<pool>")
 blp.before_request(require_tenant)
 
 IDENTIFIER = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+_DIGITS = re.compile(r"[0-9]+")
 LIST_PAGE = 300
 
 
@@ -43,7 +44,7 @@ def _identifier(required: bool = True) -> str:
     identifier = request.args.get("identifier", "")
     if not identifier and not required:
         return ""
-    if not IDENTIFIER.match(identifier):
+    if not IDENTIFIER.fullmatch(identifier):  # match() would take a trailing newline
         raise ValidationFailed(
             "query parameter `identifier` is required: 1-128 characters from "
             "letters, digits and _ - . @ :"
@@ -288,11 +289,19 @@ def _pool_sessions(pool: str) -> list[dict]:
     ]
 
 
+# `skip` beyond this many digits skips every session there can be: it is read as this bound
+# (Python refuses to read numbers of over 4,300 digits, and a URL may hold more).
+_SKIP_DIGITS = 18
+
+
 def _skip() -> int:
+    """The `skip` query parameter: ASCII digits only (str.isdigit also takes '²', which int()
+    refuses)."""
     raw = request.args.get("skip", "0")
-    if not raw.isdigit():
-        raise ValidationFailed("`skip` must be a whole number")
-    return int(raw)
+    if not _DIGITS.fullmatch(raw):
+        raise ValidationFailed("`skip` must be a whole number (digits 0-9)")
+    digits = raw.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _SKIP_DIGITS else 10**_SKIP_DIGITS
 
 
 @blp.get("/listSessions")

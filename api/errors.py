@@ -14,6 +14,7 @@ from flask import Flask, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from api.openapi import Error
 from shoal.errors import ShoalError
 
 log = logging.getLogger("shoal.api")
@@ -78,6 +79,8 @@ def _flatten(messages: object, prefix: str = "") -> list[str]:
 
 
 class ShoalApi(Api):
+    ERROR_SCHEMA = Error  # what /openapi.json documents for every error
+
     def handle_http_exception(self, error: HTTPException):
         data = getattr(error, "data", None) or {}
         status = 400 if error.code == 422 else (error.code or 500)

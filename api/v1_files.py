@@ -38,6 +38,43 @@ class ListQuery(Schema):
     recursive = fields.Boolean(load_default=False)
 
 
+# The bodies these routes stream themselves, for /openapi.json.
+RAW_BODY_DOC = {
+    "requestBody": {
+        "required": False,
+        "description": "the file's bytes (none: an empty file)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+MULTIPART_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "path": {"type": "string", "description": "the directory to put it in"},
+                    },
+                }
+            }
+        },
+    }
+}
+DOWNLOAD_DOC = {
+    "responses": {
+        "200": {
+            "description": "the file's bytes, streamed; Content-Length is its size",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        }
+    }
+}
+
+
 def file_view(info: dict) -> dict:
     return {
         "path": info["path"],
@@ -85,6 +122,7 @@ def list_files(query: dict, session_id: str):
 
 @blp.put("/sessions/<session_id>/files/<path:path>")
 @blp.response(201, FileOut)
+@blp.doc(**RAW_BODY_DOC)
 @streamed_upload
 def put_file(session_id: str, path: str):
     """Upload the raw request body to `path`; parent directories are created."""
@@ -96,6 +134,7 @@ def put_file(session_id: str, path: str):
 
 @blp.post("/sessions/<session_id>/files")
 @blp.response(201, FileOut)
+@blp.doc(**MULTIPART_DOC)
 @streamed_upload
 def post_file(session_id: str):
     """Multipart upload: part `file`; optional form field `path` names a directory."""
@@ -114,6 +153,7 @@ def post_file(session_id: str):
 
 
 @blp.get("/sessions/<session_id>/files/<path:path>")
+@blp.doc(**DOWNLOAD_DOC)
 def get_file(session_id: str, path: str):
     """Download a file, streamed from the guest."""
     info, chunks = file_cases.download_file(ctx(), tenant_session(session_id), path)

@@ -18,7 +18,7 @@ blp.before_request(require_json_body)
 
 
 @blp.post("/sessions")
-@blp.arguments(SessionCreate)
+@blp.arguments(SessionCreate, required=False)  # no body: the default pool
 @blp.response(201, SessionOut)
 def create_session(body: dict):
     entry = session_cases.create_session(ctx(), g.tenant, body["pool"])

@@ -154,14 +154,18 @@ def resolve(
     (default: SHOAL_WEBHOOK_TIMEOUT_S from now) or resolves to a forbidden address."""
     if len(url) > MAX_URL or any(c.isspace() or not c.isprintable() for c in url):
         raise Refused(f"callback_url must be one URL of at most {MAX_URL} characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # e.g. "http://[::1": a bracket that is not closed
+        raise Refused("callback_url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise Refused("callback_url must be an http:// or https:// URL with a host")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise Refused("callback_url has an invalid port") from None
-    host = parts.hostname.lower()
+    host = hostname.lower()
     deadline = deadline or Deadline(settings.webhook_timeout_s)
     try:
         infos = _lookup(host, port, deadline.left())

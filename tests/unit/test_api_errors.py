@@ -75,6 +75,42 @@ def test_execution_validation_names_the_field(app, client, key) -> None:
         assert_error(client.post(url, json=body, headers=auth(key)), 400, "ValidationFailed", word)
 
 
+def test_a_callback_url_that_does_not_parse_is_400(app, client, key) -> None:
+    """urlsplit raises ValueError on an unclosed IPv6 bracket, which was a 500 (found probing
+    the edge cases the fuzzing run, tests/integration/test_api_fuzz.py, does not generate)."""
+    r = app.extensions["shoal"].redis
+    mine = sessions.create(r, "acme", Pool(name="default"), "h1")
+    for url, body in [
+        (f"/v1/sessions/{mine['id']}/executions", {"code": "1", "callback_url": "http://[::1"}),
+        ("/v1/batches", {"items": [{"code": "1"}], "callback_url": "https://[fe80::1/x"}),
+    ]:
+        response = client.post(url, json=body, headers=auth(key))
+        assert_error(response, 400, "ValidationFailed", "callback_url", "not a valid URL")
+
+
+def test_dynamic_list_skip_takes_ascii_digits_only(client, key) -> None:
+    """'²'.isdigit() is true and int('²') raises: `skip=²` was a 500."""
+    for route in ("/pools/default/listSessions", "/pools/default/.management/listSessions"):
+        call = client.post if ".management" in route else client.get
+        for skip in ("%C2%B2", "%D9%A3", "-1", "1.5", ""):
+            response = call(f"{route}?skip={skip}", headers=auth(key))
+            assert_error(response, 400, "SessionRequestValidationFailed", "skip")
+        # Past every session there can be: an empty page (int() refuses 4,300+ digits).
+        response = call(f"{route}?skip={'9' * 4400}", headers=auth(key))
+        assert response.status_code == 200, response.get_data(as_text=True)
+        assert response.get_json() in (
+            {"sessions": []},
+            {"value": [], "count": 0, "nextLink": None},
+        )
+        assert call(f"{route}?skip=007", headers=auth(key)).status_code == 200
+
+
+def test_an_identifier_with_a_trailing_newline_is_refused(client, key) -> None:
+    """IDENTIFIER.match() took "abc\n" ($ matches before a final newline)."""
+    response = client.get("/pools/default/session?identifier=abc%0A", headers=auth(key))
+    assert_error(response, 400, "SessionRequestValidationFailed", "identifier")
+
+
 def test_malformed_json_is_400(app, client, key) -> None:
     response = client.post(
         "/v1/sessions", data="{nope", headers={**auth(key), "Content-Type": "application/json"}

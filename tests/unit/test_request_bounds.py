@@ -16,7 +16,12 @@ from werkzeug.test import EnvironBuilder
 
 from api import request_bounds
 from api.app import create_app
-from api.json_bounds import MAX_JSON_DEPTH, MAX_JSON_VALUES, check_json_shape
+from api.json_bounds import (
+    MAX_JSON_DEPTH,
+    MAX_JSON_NUMBER_DIGITS,
+    MAX_JSON_VALUES,
+    check_json_shape,
+)
 from api.request_bounds import (
     JSON_BODY_FLOOR,
     MAX_HEADER_BYTES,
@@ -255,6 +260,30 @@ def test_a_full_batch_fits_the_value_bound() -> None:
     }
     body = {"pool": "default", "items": [item] * batches.MAX_ITEMS, "max_parallel": 8}
     check_json_shape(json.dumps(body).encode())
+
+
+def test_a_number_of_too_many_digits_is_400_and_never_500(app: Flask, key: str) -> None:
+    """Python's JSON parser refuses an integer of over 4,300 digits with a ValueError of its
+    own, which was a 500 on /v1 and "must be a JSON object" on /pools (found probing the edge
+    cases the fuzzing run, tests/integration/test_api_fuzz.py, does not generate). The scan
+    refuses it first, on every JSON route."""
+    check_json_shape(b'{"timeout_s": ' + b"9" * MAX_JSON_NUMBER_DIGITS + b"}")
+    check_json_shape(json.dumps({"code": "1" * 10_000, "x": 1.5e300}).encode())  # text
+    with pytest.raises(ValidationFailed, match="digits"):
+        check_json_shape(b"[" + b"9" * (MAX_JSON_NUMBER_DIGITS + 1) + b"]")
+    huge = b"1" + b"0" * 5000
+    entry = live_session(app.extensions["shoal"], "t1")
+    client = app.test_client()
+    for path, body, code in [
+        (f"/v1/sessions/{entry['id']}/executions", b'{"code": "1", "timeout_s": ' + huge + b"}",
+         "ValidationFailed"),
+        ("/v1/batches", b'{"items": [{"code": "1", "max_output": ' + huge + b"}]}",
+         "ValidationFailed"),
+        ("/pools/default/executions?identifier=x", b'{"code": "1", "timeoutInSeconds": ' + huge
+         + b"}", "SessionRequestValidationFailed"),
+    ]:  # fmt: skip
+        response = client.post(path, data=body, headers=auth(key))
+        assert_error(response, 400, code, f"more than {MAX_JSON_NUMBER_DIGITS} digits")
 
 
 def test_nested_bodies_are_400_or_413_and_never_500(app: Flask, key: str) -> None:
