@@ -30,6 +30,10 @@ class BenchError(Exception):
     """A scenario could not run; its message says why."""
 
 
+class BenchSkipped(BenchError):
+    """A scenario cannot run against this target (what it needs is missing); not a failure."""
+
+
 @dataclass(frozen=True)
 class Goal:
     """A target from an issue. `stat` is a summary field (p50, p99, value, ...) or
@@ -142,10 +146,13 @@ class Bench:
             self._sessions.add(session_id)
         return session_id
 
-    def delete_session(self, session_id: str, http: requests.Session | None = None) -> None:
-        self.request("DELETE", f"/v1/sessions/{session_id}", http)
+    def delete_session(
+        self, session_id: str, http: requests.Session | None = None
+    ) -> requests.Response:
+        response = self.request("DELETE", f"/v1/sessions/{session_id}", http)
         with self._lock:
             self._sessions.discard(session_id)
+        return response
 
     def lean(self) -> LeanClient:
         """This thread's kept-alive client for timed executions (shoal/bench/lean_http.py)."""

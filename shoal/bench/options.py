@@ -34,6 +34,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="S",
         help="idle CPU window per density step (s)",
     )
+    bench.add_argument(
+        "--neighbour-key",
+        default="",
+        metavar="KEY",
+        help="with --url: a key of a second tenant, the noisy neighbour of `noisy_neighbour` "
+        "(a private instance makes its own)",
+    )
     bench.add_argument("--calls", type=int, default=0, help="warm executions per latency loop")
     bench.add_argument("--file-mib", type=int, default=0, help="size of the large file (MiB)")
     bench.add_argument("--out", default="", help="results directory (default: bench-results)")

@@ -94,6 +94,8 @@ def text_table(report: dict) -> str:
         lines.append("  ".join(cells + [row[-1]]).rstrip())
     for name, error in report["errors"].items():
         lines.append(f"{name}: FAILED: {error.splitlines()[0][:160]}")
+    for name, why in report.get("skipped", {}).items():
+        lines.append(f"{name}: skipped: {why}")
     return "\n".join(lines)
 
 

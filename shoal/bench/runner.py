@@ -22,6 +22,7 @@ from shoal.bench import (
     density,
     executions,
     files,
+    neighbours,
     peers,
     pools,
     report,
@@ -29,7 +30,7 @@ from shoal.bench import (
     target,
     vms,
 )
-from shoal.bench.core import Bench, BenchError, Result, Scenario
+from shoal.bench.core import Bench, BenchError, BenchSkipped, Result, Scenario
 from shoal.ops.stack import healthz_at
 from shoal.settings import REPO_ROOT, Settings
 
@@ -44,6 +45,7 @@ SCENARIOS: list[Scenario] = [
     executions.SCENARIOS[2],
     *files.SCENARIOS,
     *batches.SCENARIOS,
+    *neighbours.SCENARIOS,
     *density.SCENARIOS,
 ]
 
@@ -97,6 +99,7 @@ def main(settings: Settings, args) -> int:
     }
     results: list[Result] = []
     errors: dict[str, str] = {}
+    skipped: dict[str, str] = meta.setdefault("skipped", {})
     tgt = None
     bench = None
     try:
@@ -117,6 +120,11 @@ def main(settings: Settings, args) -> int:
             started = time.monotonic()
             try:
                 produced = scenario.run(bench)
+            except BenchSkipped as exc:
+                skipped[scenario.name] = str(exc)
+                progress(f"  skipped: {exc}")
+                bench.cleanup()
+                continue
             except Exception as exc:  # noqa: BLE001 - reported, the others still run
                 errors[scenario.name] = f"{type(exc).__name__}: {exc}"
                 progress(f"  FAILED: {errors[scenario.name].splitlines()[0][:200]}")

@@ -28,8 +28,8 @@ def _ready_count(b: Bench, pool: str) -> int:
     return int(response.json().get("counts", {}).get("ready", 0))
 
 
-def _wait_refilled(b: Bench, pool: str, target: int) -> None:
-    deadline = time.monotonic() + REFILL_TIMEOUT_S
+def wait_refilled(b: Bench, pool: str, target: int, timeout_s: float = REFILL_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while _ready_count(b, pool) < target and time.monotonic() < deadline:
         time.sleep(0.5)
 
@@ -38,7 +38,7 @@ def _first_executions(b: Bench, pool: str, count: int, warm: bool) -> tuple[list
     first, create = [], []
     for i in range(count):
         if warm:
-            _wait_refilled(b, pool, 1)
+            wait_refilled(b, pool, 1)
         started = time.perf_counter()
         session_id = b.new_session(pool=pool)
         made = time.perf_counter()
