@@ -22,10 +22,11 @@ class BatchCreate(StrictSchema):
     items = fields.List(
         fields.Raw(),
         required=True,
-        validate=validate.Length(1, batches.MAX_ITEMS),
+        validate=validate.Length(min=1),
         metadata={
             "description": "each {code, language, timeout_s, max_output, files: {name: base64}, "
-            "collect: [glob], session_id}; an invalid item is kept with status `invalid`"
+            "collect: [glob], session_id}; an invalid item is kept with status `invalid`; at "
+            f"most {batches.MAX_ITEMS} items (413 PayloadTooLarge beyond)"
         },
     )
     max_parallel = fields.Integer(

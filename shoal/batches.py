@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from shoal import executions, keys, redis_conn, sessions, storage, webhooks
-from shoal.errors import BatchNotFound, ShoalError, ValidationFailed
+from shoal.errors import BatchNotFound, PayloadTooLarge, ShoalError, ValidationFailed
 from shoal.protocol import MAX_CODE_BYTES
 from shoal.records import BatchItem, BatchMeta
 from shoal.settings import Settings
@@ -146,8 +146,10 @@ def create(
     batch_id: str | None = None,
 ) -> dict[str, str]:
     """Store a new batch (every item validated) and return its hash; the caller queues it."""
-    if not 1 <= len(raw_items) <= MAX_ITEMS:
-        raise ValidationFailed(f"items: between 1 and {MAX_ITEMS} items per batch")
+    if not raw_items:
+        raise ValidationFailed("items: a batch needs at least one item")
+    if len(raw_items) > MAX_ITEMS:
+        raise PayloadTooLarge(f"items: at most {MAX_ITEMS} items per batch, not {len(raw_items)}")
     batch_id = batch_id or new_id()
     ttl = settings.execution_ttl_s
     specs, items = {}, {}

@@ -641,3 +641,17 @@ def test_a_host_task_needs_a_host_and_a_fixed_queue_task_does_not() -> None:
 def test_the_execution_wait_adds_the_interrupt_grace_and_the_margin() -> None:
     settings = unit_settings(interrupt_grace_s=7.0)
     assert queue.execution_wait_s(settings, 10) == 10 + 7.0 + queue.EXECUTION_WAIT_MARGIN_S
+
+
+def test_a_batch_over_its_item_limit_is_too_large_and_an_empty_one_invalid() -> None:
+    from shoal import batches
+    from shoal.errors import PayloadTooLarge, ValidationFailed
+    from shoal.use_cases.batches import submit_batch
+
+    c = unit_context()
+    item = {"code": "1"}
+    with pytest.raises(PayloadTooLarge, match="at most 1000 items"):
+        submit_batch(c, "t1", "default", [item] * (batches.MAX_ITEMS + 1), 1)
+    with pytest.raises(ValidationFailed):
+        submit_batch(c, "t1", "default", [], 1)
+    assert c.celery.sent == [] and not c.redis.keys("*batch*")
