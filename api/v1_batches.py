@@ -54,6 +54,11 @@ class BatchItemOut(Schema):
     )
     execution = fields.Dict(allow_none=True, metadata={"description": "the /v1 execution"})
     files = fields.Dict(metadata={"description": "collected files: path -> base64"})
+    files_truncated = fields.Boolean(
+        metadata={
+            "description": "files matched `collect` but were left out (limits); `error` names them"
+        }
+    )
     error = fields.String(allow_none=True)
 
 

@@ -330,6 +330,7 @@ def item_view(r: redis.Redis, item: BatchItem) -> dict[str, Any]:
         "status": item["status"],
         "execution": execution,
         "files": item.get("files") or {},
+        "files_truncated": bool(item.get("files_truncated")),
         "error": item.get("error"),
     }
 

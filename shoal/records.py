@@ -117,3 +117,4 @@ class BatchItem(TypedDict, total=False):
     own_session: str  # the session made for this item alone
     execution: dict[str, Any]  # the /v1 execution object once it ended
     files: dict[str, str]  # collected files: path -> base64
+    files_truncated: bool  # some matching files were left out (the collect limits)

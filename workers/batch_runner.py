@@ -209,6 +209,7 @@ class BatchRunner:
             item["execution"] = executions.public_view(record)
             if spec["collect"] and record["status"] != executions.LOST:
                 item["files"], item["error"] = self._collect(entry, spec["collect"])
+                item["files_truncated"] = item["error"] is not None
             self._end(item, record["status"])
         except ShoalError as exc:
             status = executions.LOST if exc.code == "SessionLost" else batches.ERROR
@@ -270,6 +271,22 @@ class BatchRunner:
                 time.sleep(CAP_POLL_S)
         return None
 
+    def _download_within(self, entry: SessionEntry, path: str, budget: int) -> bytes | None:
+        """The file's bytes, or None as soon as they pass `budget` (the rest is never read: a
+        file the guest keeps growing costs the coordinator no more than the budget)."""
+        _, chunks = file_cases.download_file(self.c, entry, path)
+        data = bytearray()
+        try:
+            for chunk in chunks:
+                data += chunk
+                if len(data) > budget:
+                    return None
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # a stream left early stops the host's side at once
+        return bytes(data)
+
     def _collect(
         self, entry: SessionEntry, patterns: list[str]
     ) -> tuple[dict[str, str], str | None]:
@@ -286,8 +303,10 @@ class BatchRunner:
             if len(files) >= batches.MAX_COLLECT_FILES or f["size"] > budget:
                 skipped.append(f["path"])
                 continue
-            _, chunks = file_cases.download_file(self.c, entry, f["path"])
-            data = b"".join(chunks)
+            data = self._download_within(entry, f["path"], budget)
+            if data is None:  # it grew past the budget after the listing: left out too
+                skipped.append(f["path"])
+                continue
             budget -= len(data)
             files[f["path"]] = base64.b64encode(data).decode()
         note = None

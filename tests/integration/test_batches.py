@@ -189,3 +189,17 @@ def test_cancel_ends_running_and_pending_items(stack: Stack) -> None:
     assert batch["counts"] == {"cancelled": 5}, json.dumps(batch["items"])[:2000]
     ran = [i for i in batch["items"] if i["execution"]]
     assert len(ran) == 2 and all(i["execution"]["status"] == "cancelled" for i in ran)
+
+
+def test_collected_files_are_bounded_and_the_cut_is_flagged(stack: Stack) -> None:
+    key = stack.new_key("collect-bound")
+    four_mib = "open(f'/mnt/data/part{i}.bin', 'wb').write(bytes([i]) * (4 << 20))"
+    code = f"for i in range(3):\n    {four_mib}\n"  # 12 MiB against 10 MiB per item
+    batch = post_batch(stack, key, items=[{"code": code, "collect": ["*.bin"]}], max_parallel=1)
+    (item,) = finished(stack, key, batch["id"])["items"]
+    assert item["status"] == "succeeded", item
+    kept = {path: base64.b64decode(data) for path, data in item["files"].items()}
+    assert sorted(kept) == ["part0.bin", "part1.bin"]
+    assert all(len(data) == 4 << 20 for data in kept.values())  # whole files, never a cut one
+    assert item["files_truncated"] is True
+    assert "part2.bin" in item["error"] and "left out" in item["error"]
