@@ -58,34 +58,28 @@ class _HostCheck:
 
 def file_op(c: Context, entry: SessionEntry, op: str, **args: object) -> dict:
     """list / stat / delete, answered by the session's host."""
-    _check_usable(entry)
-    reply_key = replies.new_key()
-    queue.FILE_OP.send(
-        c.celery,
-        host=entry["host"],
-        session_id=entry["id"],
-        op=op,
-        args=args,
-        reply_key=reply_key,
-        pool_name=entry["pool"],
-    )
+    reply_key = _ask_host(c, entry, queue.FILE_OP, op=op, args=args)
     return replies.wait(c.redis, reply_key, FILE_OP_TIMEOUT_S, _HostCheck(c, entry))
 
 
 def _start_transfer(c: Context, entry: SessionEntry, task: queue.Task, path: str) -> tuple:
-    _check_usable(entry)
     transfer_id = transfers.new_id()
+    return transfer_id, _ask_host(c, entry, task, transfer_id=transfer_id, path=path)
+
+
+def _ask_host(c: Context, entry: SessionEntry, task: queue.Task, **args: object) -> str:
+    """Send a task about the session to its host, with a fresh reply key; return the key."""
+    _check_usable(entry)
     reply_key = replies.new_key()
     task.send(
         c.celery,
         host=entry["host"],
         session_id=entry["id"],
-        transfer_id=transfer_id,
-        path=path,
         reply_key=reply_key,
         pool_name=entry["pool"],
+        **args,
     )
-    return transfer_id, reply_key
+    return reply_key
 
 
 def upload_file(c: Context, entry: SessionEntry, path: str, chunks: Iterable[bytes]) -> dict:
