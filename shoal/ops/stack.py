@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shoal import queue, redis_conn, tenants
+from shoal import queue, redis_conn, secret_files, tenants
 from shoal.celery_app import CONTROL_QUEUE
 from shoal.keys import host_queue
 from shoal.ops import daemons, processes, tls
@@ -177,8 +177,7 @@ def dev_key(settings: Settings) -> str:
         if tenants.authenticate(r, key):
             return key
     _, key = tenants.create_key(r, "dev")
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    secret_files.write_secret(path, key + "\n")
     return key
 
 
