@@ -8,6 +8,8 @@ expression, no Python loop over the body) counts what lies outside its strings:
 - values: 1 + the `[`, `{`, `,` and `:` outside strings, which is at least the number of array
   elements, object members and object keys; over MAX_JSON_VALUES is 413 `PayloadTooLarge`;
 - depth: the deepest nesting of arrays and objects; over MAX_JSON_DEPTH is 400 `ValidationFailed`;
+- surrogates: a `\\u` escape of a UTF-16 surrogate without its pair is 400 `ValidationFailed`
+  (it decodes to no character: the guest agent's UTF-8 frames could not carry it);
 - numbers: a run of more than MAX_JSON_NUMBER_DIGITS digits outside strings is 400
   `ValidationFailed` (Python's parser refuses an integer of over 4,300 digits with an error of its
   own, and Shoal's numbers have at most a few dozen).
@@ -37,6 +39,10 @@ MAX_JSON_NUMBER_DIGITS = 100
 _STRING = re.compile(rb'"[^"]*"')
 # Looked for only where a run of digits starts: linear in the body, not quadratic in a run.
 _LONG_NUMBER = re.compile(rb"(?<![0-9])[0-9]{%d}" % (MAX_JSON_NUMBER_DIGITS + 1))
+# With escaped backslashes removed, every \u is an escape: a high surrogate followed by a low
+# one is a character; any other surrogate escape is not.
+_SURROGATE_PAIR = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},:")
 # '[' and '{' go one level down, ']' and '}' one up (0xff is -1 in a signed byte array).
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
@@ -47,6 +53,11 @@ def check_json_shape(body: bytes) -> None:
     one nested deeper than MAX_JSON_DEPTH or with a number of more than MAX_JSON_NUMBER_DIGITS
     digits; None when the parser may be given the body."""
     unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if b"\\u" in unescaped and _LONE_SURROGATE.search(_SURROGATE_PAIR.sub(b"", unescaped)):
+        raise ValidationFailed(
+            "the JSON body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+            "pair): it is no character, and no UTF-8 text can hold it"
+        )
     # Every string is a key or a value: too many quotes is too many values, found before the
     # regular expression has to visit each string.
     if unescaped.count(b'"') // 2 > MAX_JSON_VALUES:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 from typing import Any
 
@@ -117,6 +118,14 @@ STATUS_TIMED_OUT = "timed_out"
 STATUS_INTERRUPTED = "interrupted"
 
 
+# application/json data nested deeper than this is dropped: every layer that handles it again
+# (the host's record, the API's response, a client's parser) must not run out of stack.
+MAX_JSON_DEPTH = 100
+# In the raw JSON text of a frame: a \\u escape of a UTF-16 surrogate that is not itself
+# escaped (an even number of backslashes before it). Only a decoded lone one is refused.
+_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F]")
+
+
 class ProtocolError(Exception):
     """A frame that breaks the protocol: bad magic, over a limit, not a JSON object."""
 
@@ -140,16 +149,45 @@ def parse_header(header: bytes, max_json: int, max_blob: int = MAX_BLOB) -> tupl
     return json_len, blob_len
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
+    """A frame's JSON object. Strict: UTF-8 only (json.loads would guess UTF-16 or -32), no
+    NaN or Infinity (not JSON: a client's parser would choke on them later), no lone UTF-16
+    surrogate (no UTF-8 encoder takes one), nesting no deeper than the decoder's stack."""
     try:
-        message = json.loads(body)
+        message = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"frame body is not JSON: {exc}") from None
     except RecursionError:  # nesting deeper than the decoder's stack allows
         raise ProtocolError("frame body is nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame body is not a JSON object")
+    if _SURROGATE_ESCAPE.search(body) and not _encodable(message):
+        raise ProtocolError("frame body holds a lone UTF-16 surrogate")
     return message
+
+
+def _encodable(message: dict[str, Any]) -> bool:
+    try:
+        json.dumps(message, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and dicts nest in `value` (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def error_message(request_id: Any, code: str, message: str) -> dict[str, Any]:
@@ -222,9 +260,12 @@ def bound_bundle(
                 value, changed = base64.b64encode(value).decode("ascii"), True
         elif mime == JSON_MIME:
             try:
-                size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+                text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+                size = len(text)
             except (TypeError, ValueError, RecursionError):
                 size, drop = 0, "dropped: not JSON data"
+            if drop is None and size <= max_output and json_depth(value) > MAX_JSON_DEPTH:
+                drop = f"dropped: nested deeper than {MAX_JSON_DEPTH} levels"
             if drop is None and size > max_output:
                 drop = f"of {size} characters dropped: over max_output ({max_output})"
             elif drop is None and size > left:

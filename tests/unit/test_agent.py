@@ -230,6 +230,25 @@ def test_exception_gives_error_with_plain_traceback(agent):
     assert syntax["error"]["name"] == "SyntaxError"
 
 
+def test_text_that_is_not_utf8_never_breaks_the_interpreter_or_the_frames(agent):
+    """A lone surrogate (no UTF-8 text can hold one) in an error, a display or a result's
+    JSON: the interpreter lives, the text arrives with '?' in its place, NaN JSON is dropped."""
+    run(agent, "kept = 41")
+    raised = run(agent, "raise ValueError('bad \\udc80 text')")
+    assert raised["status"] == "error" and not raised["interpreter_restarted"]
+    assert raised["error"]["value"] == "bad ? text"
+    shown = run(
+        agent,
+        "from IPython.display import display\n"
+        "display({'text/plain': 'x\\ud800'}, raw=True)\n"
+        "display({'application/json': {'a': float('nan')}}, raw=True)",
+    )
+    assert shown["status"] == "ok"
+    assert shown["outputs"][0]["data"] == {"text/plain": "x?"}
+    assert any("not JSON data" in note for note in shown["output_notes"])
+    assert run(agent, "kept + 1")["result"] == {"text/plain": "42"}
+
+
 def test_rich_results_by_mime_type(agent):
     answer = run(
         agent,

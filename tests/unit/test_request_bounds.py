@@ -358,3 +358,21 @@ def test_every_upload_route_is_marked(app: Flask) -> None:
         "dynamic_sessions.legacy_upload",
     }
     assert app.view_functions["v1_batches.create_batch"].shoal_body == request_bounds.BATCH
+
+
+def test_a_lone_surrogate_escape_is_400_and_pairs_or_escaped_text_pass(
+    app: Flask, key: str
+) -> None:
+    """The guest's frames are UTF-8: code holding a surrogate without its pair could not reach
+    it, so it is refused at the door, not failed on the host."""
+    entry = live_session(app.extensions["shoal"])
+    for code in ("print('\ud83d\ude00')", "print('\\ud800')"):
+        check_json_shape(json.dumps({"code": code}).encode())
+    for body in (b'{"code": "\\ud800"}', b'{"code": "x\\udc00\\ud800"}'):
+        response = app.test_client().post(
+            f"/v1/sessions/{entry['id']}/executions",
+            data=body,
+            headers={**auth(key), "Content-Type": "application/json"},
+        )
+        assert response.status_code == 400, response.get_data(as_text=True)
+        assert "surrogate" in response.get_json()["error"]["message"]

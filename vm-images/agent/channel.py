@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import glob
-import json
 import logging
 import os
 import select
@@ -23,6 +22,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from shoal_kernel_framing import json_utf8
 
 from shoal import protocol
 
@@ -42,7 +43,7 @@ class BadRequest(Exception):
 
 
 def json_bytes(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    return json_utf8(message)
 
 
 # --- byte plumbing ---------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import importlib.abc
 import importlib.util
-import json
 import mmap
 import os
 import re
@@ -49,7 +48,7 @@ import threading
 import time
 
 from shoal_fast_path import compile_fresh, run_cell_fast
-from shoal_kernel_framing import encode_message, frame, take_messages
+from shoal_kernel_framing import encode_message, frame, json_utf8, take_messages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_COMMAND = 8 << 20
@@ -114,7 +113,7 @@ class AgentLink:
 
 
 def encode(message: dict) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return json_utf8(message, default=str)
 
 
 def encode_reply(reply: dict) -> bytes:

@@ -20,9 +20,16 @@ import struct
 LENGTH = struct.Struct(">I")
 
 
+def json_utf8(message: dict, **dumps_options) -> bytes:
+    """Compact JSON as UTF-8. A lone surrogate (user code can make one: '\\udc80') cannot be
+    UTF-8 and becomes '?': the frame stays valid for the reader, and the writer never raises."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, **dumps_options)
+    return text.encode("utf-8", "replace")
+
+
 def encode_message(message: dict) -> bytes:
     """One framed message: compact JSON, UTF-8."""
-    body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    body = json_utf8(message)
     return LENGTH.pack(len(body)) + body
 
 
