@@ -53,6 +53,10 @@ class Settings:
     )
     # --- guests ------------------------------------------------------------------------------
     accel: str = field(default="auto", metadata={"doc": "auto, kvm or tcg"})
+    require_kvm: int = field(
+        default=0,
+        metadata={"doc": "1: the worker (and `shoal up`) refuses to start unless KVM is usable"},
+    )
     debian_mirror: str = field(default="", metadata={"doc": "mirror for debootstrap"})
     default_image: str = field(default="python", metadata={"doc": "image of the default pool"})
     vcpus: int = field(default=1, metadata={"doc": "vCPUs of the default pool"})
