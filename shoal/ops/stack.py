@@ -249,10 +249,10 @@ def up(settings: Settings, detach: bool) -> int:
         print(processes.tail(log), file=sys.stderr)
         stop_components(settings)
         return 1
-    key = dev_key(settings)
-    _print_welcome(settings, key)
     for line in accelerator_lines(report):
         _say(line)
+    key = dev_key(settings)
+    _print_welcome(settings, key)
     if detach:
         return 0
     return _stay_in_foreground(settings)
