@@ -31,7 +31,9 @@ def _default_home() -> str:
 @dataclass(frozen=True)
 class Settings:
     # --- where things live -------------------------------------------------------------------
-    home: str = field(default_factory=_default_home, metadata={"doc": "pid files, logs, dev and admin keys"})
+    home: str = field(
+        default_factory=_default_home, metadata={"doc": "pid files, logs, dev and admin keys"}
+    )
     cache: str = field(default="/var/cache/shoal", metadata={"doc": "built guest images"})
     vm_dir: str = field(
         default="/var/lib/shoal", metadata={"doc": "overlays, sockets, console logs, templates"}
