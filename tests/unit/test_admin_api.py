@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+import redis
 from flask import Flask
 
 from api import security_headers
@@ -166,6 +167,17 @@ def test_an_unreported_accelerator_is_warned_about(client, r) -> None:
     report = client.get("/healthz", headers=bearer(admin_keys.create_admin_key(r)[1])).get_json()
     accel = report["workers"][HOST]["accelerator"]
     assert accel["kind"] == "unknown" and TCG_WARNING in accel["warning"]
+
+
+def test_healthz_without_redis_is_503_even_for_an_admin_key(app, client, r) -> None:
+    """The key cannot be checked: the public view, degraded, not a 500."""
+    _, admin_key = admin_keys.create_admin_key(r)
+    r.connection_pool.connection_kwargs["server"].connected = False
+    with pytest.raises(redis.ConnectionError):
+        r.ping()
+    for headers in ({}, bearer(admin_key)):
+        response = client.get("/healthz", headers=headers)
+        assert response.status_code == 503 and response.get_json() == {"status": "degraded"}
 
 
 def test_metrics_need_an_admin_key(client, r) -> None:
