@@ -7,12 +7,14 @@ import logging
 from flask import Flask
 
 from api import (
+    docs_page,
     dynamic_sessions,
     dynamic_spec,
     errors,
     health,
     openapi,
     request_bounds,
+    security_headers,
     v1_batches,
     v1_files,
     v1_pools,
@@ -31,8 +33,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
         API_SPEC_OPTIONS=openapi.spec_options(),
     )
     app.extensions["shoal"] = make_context(settings)
@@ -40,7 +40,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     openapi.register_components(api.spec)
     errors.register(app)
     request_bounds.register(app)
+    security_headers.register(app)
     app.register_blueprint(health.blp)
+    app.register_blueprint(docs_page.blp)
     app.register_blueprint(dynamic_sessions.blp)
     api.register_blueprint(v1_sessions.blp)
     api.register_blueprint(v1_files.blp)

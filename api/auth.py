@@ -1,12 +1,13 @@
-"""Bearer-token authentication: the API key names the tenant for the whole request."""
+"""Bearer-token authentication: a tenant's key names the tenant for the whole request; an admin
+key (shoal/admin_keys.py) reaches only the operator's routes (/healthz's details, /metrics)."""
 
 from __future__ import annotations
 
 from flask import g, request
 
 from api.context import ctx
-from shoal import keys, sessions, tenants
-from shoal.errors import Unauthorized, UnsupportedMediaType
+from shoal import admin_keys, keys, sessions, tenants
+from shoal.errors import Forbidden, Unauthorized, UnsupportedMediaType
 
 
 def require_json_body() -> None:
@@ -20,20 +21,63 @@ def require_json_body() -> None:
         )
 
 
-def require_tenant() -> None:
-    """A before_request hook: sets g.tenant or answers 401, and takes a token from the tenant's
-    request bucket or answers 429 (RateLimited), in one round trip. On a route about one session
-    it reads that session in the same round trip (see tenant_session)."""
-    header = request.headers.get("Authorization", "")
+ADMIN_ON_TENANT_ROUTE = (
+    "this is an admin key: it reaches /healthz's details and /metrics only; tenant routes take "
+    "a tenant's key (`shoal keys create --tenant NAME`)"
+)
+
+
+def bearer_token() -> str | None:
+    """The request's `Authorization: Bearer` token, None when there is no such header; a header
+    in another form is refused (401)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send `Authorization: Bearer <api key>`")
+    return token.strip()
+
+
+def caller_role() -> str | None:
+    """admin_keys.ADMIN or TENANT for the request's key, None without one; a key that is not
+    valid is refused (401), not taken for no key: its sender expects more than the public view.
+    Takes no token from a tenant's request bucket: an admin route reads no tenant's data."""
+    token = bearer_token()
+    if token is None:
+        return None
+    role = admin_keys.role_of(ctx().redis, token)
+    if role is None:
+        raise Unauthorized("the API key is not valid (revoked, or never issued here)")
+    return role
+
+
+def require_admin() -> None:
+    """401 without a valid key, 403 with a tenant's key."""
+    role = caller_role()
+    if role is None:
+        raise Unauthorized("send `Authorization: Bearer <admin key>` (`shoal keys create --admin`)")
+    if role != admin_keys.ADMIN:
+        raise Forbidden(
+            "this route needs an admin key (`shoal keys create --admin`), not a tenant's"
+        )
+
+
+def require_tenant() -> None:
+    """A before_request hook: sets g.tenant or answers 401 (403 for an admin key), and takes a
+    token from the tenant's request bucket or answers 429 (RateLimited), in one round trip. On a
+    route about one session it reads that session in the same round trip (see tenant_session)."""
+    token = bearer_token()
+    if token is None:
         raise Unauthorized("send `Authorization: Bearer <api key>`")
     c = ctx()
     session_id = (request.view_args or {}).get("session_id", "")
     reads_session = isinstance(session_id, str) and session_id.startswith("ses_")
     session_key = keys.session(session_id) if reads_session else ""
-    tenant, entry = tenants.authenticate_request(c.redis, token.strip(), c.settings, session_key)
+    tenant, entry = tenants.authenticate_request(c.redis, token, c.settings, session_key)
     if tenant is None:
+        if admin_keys.is_admin(c.redis, token):
+            raise Forbidden(ADMIN_ON_TENANT_ROUTE)
         raise Unauthorized("the API key is not valid (revoked, or never issued here)")
     if reads_session:
         g.session_read = (session_id, entry or None)

@@ -1,5 +1,13 @@
-"""GET /healthz: the state of every part, 200 when all are up, 503 naming what is down; with
-Redis's memory pressure (`redis.memory`)."""
+"""GET /healthz and GET /metrics, the operator's view.
+
+/healthz answers 200 when every part is up and 503 when one is down. Without a key, or with a
+tenant's key, it says only `{"status": "ok" | "degraded"}`: a load balancer needs no more, and
+the details (versions, host paths, the guest kernel's command line, session counts) help an
+attacker more than a tenant. With an admin key (shoal/admin_keys.py) it gives every part's state,
+what is down, Redis's memory pressure (`redis.memory`), and each worker's accelerator with a
+plain warning when guests run under TCG. /metrics needs an admin key: 401 without a valid key,
+403 with a tenant's.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +17,9 @@ from typing import Any
 import redis
 from flask import Blueprint, Response, jsonify
 
+from api.auth import caller_role, require_admin
 from api.context import ctx
-from shoal import hosts, keys, metrics, storage
+from shoal import admin_keys, hosts, keys, metrics, storage
 from shoal.context import Context
 
 blp = Blueprint("health", __name__)
@@ -26,6 +35,7 @@ def health_report() -> tuple[dict, bool]:
         report["redis"]["error"] = str(exc)
         return report, False
     down: list[str] = []
+    warnings: list[str] = []
     report["redis"]["memory"] = memory_report(c)
     if report["redis"]["memory"].get("full"):
         down.append("redis (at its maxmemory: writes are refused)")
@@ -42,6 +52,10 @@ def health_report() -> tuple[dict, bool]:
             "libvirt": driver,
         }
         report["workers"][host]["template"] = beat.get("template", "")
+        accel = hosts.accelerator(beat)
+        report["workers"][host]["accelerator"] = accel
+        if accel.get("warning"):
+            warnings.append(f"{host}: {accel['warning']}")
         if not driver.get("libvirt", {}).get("ok", False):
             down.append(f"libvirt on {host}")
         if beat.get("template") == "building":
@@ -54,6 +68,7 @@ def health_report() -> tuple[dict, bool]:
     else:
         down.append("beat")
     report["down"] = down
+    report["warnings"] = warnings
     return report, not down
 
 
@@ -96,14 +111,19 @@ def memory_report(c: Context) -> dict[str, Any]:
 @blp.get("/metrics")
 def prometheus_metrics():
     """Prometheus text format: VMs per pool and host, acquisitions, expiries, lost sessions,
-    executions and their latency histogram."""
+    executions and their latency histogram. Admin key only."""
+    require_admin()
     return Response(metrics.render(ctx().redis), mimetype="text/plain; version=0.0.4")
 
 
 @blp.get("/healthz")
 def healthz():
+    try:
+        admin = caller_role() == admin_keys.ADMIN
+    except redis.RedisError:  # no key can be checked: the public view, which says degraded
+        admin = False
     report, ok = health_report()
-    report["status"] = "ok" if ok else "degraded"
-    response = jsonify(report)
+    status = "ok" if ok else "degraded"
+    response = jsonify({**report, "status": status} if admin else {"status": status})
     response.status_code = 200 if ok else 503
     return response

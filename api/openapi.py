@@ -20,6 +20,7 @@ ERROR_STATUSES = {
     "(ValidationFailed; SessionRequestValidationFailed or SessionWithIdentifierNotFound on "
     "/pools/...), or a file path is refused (PathNotAllowed, NotAFile, NotARegularFile)",
     401: "No `Authorization: Bearer <api key>`, or a key that is not valid (Unauthorized)",
+    403: "An admin key: it reaches /healthz's details and /metrics, no tenant route (Forbidden)",
     404: "No such session, execution, batch, file, pool or route (for another tenant's ids too)",
     409: "The session was lost, the guest is busy, or a directory is not empty",
     413: "The body is over its route's limit (PayloadTooLarge; docs/limits.md)",

@@ -22,6 +22,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from api.errors import http_code
 from api.request_bounds import MAX_HEADER_BYTES, MAX_HEADER_FIELDS
+from api.security_headers import headers_for_error
 
 # gunicorn's settings (read from this module by name).
 worker_class = "api.server.JsonErrorWorker"
@@ -68,7 +69,8 @@ def write_json_error(sock: socket.socket, status_int: int, reason: str, mesg: st
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
         f"x-ms-error-code: {code}\r\n"
-        "\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers_for_error().items())
+        + "\r\n"
     )
     util.write_nonblock(sock, head.encode("latin-1") + body)
 

@@ -28,6 +28,13 @@ class Unauthorized(ShoalError):
     code, status = "Unauthorized", 401
 
 
+class Forbidden(ShoalError):
+    """A valid key that may not call this route (an admin key on a tenant route, a tenant key
+    on an admin route)."""
+
+    code, status = "Forbidden", 403
+
+
 class SessionNotFound(ShoalError):
     """No such session."""
 

@@ -7,6 +7,7 @@ expired is silent. Placement, /healthz, /metrics and the liveness check read it 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis
 
@@ -25,3 +26,23 @@ def heartbeats(r: redis.Redis) -> dict[str, Heartbeat | None]:
 
 def live_hosts(r: redis.Redis) -> dict[str, Heartbeat]:
     return {h: beat for h, beat in heartbeats(r).items() if beat is not None}
+
+
+TCG_WARNING = (
+    "guests run under TCG, QEMU's software CPU: not a hardware isolation boundary (QEMU does not "
+    "treat TCG as a security boundary). Run untrusted code on a host with VT-x/AMD-V and KVM; "
+    "SHOAL_REQUIRE_KVM=1 refuses to start without it"
+)
+
+
+def accelerator(beat: Heartbeat) -> dict[str, Any]:
+    """The accelerator a host's guests run under, from its heartbeat (workers/vm.py's status):
+    {kind: kvm | tcg | unknown, reason, warning (when not kvm)}."""
+    accel = dict(beat.get("driver", {}).get("accel") or {})
+    kind = accel.get("kind", "unknown")
+    found: dict[str, Any] = {"kind": kind, "reason": accel.get("reason", "not reported")}
+    if kind != "kvm":
+        found["warning"] = (
+            TCG_WARNING if kind == "tcg" else ("the accelerator is unknown; " + TCG_WARNING)
+        )
+    return found

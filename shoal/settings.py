@@ -31,7 +31,9 @@ def _default_home() -> str:
 @dataclass(frozen=True)
 class Settings:
     # --- where things live -------------------------------------------------------------------
-    home: str = field(default_factory=_default_home, metadata={"doc": "pid files, logs, dev key"})
+    home: str = field(
+        default_factory=_default_home, metadata={"doc": "pid files, logs, dev and admin keys"}
+    )
     cache: str = field(default="/var/cache/shoal", metadata={"doc": "built guest images"})
     vm_dir: str = field(
         default="/var/lib/shoal", metadata={"doc": "overlays, sockets, console logs, templates"}
@@ -53,6 +55,10 @@ class Settings:
     )
     # --- guests ------------------------------------------------------------------------------
     accel: str = field(default="auto", metadata={"doc": "auto, kvm or tcg"})
+    require_kvm: int = field(
+        default=0,
+        metadata={"doc": "1: the worker (and `shoal up`) refuses to start unless KVM is usable"},
+    )
     debian_mirror: str = field(default="", metadata={"doc": "mirror for debootstrap"})
     default_image: str = field(default="python", metadata={"doc": "image of the default pool"})
     vcpus: int = field(default=1, metadata={"doc": "vCPUs of the default pool"})

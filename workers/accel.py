@@ -7,7 +7,9 @@ does not count. When libvirt's capabilities are known, libvirt must also offer t
 domain type: a libvirtd started with /dev/kvm hidden (the start-up trick in host.md) cannot.
 
 The setting `accel` is auto, kvm or tcg; the choice always comes with a reason, for the logs
-and /healthz.
+and /healthz. TCG is not a hardware isolation boundary (QEMU does not treat it as a security
+boundary): with SHOAL_REQUIRE_KVM=1 the worker refuses to start where KVM is not usable
+(kvm_refusal; workers/tasks.py and `shoal up` call it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import fcntl
 import os
 from dataclasses import asdict, dataclass
+
+from shoal.settings import Settings
 
 KVM = "kvm"
 TCG = "tcg"
@@ -107,3 +111,42 @@ def libvirt_offers_kvm(capabilities_xml: str) -> bool:
         for guest in root.findall("guest")
         for d in guest.findall("arch/domain")
     )
+
+
+def kvm_refusal(
+    setting: str,
+    libvirt_has_kvm: bool | None,
+    cpuinfo_path: str = "/proc/cpuinfo",
+    kvm_path: str = "/dev/kvm",
+) -> str | None:
+    """Why a worker under SHOAL_REQUIRE_KVM=1 must not start (None: KVM is usable). The check is
+    detect()'s own, also under SHOAL_ACCEL=kvm, which detect() takes on trust: a requirement is
+    verified, not assumed."""
+    if setting == TCG:
+        return (
+            "SHOAL_REQUIRE_KVM=1 and SHOAL_ACCEL=tcg contradict each other: guests would run "
+            "under TCG, not a hardware isolation boundary; refusing to start"
+        )
+    choice = detect("auto", libvirt_has_kvm, cpuinfo_path, kvm_path)
+    if choice.kind == KVM:
+        return None
+    return (
+        f"SHOAL_REQUIRE_KVM=1 but KVM is not usable on this host: "
+        f"{choice.reason.removesuffix('; using TCG')}. Guests would "
+        "run under TCG, QEMU's software CPU, which is not a hardware isolation boundary; refusing "
+        "to start (unset SHOAL_REQUIRE_KVM to run under TCG anyway)"
+    )
+
+
+def required_kvm_refusal(settings: Settings) -> str | None:
+    """kvm_refusal for this host when SHOAL_REQUIRE_KVM=1 (asking libvirt whether it offers the
+    kvm domain type when the CPU could); None when KVM is not required or is usable."""
+    if not settings.require_kvm:
+        return None
+    offers_kvm = None
+    if settings.accel != TCG and cpu_has_hw_virt():
+        from workers import libvirt_conn
+
+        caps = libvirt_conn.connection().call("capabilities", lambda c: c.getCapabilities())
+        offers_kvm = libvirt_offers_kvm(caps)
+    return kvm_refusal(settings.accel, offers_kvm)

@@ -9,13 +9,21 @@ connection.
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from celery import shared_task
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from shoal import queue
 from shoal.pools import get_pool
 from shoal.settings import load
+from workers.accel import required_kvm_refusal
 from workers.host import HostRuntime, spec_for
+
+log = logging.getLogger("shoal.host")
+# The worker's exit status when SHOAL_REQUIRE_KVM=1 and KVM is not usable (EX_CONFIG).
+EXIT_NO_KVM = 78
 
 _runtime: HostRuntime | None = None
 
@@ -25,6 +33,16 @@ def runtime() -> HostRuntime:
     if _runtime is None:
         _runtime = HostRuntime(load())
     return _runtime
+
+
+@worker_init.connect
+def _refuse_without_kvm(**_: object) -> None:
+    """SHOAL_REQUIRE_KVM=1: stop before taking any task where guests would run under TCG."""
+    refusal = required_kvm_refusal(load())
+    if refusal:
+        log.critical("%s", refusal)
+        print(f"shoal worker: {refusal}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NO_KVM)
 
 
 @worker_ready.connect

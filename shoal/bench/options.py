@@ -14,6 +14,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     bench.add_argument("--url", default="", help="a running Shoal (127.0.0.1 only)")
     bench.add_argument("--key", default="", help="its API key (default: SHOAL_HOME/dev-api-key)")
+    bench.add_argument(
+        "--admin-key",
+        default="",
+        help="its admin key, for /healthz's details (default: SHOAL_HOME/admin-api-key)",
+    )
     bench.add_argument("--home", default="", help="its SHOAL_HOME, for the worker log")
     bench.add_argument("--redis-url", default="", help="Redis for the Celery peer")
     bench.add_argument("--quick", action="store_true", help="small sizes: under 5 minutes")

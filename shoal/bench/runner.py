@@ -104,11 +104,11 @@ def main(settings: Settings, args) -> int:
     bench = None
     try:
         tgt = (
-            target.external(args.url, args.key, args.home)
+            target.external(args.url, args.key, args.home, args.admin_key)
             if args.url
             else (target.start_private(progress))
         )
-        health = target.wait_ready(tgt.url, progress)
+        health = target.wait_ready(tgt.url, tgt.admin_key, progress)
         bench = Bench(tgt.url, tgt.key, args.quick, tgt.settings, args, tgt.private)
         meta["target"] = {"url": tgt.url, "private": tgt.private,
                           "instance": tgt.settings.instance_id}  # fmt: skip
@@ -137,7 +137,7 @@ def main(settings: Settings, args) -> int:
             for r in produced:
                 progress(f"  {r.name}: {_one_line(r)}")
             progress(f"  ({time.monotonic() - started:.1f} s)")
-        meta["templates_at_end"] = ready_templates(healthz_at(tgt.url)[1])
+        meta["templates_at_end"] = ready_templates(healthz_at(tgt.url, tgt.admin_key)[1])
         if meta["templates_at_end"] != meta["templates_at_start"]:
             meta["warning"] = (
                 "the snapshot template changed during the run (the guest image was rebuilt?): "

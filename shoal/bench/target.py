@@ -1,5 +1,5 @@
-"""The Shoal instance under test: one already running (--url, --key), or a private one started
-the way the integration tests start theirs (tests/integration/conftest.py): `shoal up
+"""The Shoal instance under test: one already running (--url, --key, --admin-key), or a private
+one started the way the integration tests start theirs (tests/integration/conftest.py): `shoal up
 --detach` with a temporary SHOAL_HOME and free ports, stopped with `shoal down` at the end.
 
 The private instance has a fixed instance id (`bench`), so its snapshot template (built by
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.bench.core import BenchError
-from shoal.ops.stack import free_port, healthz_at
+from shoal.ops.stack import ADMIN_KEY_FILE, DEV_KEY_FILE, free_port, healthz_at, read_admin_key
 from shoal.settings import REPO_ROOT, Settings, load
 
 INSTANCE = "bench"
@@ -47,6 +47,7 @@ class Target:
     settings: Settings
     private: bool
     env: dict[str, str] | None = None
+    admin_key: str = ""  # for /healthz's details (templates, accelerator)
     _lock_fd: int | None = None
 
     def stop(self, keep_home: bool = False) -> str:
@@ -104,7 +105,8 @@ def start_private(progress) -> Target:
     if up.returncode != 0:
         target.stop()
         raise BenchError("`shoal up` failed:\n" + (up.stdout + up.stderr)[-3000:])
-    target.key = (Path(home) / "dev-api-key").read_text().strip()
+    target.key = (Path(home) / DEV_KEY_FILE).read_text().strip()
+    target.admin_key = read_admin_key(target.settings)
     lift_tenant_limits(env)
     progress(f"private Shoal up in {time.monotonic() - started:.0f} s at {target.url}")
     return target
@@ -131,18 +133,22 @@ def lift_tenant_limits(env: dict[str, str]) -> None:
             raise BenchError(f"`shoal {' '.join(args)}` failed: {done.stderr[-1000:]}")
 
 
-def external(url: str, key: str, home: str) -> Target:
+def external(url: str, key: str, home: str, admin_key: str = "") -> Target:
     environ = dict(os.environ)
     if home:
         environ["SHOAL_HOME"] = home
     settings = load(environ)
     if not key:
-        path = Path(settings.home) / "dev-api-key"
+        path = Path(settings.home) / DEV_KEY_FILE
         try:
             key = path.read_text().strip()
         except OSError:
             raise BenchError(f"pass --key (no {path})") from None
-    return Target(url.rstrip("/"), key, settings, False)
+    admin_key = admin_key or read_admin_key(settings)
+    if not admin_key:
+        path = Path(settings.home) / ADMIN_KEY_FILE
+        raise BenchError(f"pass --admin-key (no {path}): /healthz's details need one")
+    return Target(url.rstrip("/"), key, settings, False, admin_key=admin_key)
 
 
 def templates_of(report: dict) -> dict[str, dict]:
@@ -152,12 +158,13 @@ def templates_of(report: dict) -> dict[str, dict]:
     return found
 
 
-def wait_ready(url: str, progress, timeout_s: float = TEMPLATE_TIMEOUT_S) -> dict:
-    """Wait for /healthz 200 and a ready snapshot template (else sessions cold boot)."""
+def wait_ready(url: str, admin_key: str, progress, timeout_s: float = TEMPLATE_TIMEOUT_S) -> dict:
+    """Wait for /healthz 200 and a ready snapshot template (else sessions cold boot); the
+    templates are in /healthz's admin view."""
     deadline = time.monotonic() + timeout_s
     said = 0.0
     while True:
-        status, report = healthz_at(url)  # the same check `shoal up` waits on
+        status, report = healthz_at(url, admin_key)  # the same check `shoal up` waits on
         states = {v.get("state") for v in templates_of(report).values()}
         if status == 200 and "ready" in states:
             return report

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from shoal import redis_conn, tenants
+from shoal import admin_keys, redis_conn, tenants
 from shoal.errors import ShoalError
 from shoal.ops import stack
 from shoal.settings import FIELDS, Settings, env_name, load
@@ -43,6 +43,16 @@ def _cmd_image_build(s: Settings, a: argparse.Namespace) -> int:
 
 
 def _cmd_keys_create(s: Settings, a: argparse.Namespace) -> int:
+    if a.admin == bool(a.tenant):
+        print("shoal: give either --tenant NAME or --admin", file=sys.stderr)
+        return 2
+    if a.admin:
+        key_id, key = admin_keys.create_admin_key(redis_conn.client(s))
+        print(
+            f"{key}\n(key id {key_id}, admin: /healthz's details and /metrics, no tenant's data; "
+            "shown once, only its hash is kept)"
+        )
+        return 0
     key_id, key = tenants.create_key(redis_conn.client(s), a.tenant)
     print(f"{key}\n(key id {key_id}, tenant {a.tenant}; shown once, only its hash is kept)")
     return 0
@@ -50,7 +60,8 @@ def _cmd_keys_create(s: Settings, a: argparse.Namespace) -> int:
 
 def _cmd_keys_list(s: Settings, a: argparse.Namespace) -> int:
     for row in tenants.list_keys(redis_conn.client(s)):
-        print(f"{row['key_id']}  tenant={row['tenant']}")
+        owner = f"tenant={row['tenant']}" if "tenant" in row else f"role={row.get('role', '?')}"
+        print(f"{row['key_id']}  {owner}")
     return 0
 
 
@@ -112,10 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
     build.set_defaults(func=_cmd_image_build)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
-    create = keys.add_parser("create", help="make an API key for a tenant")
-    create.add_argument("--tenant", required=True)
+    create = keys.add_parser("create", help="make an API key for a tenant, or an admin key")
+    who = create.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", help="the tenant the key acts for")
+    who.add_argument(
+        "--admin",
+        action="store_true",
+        help="an admin key: /healthz's details and /metrics, never a tenant's routes",
+    )
     create.set_defaults(func=_cmd_keys_create)
-    keys.add_parser("list", help="list key ids and tenants").set_defaults(func=_cmd_keys_list)
+    keys.add_parser("list", help="list key ids and their tenants (or role)").set_defaults(
+        func=_cmd_keys_list
+    )
     revoke = keys.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(func=_cmd_keys_revoke)

@@ -2,7 +2,9 @@
 
 Order of start: Redis (private unless SHOAL_REDIS_URL), virtlogd and libvirtd, the guest image
 (built when the cache has none for the current recipe), the worker, beat, the API over HTTP and
-HTTPS. `up` waits until /healthz says every part is up.
+HTTPS. `up` waits until /healthz says every part is up, reading its details with the instance's
+admin key (SHOAL_HOME/admin-api-key), and says plainly when guests run under TCG. With
+SHOAL_REQUIRE_KVM=1 it refuses to start where KVM is not usable, as the worker does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shoal import queue, redis_conn, secret_files, tenants
+from shoal import admin_keys, queue, redis_conn, secret_files, tenants
 from shoal.celery_app import CONTROL_QUEUE
 from shoal.keys import host_queue
 from shoal.ops import daemons, processes, tls
@@ -27,6 +29,8 @@ from shoal.settings import Settings
 # that an execution needs.
 COMPONENTS = ("api-tls", "api", "beat", "webhooks", "batches", "worker", "redis")
 HEALTH_TIMEOUT_S = 240
+DEV_KEY_FILE = "dev-api-key"
+ADMIN_KEY_FILE = "admin-api-key"
 
 
 class StartFailed(Exception):
@@ -129,13 +133,16 @@ def start_services(settings: Settings) -> None:
 
 
 def health(settings: Settings) -> tuple[int, dict]:
-    return healthz_at(endpoint(settings))
+    return healthz_at(endpoint(settings), read_admin_key(settings))
 
 
-def healthz_at(url: str) -> tuple[int, dict]:
-    """GET {url}/healthz: (status, report); (0, {}) when nothing answers."""
+def healthz_at(url: str, admin_key: str = "") -> tuple[int, dict]:
+    """GET {url}/healthz: (status, report); (0, {}) when nothing answers. Without an admin key
+    the report is only {"status": ...}."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    request = urllib.request.Request(url + "/healthz", headers=headers)
     try:
-        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
         try:
@@ -170,7 +177,7 @@ def _component_of(down: str) -> str:
 
 def dev_key(settings: Settings) -> str:
     """The development API key (tenant `dev`), made once and kept in SHOAL_HOME/dev-api-key."""
-    path = Path(settings.home) / "dev-api-key"
+    path = Path(settings.home) / DEV_KEY_FILE
     r = redis_conn.client(settings)
     if path.exists():
         key = path.read_text().strip()
@@ -179,6 +186,43 @@ def dev_key(settings: Settings) -> str:
     _, key = tenants.create_key(r, "dev")
     secret_files.write_secret(path, key + "\n")
     return key
+
+
+def admin_key(settings: Settings) -> str:
+    """The instance's admin key (shoal/admin_keys.py), made once and kept, 0600, in
+    SHOAL_HOME/admin-api-key; made anew when the one there is no longer valid (revoked, or a
+    new Redis)."""
+    path = Path(settings.home) / ADMIN_KEY_FILE
+    r = redis_conn.client(settings)
+    if path.exists():
+        key = secret_files.read_secret(path)
+        if admin_keys.is_admin(r, key):
+            return key
+    _, key = admin_keys.create_admin_key(r, note=f"made by `shoal up` for {path}")
+    secret_files.write_secret(path, key + "\n")
+    return key
+
+
+def read_admin_key(settings: Settings) -> str:
+    """The admin key `up` keeps in SHOAL_HOME ("" when there is none)."""
+    try:
+        return secret_files.read_secret(Path(settings.home) / ADMIN_KEY_FILE)
+    except OSError:
+        return ""
+
+
+def accelerator_lines(report: dict) -> list[str]:
+    """What /healthz's admin view says about each host's accelerator, one line per host."""
+    lines = []
+    for host, worker in sorted(report.get("workers", {}).items()):
+        accel = worker.get("accelerator")
+        if not accel:
+            continue
+        line = f"guests on {host} run under {accel['kind'].upper()} ({accel['reason']})"
+        if accel.get("warning"):
+            line += f"\n  WARNING: {accel['warning']}"
+        lines.append(line)
+    return lines
 
 
 def running(settings: Settings) -> bool:
@@ -198,13 +242,15 @@ def up(settings: Settings, detach: bool) -> int:
             _say(f"restarted {', '.join(restarted)}, which had stopped")
         return 0
     try:
-        _bring_up(settings)
+        report = _bring_up(settings)
     except StartFailed as exc:
         log = processes.log_file(settings, exc.component)
         print(f"shoal: failed to start {exc}\n--- last lines of {log} ---", file=sys.stderr)
         print(processes.tail(log), file=sys.stderr)
         stop_components(settings)
         return 1
+    for line in accelerator_lines(report):
+        _say(line)
     key = dev_key(settings)
     _print_welcome(settings, key)
     if detach:
@@ -212,18 +258,25 @@ def up(settings: Settings, detach: bool) -> int:
     return _stay_in_foreground(settings)
 
 
-def _bring_up(settings: Settings) -> None:
+def _bring_up(settings: Settings) -> dict:
+    """Start every part; /healthz's admin view once all are up."""
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     missing = daemons.missing_tools()
     if missing:
         raise StartFailed("up", f"missing programs {missing}: run ./scripts/up to install them")
     start_redis(settings)
+    admin_key(settings)  # before the services: the readiness wait reads /healthz's details
     _say(f"virtlogd {daemons.ensure_virtlogd()}")
     _say(f"libvirtd {daemons.ensure_libvirtd()}")
+    from workers.accel import required_kvm_refusal
+
+    refusal = required_kvm_refusal(settings)
+    if refusal:
+        raise StartFailed("worker", refusal)
     ensure_image(settings)
     start_services(settings)
     _say("waiting for /healthz ...")
-    wait_healthy(settings)
+    return wait_healthy(settings)
 
 
 def ensure_image(settings: Settings) -> None:
@@ -254,7 +307,8 @@ def _print_welcome(settings: Settings, key: str) -> None:
     )
     print(
         f"\nShoal is up.\n  Endpoint:  {url}{tls_line}\n"
-        f"  API key:   {key}  (also in {Path(settings.home) / 'dev-api-key'})\n"
+        f"  API key:   {key}  (also in {Path(settings.home) / DEV_KEY_FILE})\n"
+        f"  Admin key: in {Path(settings.home) / ADMIN_KEY_FILE} (/healthz details, /metrics)\n"
         f"  Logs:      {settings.logs_dir}/\n\nRun print(1+1) in a new session:\n{curl}\n",
         flush=True,
     )

@@ -35,6 +35,14 @@ class Stack:
     def headers(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.key}"}
 
+    @property
+    def admin_key(self) -> str:
+        """The instance's admin key, kept by `shoal up` (/healthz's details, /metrics)."""
+        return (self.home / "admin-api-key").read_text().strip()
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
     def shoal(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
             [*SHOAL, *args], env=self.env, cwd=REPO, capture_output=True, text=True, check=check

@@ -11,7 +11,7 @@ from tests.integration.conftest import Stack
 
 
 def test_healthz_reports_every_part_up(stack: Stack) -> None:
-    response = requests.get(f"{stack.url}/healthz", timeout=10)
+    response = requests.get(f"{stack.url}/healthz", headers=stack.admin_headers(), timeout=10)
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["redis"]["up"] and report["beat"]["up"]

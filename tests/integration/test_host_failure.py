@@ -43,7 +43,7 @@ def test_killed_worker_is_reported_its_execution_lost_and_it_rejoins(stack: Stac
     killed_at = time.monotonic()
 
     def health_names_worker():
-        response = requests.get(f"{stack.url}/healthz", timeout=5)
+        response = requests.get(f"{stack.url}/healthz", headers=stack.admin_headers(), timeout=5)
         return response.status_code == 503 and "worker testhost" in response.json()["down"]
 
     wait_until(health_names_worker, 30)

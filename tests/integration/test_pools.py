@@ -54,7 +54,7 @@ def test_a_ready_vm_is_taken_and_the_pool_refills(stack: Stack) -> None:
     assert stack.execute(session_id, "1 + 1")["result"]["text/plain"] == "2"
     wait_until(lambda: pool_counts(stack, "default")["ready"] == 2, 60)
     requests.delete(f"{stack.url}/v1/sessions/{session_id}", headers=stack.headers(), timeout=30)
-    text = requests.get(f"{stack.url}/metrics", timeout=10).text
+    text = requests.get(f"{stack.url}/metrics", headers=stack.admin_headers(), timeout=10).text
     assert 'shoal_session_acquisitions_total{pool="default",source="ready"}' in text
     assert 'shoal_vms{host="testhost",pool="default",state="ready"} 2' in text
     assert "shoal_execution_seconds_bucket" in text

@@ -77,7 +77,7 @@ def test_a_tenant_past_its_byte_cap_gets_429_while_another_goes_on(stack: Stack,
 
         # /healthz: Redis's memory against its maxmemory, the tenants' bytes against their
         # share; a tenant at its cap is not an outage.
-        health = requests.get(f"{stack.url}/healthz", timeout=10)
+        health = requests.get(f"{stack.url}/healthz", headers=stack.admin_headers(), timeout=10)
         assert health.status_code == 200, health.text
         memory = health.json()["redis"]["memory"]
         settings = load(stack.env)

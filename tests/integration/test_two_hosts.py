@@ -35,7 +35,7 @@ def start_second_worker(stack: Stack) -> subprocess.Popen:
 
 
 def health(stack: Stack) -> dict:
-    return requests.get(f"{stack.url}/healthz", timeout=10).json()
+    return requests.get(f"{stack.url}/healthz", headers=stack.admin_headers(), timeout=10).json()
 
 
 def session(stack: Stack, session_id: str) -> dict:

@@ -6,7 +6,7 @@ import fakeredis
 import pytest
 
 from api.app import create_app
-from shoal import sessions, tenants
+from shoal import admin_keys, sessions, tenants
 from shoal.pools import Pool
 from shoal.settings import Settings
 
@@ -26,6 +26,11 @@ def client(app):
 @pytest.fixture()
 def key(app) -> str:
     return tenants.create_key(app.extensions["shoal"].redis, "acme")[1]
+
+
+@pytest.fixture()
+def admin(app) -> dict[str, str]:
+    return auth(admin_keys.create_admin_key(app.extensions["shoal"].redis)[1])
 
 
 def auth(key: str) -> dict[str, str]:
@@ -128,10 +133,10 @@ def test_no_live_host_is_503(client, key) -> None:
     assert_error(response, 503, "NoHostAvailable")
 
 
-def test_healthz_names_what_is_down(app, client) -> None:
+def test_healthz_names_what_is_down(app, client, admin) -> None:
     r = app.extensions["shoal"].redis
     r.sadd("shoal:hosts", "h1")
-    response = client.get("/healthz")
+    response = client.get("/healthz", headers=admin)
     assert response.status_code == 503
     assert "worker h1" in response.get_json()["down"]
     assert "beat" in response.get_json()["down"]
@@ -146,7 +151,7 @@ def test_openapi_document_is_served(client) -> None:
     assert "/v1/sessions/{session_id}/executions" in spec["paths"]
 
 
-def test_metrics_are_prometheus_text(app, client) -> None:
+def test_metrics_are_prometheus_text(app, client, admin) -> None:
     from shoal import metrics
 
     r = app.extensions["shoal"].redis
@@ -154,7 +159,7 @@ def test_metrics_are_prometheus_text(app, client) -> None:
     metrics.observe(r, "shoal_execution_seconds", 0.004, pool="default")
     metrics.observe(r, "shoal_execution_seconds", 0.02, pool="default")
     metrics.observe(r, "shoal_execution_seconds", 500, pool="default")
-    text = client.get("/metrics").get_data(as_text=True)
+    text = client.get("/metrics", headers=admin).get_data(as_text=True)
     assert 'shoal_session_acquisitions_total{pool="default",source="ready"} 1' in text
     # Cumulative buckets, as Prometheus reads them.
     assert 'shoal_execution_seconds_bucket{le="0.005",pool="default"} 1' in text

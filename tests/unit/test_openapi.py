@@ -16,7 +16,7 @@ from shoal.executions import new_record
 from shoal.use_cases import pools as pool_cases
 from tests.unit.fakes import unit_context, unit_settings
 
-UNDOCUMENTED = {"static", "health.healthz", "health.prometheus_metrics"}
+UNDOCUMENTED = {"static", "health.healthz", "health.prometheus_metrics", "docs.page", "docs.asset"}
 
 
 @pytest.fixture(scope="module")

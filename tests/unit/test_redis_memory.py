@@ -14,7 +14,7 @@ import fakeredis
 import pytest
 
 from api.app import create_app
-from shoal import batches, executions, keys, leases, queue, storage, tenants, webhooks
+from shoal import admin_keys, batches, executions, keys, leases, queue, storage, tenants, webhooks
 from shoal.errors import StorageFull, TenantStorageFull
 from shoal.settings import DEFAULT_REDIS_MAXMEMORY_CAP, load, physical_memory_bytes
 from shoal.use_cases import batches as batch_cases
@@ -357,6 +357,10 @@ def test_items_of_a_tenant_past_its_cap_end_with_the_reason_and_finished_ones_ar
 
 
 # --- /healthz --------------------------------------------------------------------------------
+def admin_headers(r) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_keys.create_admin_key(r)[1]}"}
+
+
 class RedisWithInfo(fakeredis.FakeRedis):
     memory: dict = {}
 
@@ -382,7 +386,7 @@ def test_healthz_reports_memory_and_is_degraded_only_at_maxmemory(used, status, 
     # Tenants at their whole share: refused by design, not an outage.
     storage.charge(c.redis, "acme", [("exec:x", c.settings.tenants_redis_bytes, 600)])
 
-    response = app.test_client().get("/healthz")
+    response = app.test_client().get("/healthz", headers=admin_headers(c.redis))
     assert response.status_code == status, response.get_json()
     memory = response.get_json()["redis"]["memory"]
     assert memory["used_bytes"] == used and memory["max_bytes"] == 256 * MIB
@@ -401,10 +405,11 @@ def test_healthz_says_when_redis_is_unbounded_or_evicts() -> None:
     publish_heartbeat(c.redis)
     c.redis.set(keys.beat_heartbeat(), f"{time.time():.3f}")
     c.redis.memory = {"used_memory": MIB, "maxmemory": 0, "maxmemory_policy": "noeviction"}
-    memory = app.test_client().get("/healthz").get_json()["redis"]["memory"]
+    admin = admin_headers(c.redis)
+    memory = app.test_client().get("/healthz", headers=admin).get_json()["redis"]["memory"]
     assert memory["full"] is False and "no maxmemory" in memory["notes"][0]
     c.redis.memory = {"used_memory": MIB, "maxmemory": MIB << 10, "maxmemory_policy": "allkeys-lru"}
-    notes = app.test_client().get("/healthz").get_json()["redis"]["memory"]["notes"]
+    notes = app.test_client().get("/healthz", headers=admin).get_json()["redis"]["memory"]["notes"]
     assert "SHOAL_REDIS_MAXMEMORY_MIB" in notes[0] and "allkeys-lru" in notes[1]
 
 
