@@ -202,7 +202,7 @@ class VMManager:
             log.warning("vm=%s template lookup failed: %s", vm_id, exc)
         # A leftover of an earlier attempt for the same VM (a retried task): start afresh.
         domains.teardown(name, paths)
-        dom.make_dirs(paths.dir, Path(self.settings.vm_dir))
+        identity = domains.claim(paths.dir)
         timings: dict[str, float] = {}
         uuid = str(uuidlib.uuid4())
         metadata = {
@@ -223,6 +223,7 @@ class VMManager:
                         template,
                         {**metadata, "restored": "1", "template": template.key},
                         timings,
+                        identity,
                     )
                     restored = True
                 except (VMError, OSError) as exc:
@@ -236,7 +237,7 @@ class VMManager:
                     )
                     self.templates.forget(template.key, str(exc))
                     domains.teardown(name, paths)
-                    dom.make_dirs(paths.dir, Path(self.settings.vm_dir))
+                    identity = domains.claim(paths.dir)
                     timings.clear()
             if agent is None:
                 agent = domains.boot(
@@ -248,6 +249,7 @@ class VMManager:
                     artifacts,
                     {**metadata, "restored": "0"},
                     timings,
+                    identity,
                 )
             if not restored:
                 agent.reseed(identity=vm_id)  # a booted guest has fresh entropy already
@@ -403,6 +405,12 @@ class VMManager:
                 "reconnects": self.libvirt.reconnects,
             },
             "cpu_quota": {**probes.cpu_controller().as_dict(), "verified": probes.quota_verified},
+            "vm_limits": probes.limits_status(),
+            "vm_uids": {
+                "first": self.settings.vm_uid_base,
+                "count": self.settings.vm_uid_count,
+                "relabel": "no (Shoal owns each VM's files; workers/vm_identity.py)",
+            },
             "qemu_seccomp_sandbox": seccomp_sandbox_setting(),
             "templates": self.templates.status(),
             "vms": len(self._vms),
