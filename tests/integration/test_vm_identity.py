@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from workers.cgroups import probe_controller
 
 pytestmark = pytest.mark.guest
 
+# The probe runs as a VM's uid, which cannot reach an interpreter under /root (0700).
+SYSTEM_PYTHON = "/usr/bin/python3"
 # Runs as a VM's uid: tries each (path, how) and says what happened.
 PROBE = r"""
 import errno, json, os, socket, sys
@@ -54,6 +55,7 @@ print(json.dumps(results))
 
 @dataclass
 class LiveVM:
+    session_id: str
     name: str
     pid: int
     uid: int
@@ -82,12 +84,12 @@ def _live_vm(stack: Stack, settings: Settings, session_id: str) -> LiveVM:
     ).stdout
     uids, gids = _ids(pid, "Uid"), _ids(pid, "Gid")
     assert len(set(uids)) == 1 and len(set(gids)) == 1, (uids, gids)  # real = effective = saved
-    return LiveVM(name, pid, uids[0], gids[0], dom.vm_paths(settings, key), xml)
+    return LiveVM(session_id, name, pid, uids[0], gids[0], dom.vm_paths(settings, key), xml)
 
 
 def _as_uid(uid: int, gid: int, checks: list[tuple[Path, str]]) -> dict[str, str]:
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps([(str(p), how) for p, how in checks])],
+        [SYSTEM_PYTHON, "-c", PROBE, json.dumps([(str(p), how) for p, how in checks])],
         user=uid,
         group=gid,
         extra_groups=[],
@@ -222,3 +224,53 @@ def test_the_worker_reports_the_limit_controllers(two_vms) -> None:
     assert limits["controllers"]["pids"]["available"] is True
     assert limits["last_vm"]["memory"].endswith("memory.limit_in_bytes")
     assert limits["last_vm"]["pids"].endswith("pids.max")
+
+
+# Reads the root file system through the guest's page cache until the guest has used all of
+# its memory: QEMU's resident memory then approaches guest memory + its own, the most a guest
+# can make it hold without breaking out.
+FILL_GUEST_MEMORY = """
+import os
+n = 0
+for root, _dirs, files in os.walk('/usr'):
+    for name in files:
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            continue
+        try:
+            with open(path, 'rb') as f:
+                while chunk := f.read(1 << 20):
+                    n += len(chunk)
+        except OSError:
+            pass
+        if n > 900 << 20:
+            break
+    if n > 900 << 20:
+        break
+print(n >> 20)
+"""
+
+
+def test_a_guest_using_all_its_memory_stays_within_the_limit(stack: Stack, two_vms) -> None:
+    settings, one, _two = two_vms
+    session_id = one.session_id
+    started = time.monotonic()
+    answer = stack.execute(session_id, FILL_GUEST_MEMORY, timeout_s=200)
+    assert answer["status"] == "ok", answer
+    memory = _cgroup_dir(one.pid, "memory")
+    peak = int((memory / "memory.max_usage_in_bytes").read_text())
+    limit = int((memory / "memory.limit_in_bytes").read_text())
+    rss_kib = int(
+        next(
+            x
+            for x in Path(f"/proc/{one.pid}/status").read_text().splitlines()
+            if x.startswith("VmRSS:")
+        ).split()[1]
+    )
+    print(
+        f"read {answer['stdout'].strip()} MiB in the guest in {time.monotonic() - started:.0f} s: "
+        f"QEMU RSS {rss_kib >> 10} MiB, cgroup peak {peak >> 20} MiB (page cache included), "
+        f"limit {limit >> 20} MiB"
+    )
+    assert Path(f"/proc/{one.pid}").exists()  # not OOM-killed
+    assert stack.execute(session_id, "print('alive')")["stdout"] == "alive\n"
