@@ -50,6 +50,7 @@ from workers.reconcile import reconcile as reconcile_domains
 from workers.template_builder import TemplateBuilder
 from workers.vm_domains import CONNECT_ATTEMPT_S, DomainOps, lookup
 from workers.vm_errors import AgentRefused, VMError, VMLost
+from workers.vm_identity import kvm_device_problem
 from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 
 log = logging.getLogger("shoal.vm")
@@ -419,4 +420,6 @@ class VMManager:
             result["accel"] = probes.accel().as_dict()
         except VMError as exc:
             result["accel"] = {"kind": "unknown", "reason": exc.message}
+        if result["accel"]["kind"] == "kvm":
+            result["vm_uids"]["kvm_device"] = kvm_device_problem() or "open to every VM uid"
         return result

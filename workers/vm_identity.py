@@ -194,3 +194,18 @@ def ensure_libvirt_dirs(lib_dir: Path = LIBVIRT_QEMU_LIB) -> None:
         mode = stat.S_IMODE(lib_dir.stat().st_mode)
         if not mode & 0o001:
             os.chmod(lib_dir, mode | 0o001)
+
+
+def kvm_device_problem(device: Path = Path("/dev/kvm")) -> str | None:
+    """Under KVM each QEMU must open /dev/kvm, and the per-VM uids are in no `kvm` group: the
+    device must be open to all (0666, systemd's default). What is wrong, or None."""
+    try:
+        mode = stat.S_IMODE(device.stat().st_mode)
+    except OSError as exc:
+        return f"{device}: {exc.strerror}"
+    if mode & 0o006 != 0o006:
+        return (
+            f"{device} is mode {mode:o}: QEMU under a per-VM uid (in no kvm group) cannot open "
+            "it; make it 0666"
+        )
+    return None

@@ -31,6 +31,7 @@ from workers.cgroups import (
     remove_vm_groups,
 )
 from workers.vm_errors import VMError
+from workers.vm_identity import kvm_device_problem
 
 log = logging.getLogger("shoal.vm")
 
@@ -76,6 +77,9 @@ class HostProbes:
                 offers_kvm = accel_mod.libvirt_offers_kvm(caps)
             self._accel = accel_mod.detect(self.settings.accel, offers_kvm)
             log.info("accelerator: %s (%s)", self._accel.kind, self._accel.reason)
+            problem = kvm_device_problem() if self._accel.kind == "kvm" else None
+            if problem:
+                log.error("%s", problem)
         return self._accel
 
     def cpu_controller(self) -> CpuControllerProbe:

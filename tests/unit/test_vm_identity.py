@@ -209,3 +209,13 @@ def test_cgroup_v2_limits_the_domain_group_above_emulator(tmp_path: Path) -> Non
     assert pids.version == "v2"
     assert cgroups.apply_vm_limit(5, "vm", pids, 128, str(proc)) == str(domain_group / "pids.max")
     assert (domain_group / "pids.max").read_text() == "128"
+
+
+def test_a_kvm_device_closed_to_other_users_is_named(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    device.write_bytes(b"")
+    os.chmod(device, 0o660)
+    assert "make it 0666" in vm_identity.kvm_device_problem(device)
+    os.chmod(device, 0o666)
+    assert vm_identity.kvm_device_problem(device) is None
+    assert "No such file" in vm_identity.kvm_device_problem(tmp_path / "none")
