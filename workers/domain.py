@@ -7,9 +7,10 @@ character); a snapshot template's is `t` and 11 hex digits. A template and its c
 have names of the same length, which the save-image rewrite in workers/templates.py needs.
 
 Files. Each VM owns one directory, <instance_vm_dir>/vms/<key>/, holding its data disk overlay,
-its agent socket and its console log; the directory is 0700 and belongs to the VM's own uid
-(workers/vm_identity.py), its files are 0600; destroying the VM removes the directory. Every
-directory above it is 0711 and root's, so each VM's QEMU can traverse to its own.
+its agent socket and its console log; the directory is root's with the VM's own gid, 0710 (the
+VM may enter it but not change its entries, workers/vm_identity.py), its files are the VM's
+uid's, 0600; destroying the VM removes the directory. Every directory above it is 0711 and
+root's, so each VM's QEMU can traverse to its own.
 
 XML. `domain_xml()` builds the whole definition from a `DomainSpec`; `retarget_xml()` turns a
 template's saved definition into a clone's (name, uuid, disk, socket, console, metadata, and

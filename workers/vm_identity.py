@@ -16,19 +16,22 @@ every path of the domain alone and only chowns its own per-domain directory
 (/var/lib/libvirt/qemu/domain-N-*, master-key.aes) to the domain's uid; that directory's
 parent is 0750 libvirt-qemu, so it must be traversable (`ensure_libvirt_dirs`: o+x, names
 only). Shoal itself then sets what the VM may open:
-- its directory <instance_vm_dir>/vms/<key>/, 0700, owned by the VM's uid, and in it the
-  data disk overlay (0600, its uid); the agent socket and the console log are opened by
-  libvirtd and virtlogd (root) and handed to QEMU as descriptors, and are made 0600 and the
-  VM's own once the domain is up;
+- its directory <instance_vm_dir>/vms/<key>/: root's, group the VM's gid, 0710. Only that VM
+  (and root) may enter it, and not even that VM may add, remove or rename an entry: an escaped
+  QEMU cannot swap its agent socket or console log for a link to another VM's, which the host
+  (root) would then follow. In it the data disk overlay (0600, the VM's uid); the agent socket
+  and the console log are opened by libvirtd and virtlogd (root) and handed to QEMU as
+  descriptors, and are made 0600 and the VM's own once the domain is up;
 - the guest image (kernel, initramfs, root file system) and a template's files: root-owned,
   0644 (the data disk QEMU reads as a backing file) or 0600 (the save image: libvirtd reads it
   as root and streams it to QEMU through a pipe); directories above them 0711.
 A process running as one VM's uid can therefore open nothing of another VM's and no shared file
 for writing (tests/integration/test_vm_identity.py proves it on real VMs).
 
-Allocation. A uid is in use while a VM directory (or a template build directory) owned by it
-exists under SHOAL_VM_DIR, or while any process runs under it. `claim_dir` picks the lowest uid
-of the range used by neither and chowns the new directory to it in one step, under a flock
+Allocation. A uid is in use while a VM directory (or a template build directory) whose group
+is its gid exists under SHOAL_VM_DIR, or while any process runs under it. `claim_dir` picks the
+lowest uid of the range used by neither and gives the new directory its gid in one step, under
+a flock
 shared by every process on the host using the same SHOAL_VM_DIR. The directory is the lease:
 it outlives the domain (teardown destroys the domain first and removes the directory after), so
 a uid is free again only once nothing of its last VM is left. Nothing is kept in memory, so
@@ -50,7 +53,7 @@ from shoal.settings import Settings
 
 LIBVIRT_QEMU_LIB = Path("/var/lib/libvirt/qemu")
 LOCK_NAME = ".vm-uids.lock"
-VM_DIR_MODE = 0o700
+VM_DIR_MODE = 0o710  # root's; the VM's gid may enter it
 VM_FILE_MODE = 0o600
 SHARED_READ_MODE = 0o644
 
@@ -100,15 +103,15 @@ def uid_range(settings: Settings) -> range:
     return range(settings.vm_uid_base, settings.vm_uid_base + settings.vm_uid_count)
 
 
-def _dir_owners(vm_dir: Path) -> set[int]:
-    """Owners of every VM directory and template build directory under SHOAL_VM_DIR
-    (all instances sharing it): <vm_dir>/<instance>/vms/* and .../templates/.building-*."""
-    owners: set[int] = set()
+def _dir_groups(vm_dir: Path) -> set[int]:
+    """Groups of every VM directory and template build directory under SHOAL_VM_DIR (all
+    instances sharing it): <vm_dir>/<instance>/vms/* and .../templates/.building-*."""
+    groups: set[int] = set()
     for pattern in ("*/vms/*", "*/templates/.building-*"):
         for path in vm_dir.glob(pattern):
             with contextlib.suppress(OSError):
-                owners.add(path.lstat().st_uid)
-    return owners
+                groups.add(path.lstat().st_gid)
+    return groups
 
 
 def _process_uids(proc: Path = Path("/proc")) -> set[int]:
@@ -150,25 +153,15 @@ def pick_uid(candidates: range, used: Iterable[int]) -> int:
 
 
 def claim_dir(settings: Settings, directory: Path, proc: Path = Path("/proc")) -> VMIdentity:
-    """Create `directory` (0700) owned by a uid no other VM on this host holds; its identity.
-
-    `directory` must be new or empty of other owners' files: an existing one is taken over."""
+    """Create `directory` (root's, 0710) for a uid no other VM on this host holds, its group
+    that uid's gid; the identity. An existing `directory` is taken over."""
     vm_dir = Path(settings.vm_dir)
     with _host_lock(vm_dir):
-        uid = pick_uid(uid_range(settings), _dir_owners(vm_dir) | _process_uids(proc))
+        uid = pick_uid(uid_range(settings), _dir_groups(vm_dir) | _process_uids(proc))
         directory.mkdir(mode=VM_DIR_MODE, exist_ok=True)
-        os.chown(directory, uid, uid)
+        os.chown(directory, 0, uid)
         os.chmod(directory, VM_DIR_MODE)
     return VMIdentity(uid, uid)
-
-
-def owner_of(directory: Path) -> VMIdentity | None:
-    """The identity a claimed VM directory belongs to (None if missing or root's)."""
-    try:
-        st = directory.stat()
-    except OSError:
-        return None
-    return VMIdentity(st.st_uid, st.st_gid) if st.st_uid else None
 
 
 def give(path: Path, identity: VMIdentity, mode: int = VM_FILE_MODE) -> None:

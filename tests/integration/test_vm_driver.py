@@ -123,7 +123,7 @@ def test_cold_boot(settings, manager):
         assert cmdline[cmdline.index(b"-sandbox") + 1].startswith(b"on")
         uid = int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
         assert uid in range(settings.vm_uid_base, settings.vm_uid_base + settings.vm_uid_count)
-        assert vm.paths.dir.stat().st_uid == uid
+        assert vm.paths.dir.stat().st_gid == uid
         status = manager.status()
         assert status["accel"]["kind"] in ("tcg", "kvm")
         if status["cpu_quota"]["available"]:

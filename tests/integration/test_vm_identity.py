@@ -141,8 +141,9 @@ def test_each_vm_runs_under_its_own_uid(two_vms) -> None:
         seclabel = ET.fromstring(vm.xml).find("seclabel[@model='dac']")
         assert seclabel.get("relabel") == "no"
         assert seclabel.findtext("label") == f"+{vm.uid}:+{vm.gid}"
-        # Its directory and files are its own and nobody else's.
-        assert (vm.paths.dir.stat().st_uid, vm.paths.dir.stat().st_mode & 0o777) == (vm.uid, 0o700)
+        # Its directory: root's, entered by its gid alone; its files: its own, nobody else's.
+        st = vm.paths.dir.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, vm.gid, 0o710)
         for path in (vm.paths.data_disk, vm.paths.socket, vm.paths.console_log):
             st = path.stat()
             assert (st.st_uid, st.st_mode & 0o777) == (vm.uid, 0o600), path
@@ -162,7 +163,7 @@ def test_a_vm_uid_opens_nothing_of_another_vm_and_no_shared_file_for_writing(two
     shared = [*_image_files(settings), template_disk, template_state]
     writes = [(path, how) for path in shared for how in ("write", "readwrite")]
     needed = [(path, "read") for path in [*_image_files(settings), template_disk]]
-    own = [(one.paths.data_disk, "readwrite"), (one.paths.dir, "list")]
+    own = [(one.paths.data_disk, "readwrite"), (one.paths.console_log, "read")]
     results = _as_uid(one.uid, one.gid, [*theirs, *writes, *needed, *own])
     print(json.dumps(results, indent=1))
     for path, how in [*theirs, *writes]:

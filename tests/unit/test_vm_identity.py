@@ -37,11 +37,11 @@ def test_claims_skip_uids_held_by_directories_and_processes(tmp_path: Path) -> N
     first.parent.mkdir(parents=True)
     assert vm_identity.claim_dir(s, first, proc) == VMIdentity(900000, 900000)
     st = first.stat()
-    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (900000, 900000, 0o700)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 900000, 0o710)
     # Another instance sharing SHOAL_VM_DIR, and a template build in progress, hold theirs.
     other = tmp_path / "vm" / "b" / "templates" / ".building-t0"
     other.mkdir(parents=True)
-    os.chown(other, 900002, 900002)
+    os.chown(other, 0, 900002)
     second = first.parent / "k2"
     assert vm_identity.claim_dir(s, second, proc).uid == 900003
     with pytest.raises(vm_identity.NoFreeUid):
