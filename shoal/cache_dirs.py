@@ -1,8 +1,9 @@
 """Directories in Shoal's cache that QEMU reads, and the lock under which one is filled.
 
-QEMU runs as libvirt-qemu, so every directory from the cache down to a disk or an image file must
-be traversable by other users. Both the data disk (shoal/data_disk.py, made at run time by the
-worker) and the image builder (shoal/ops/) make such directories, so this is in the core.
+QEMU runs under a uid of its own per VM (workers/vm_identity.py), so every directory from the
+cache down to a disk or an image file must be traversable by other users. Both the data disk
+(shoal/data_disk.py, made at run time by the worker) and the image builder (shoal/ops/) make
+such directories, so this is in the core.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from shoal.images import ImageBuildError
 
 
 def mkdir_public(path: Path, top: Path) -> None:
-    """Make path (under top, ours) traversable by QEMU, which runs as user libvirt-qemu.
+    """Make path (under top, ours) traversable by QEMU, which runs under per-VM uids.
 
     Directories from top down are made 0755; one above top that others cannot enter is an error
     (it is not ours to change).
@@ -32,7 +33,7 @@ def mkdir_public(path: Path, top: Path) -> None:
             raise ImageBuildError(
                 "cache",
                 f"{p} is not traversable by other users (mode {oct(mode & 0o777)}); QEMU "
-                f"runs as libvirt-qemu and needs o+rx on every directory above {path}",
+                f"runs under per-VM uids and needs o+rx on every directory above {path}",
             )
 
 

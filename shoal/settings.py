@@ -66,6 +66,30 @@ class Settings:
     data_disk_mib: int = field(default=1024, metadata={"doc": "/mnt/data size"})
     tmp_mib: int = field(default=256, metadata={"doc": "/tmp size in the guest"})
     tb_cache_mib: int = field(default=64, metadata={"doc": "TCG translation cache per VM"})
+    # --- per-VM identity and limits on the host (docs/security.md, docs/limits.md) ---------
+    vm_uid_base: int = field(
+        default=900000, metadata={"doc": "first uid (and gid) of the per-VM range"}
+    )
+    vm_uid_count: int = field(
+        default=10000, metadata={"doc": "uids in the per-VM range: live VMs a host may hold"}
+    )
+    vm_cpu_cap: float = field(
+        default=0.0,
+        metadata={"doc": "cores one VM's QEMU may use, when its spec sets none (0: its vCPUs)"},
+    )
+    vm_memory_overhead_mib: int = field(
+        default=256,
+        metadata={"doc": "QEMU's memory cgroup limit: guest memory + TCG cache + this"},
+    )
+    vm_pids_max: int = field(
+        default=256, metadata={"doc": "threads one VM's QEMU may have (pids cgroup)"}
+    )
+    vm_disk_bytes_per_s: int = field(
+        default=100 << 20, metadata={"doc": "data disk I/O per VM, bytes/s (0: no cap)"}
+    )
+    vm_disk_iops: int = field(
+        default=2000, metadata={"doc": "data disk I/O per VM, operations/s (0: no cap)"}
+    )
     agent_ready_timeout_s: float = field(
         default=120.0, metadata={"doc": "boot or restore to agent ready"}
     )
@@ -190,6 +214,21 @@ class Settings:
                 raise SystemExit(f"{env_name(name)} must be above 0")
         if self.redis_maxmemory_mib < 0:
             raise SystemExit(f"{env_name('redis_maxmemory_mib')} must be 0 (the default) or above")
+        if self.vm_uid_base < 1000 or self.vm_uid_base + self.vm_uid_count > 2**32 - 2:
+            raise SystemExit(
+                f"{env_name('vm_uid_base')} must be at least 1000, and the range must end "
+                "below 4294967294"
+            )
+        if self.vm_cpu_cap < 0 or self.vm_memory_overhead_mib < 0:
+            raise SystemExit(
+                f"{env_name('vm_cpu_cap')} and {env_name('vm_memory_overhead_mib')} must be 0 "
+                "or above"
+            )
+        if self.vm_disk_bytes_per_s < 0 or self.vm_disk_iops < 0:
+            raise SystemExit(
+                f"{env_name('vm_disk_bytes_per_s')} and {env_name('vm_disk_iops')} must be 0 "
+                "(no cap) or above"
+            )
         if not 1 <= self.redis_tenants_pct <= 95:
             raise SystemExit(f"{env_name('redis_tenants_pct')} must be between 1 and 95")
         api_threads = self.api_workers * self.api_threads
@@ -258,6 +297,8 @@ POSITIVE = (
     "session_max_pending",
     "tenant_max_pending",
     "tenant_max_redis_mib",
+    "vm_uid_count",
+    "vm_pids_max",
 )
 
 

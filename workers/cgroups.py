@@ -9,6 +9,7 @@ carries a quota (the domain's scheduler parameters then include `global_quota`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -60,3 +61,125 @@ def probe_cpu_controller(mounts_path: str = "/proc/self/mounts") -> CpuControlle
     return CpuControllerProbe(
         False, "", "no cgroup cpu controller is mounted: CPU quotas cannot be applied"
     )
+
+
+# --- memory and pids limits per VM --------------------------------------------------------------
+#
+# libvirt's <memtune><hard_limit> also raises QEMU's RLIMIT_MEMLOCK to the limit, which needs
+# CAP_SYS_RESOURCE; where libvirtd lacks it (our machines: "cannot limit locked memory ...
+# Operation not permitted") the domain does not start at all. libvirt has no XML for pids.
+# So both limits are written into the cgroup files of the running (still paused) QEMU, by the
+# worker, which needs nothing but the controllers:
+# - cgroup v1: libvirt (without systemd) puts QEMU into machine/qemu-N-<name>.libvirt-qemu of
+#   the memory controller, but leaves it in the root group of pids. A limit goes into the group
+#   the process is in; a process still in the root group is first moved into a group of ours,
+#   <mount>/shoal/<domain name>, which `remove_vm_groups` deletes once QEMU is gone.
+# - cgroup v2: the limit goes into the domain's group (the parent of libvirt's `emulator`
+#   group), when the controller is enabled there.
+# A controller that is missing is reported (status, log), never an error.
+
+LIMIT_CONTROLLERS = ("memory", "pids")
+LIMIT_FILES = {
+    ("memory", "v1"): "memory.limit_in_bytes",
+    ("memory", "v2"): "memory.max",
+    ("pids", "v1"): "pids.max",
+    ("pids", "v2"): "pids.max",
+}
+OWN_GROUP = "shoal"
+
+
+@dataclass(frozen=True)
+class ControllerProbe:
+    controller: str
+    available: bool
+    version: str  # "v1", "v2" or ""
+    mount: str
+    detail: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def probe_controller(controller: str, mounts_path: str = "/proc/self/mounts") -> ControllerProbe:
+    """Where `controller` is mounted (a v1 hierarchy of its own, or enabled in cgroup v2)."""
+    mounts = _mounts(mounts_path)
+    for point, fstype, options in mounts:
+        if fstype == "cgroup" and controller in options:
+            return ControllerProbe(
+                controller, True, "v1", point, f"cgroup v1 {controller} controller at {point}"
+            )
+    for point, fstype, _options in mounts:
+        if fstype != "cgroup2":
+            continue
+        try:
+            with open(os.path.join(point, "cgroup.controllers")) as f:
+                enabled = f.read().split()
+        except OSError:
+            continue
+        if controller in enabled:
+            return ControllerProbe(
+                controller, True, "v2", point, f"cgroup v2 {controller} controller at {point}"
+            )
+    return ControllerProbe(
+        controller,
+        False,
+        "",
+        "",
+        f"no cgroup {controller} controller is mounted: VMs run without a {controller} limit",
+    )
+
+
+def _process_group(pid: int, probe: ControllerProbe, proc: str) -> str | None:
+    """The group (path inside its hierarchy) process `pid` is in for `probe`'s controller."""
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _hid, controllers, path = line.split(":", 2)
+        if probe.version == "v1" and probe.controller in controllers.split(","):
+            return path
+        if probe.version == "v2" and controllers == "":
+            return path
+    return None
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def apply_vm_limit(
+    pid: int, group_name: str, probe: ControllerProbe, value: int, proc: str = "/proc"
+) -> str:
+    """Limit process `pid` (a QEMU, with its threads) to `value` in `probe`'s controller.
+
+    Returns the limit file written; raises OSError (or ValueError) when it cannot be done."""
+    if not probe.available:
+        raise ValueError(probe.detail)
+    limit_file = LIMIT_FILES[(probe.controller, probe.version)]
+    group = _process_group(pid, probe, proc)
+    if group is None:
+        raise ValueError(f"process {pid} is in no {probe.controller} group")
+    directory = os.path.join(probe.mount, group.lstrip("/"))
+    if os.path.basename(directory) == "emulator":
+        directory = os.path.dirname(directory)  # the domain's group: QEMU and its vCPUs
+    if group == "/":
+        if probe.version != "v1":
+            raise ValueError(f"QEMU is in the root group of cgroup v2 ({probe.mount})")
+        directory = os.path.join(probe.mount, OWN_GROUP, group_name)
+        os.makedirs(directory, exist_ok=True)
+        _write(os.path.join(directory, limit_file), str(value))
+        _write(os.path.join(directory, "cgroup.procs"), str(pid))
+    else:
+        _write(os.path.join(directory, limit_file), str(value))
+    return os.path.join(directory, limit_file)
+
+
+def remove_vm_groups(group_name: str, probes: list[ControllerProbe]) -> None:
+    """The groups `apply_vm_limit` made for a VM whose QEMU is gone (missing ones: nothing)."""
+    for probe in probes:
+        if probe.available and probe.version == "v1":
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(probe.mount, OWN_GROUP, group_name))

@@ -7,11 +7,14 @@ character); a snapshot template's is `t` and 11 hex digits. A template and its c
 have names of the same length, which the save-image rewrite in workers/templates.py needs.
 
 Files. Each VM owns one directory, <instance_vm_dir>/vms/<key>/, holding its data disk overlay,
-its agent socket and its console log; destroying the VM removes the directory. Every
-directory above it is 0711 so QEMU (user libvirt-qemu) can traverse it.
+its agent socket and its console log; the directory is root's with the VM's own gid, 0710 (the
+VM may enter it but not change its entries, workers/vm_identity.py), its files are the VM's
+uid's, 0600; destroying the VM removes the directory. Every directory above it is 0711 and
+root's, so each VM's QEMU can traverse to its own.
 
 XML. `domain_xml()` builds the whole definition from a `DomainSpec`; `retarget_xml()` turns a
-template's saved definition into a clone's (name, uuid, disk, socket, console, metadata).
+template's saved definition into a clone's (name, uuid, disk, socket, console, metadata, and
+its own uid: never the template's).
 
 What a guest gets, and why:
 - direct kernel boot (<kernel>, <initrd>, <cmdline>), no firmware disk boot;
@@ -31,12 +34,18 @@ What a guest gets, and why:
 - under TCG a translation cache of settings.tb_cache_mib (QEMU reserves 1 GiB otherwise);
 - crash, reboot and power-off all destroy the domain: a VM never comes back
   by itself with its state reset;
-- optional CPU cap: <cputune> global_period/global_quota (whole QEMU process), only where
-  the cgroup cpu controller exists (workers/cgroups.py).
-QEMU runs as the unprivileged libvirt-qemu user, inside QEMU's seccomp sandbox
-(qemu.conf seccomp_sandbox, 1 by default: `-sandbox on,obsolete=deny,elevateprivileges=deny,
-spawn=deny,resourcecontrol=deny`); both are libvirt defaults this module relies on, and the
-integration tests check both on a running VM.
+- a CPU cap: <cputune> global_period/global_quota (whole QEMU process; by default its vCPU
+  count, settings.vm_cpu_cap), only where the cgroup cpu controller exists
+  (workers/cgroups.py). Memory and pids limits have no XML that works here: the worker writes
+  them into the domain's cgroups (workers/cgroups.py, workers/vm_domains.py);
+- <iotune> on the writable data disk (settings.vm_disk_bytes_per_s, vm_disk_iops): QEMU
+  throttles it itself, without any cgroup;
+- <seclabel type='static' model='dac' relabel='no'> with the VM's own uid and gid
+  (workers/vm_identity.py says why relabel is off and who owns what).
+QEMU runs as that unprivileged per-VM uid, never libvirt-qemu or root, inside QEMU's seccomp
+sandbox (qemu.conf seccomp_sandbox, 1 by default: `-sandbox on,obsolete=deny,
+elevateprivileges=deny,spawn=deny,resourcecontrol=deny`, a libvirt default this module relies
+on); the integration tests check both on running VMs.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from pathlib import Path
 
 from shoal.protocol import CHANNEL_NAME
 from shoal.settings import Settings
+from workers.vm_identity import VMIdentity, set_seclabel
 
 KEY_LEN = 12
 _VM_KEY = re.compile(r"^[0-9a-f]{12}$")
@@ -101,7 +111,7 @@ def is_template_key(key: str) -> bool:
 
 def make_dirs(path: Path, top: Path) -> None:
     """Create `path` and its parents up to and including `top`, each 0711 (root-owned,
-    traversable by libvirt-qemu)."""
+    traversable by every VM's uid, listable by none)."""
     path = Path(path)
     chain = [path, *path.parents]
     for directory in reversed(chain):
@@ -178,6 +188,9 @@ class DomainSpec:
     data_disk_format: str = "qcow2"
     tb_cache_mib: int = 64
     cpu_quota: float = 0.0  # cores for the whole QEMU process; 0: no cap
+    disk_bytes_per_s: int = 0  # data disk throttle; 0: none
+    disk_iops: int = 0
+    identity: VMIdentity | None = None  # the uid/gid QEMU runs as (None: libvirt's default)
     network: bool = False
     metadata: Mapping[str, str] = field(default_factory=dict)
 
@@ -244,6 +257,12 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(data, "driver", name="qemu", type=spec.data_disk_format, discard="unmap")
     _sub(data, "source", file=str(spec.data_disk))
     _sub(data, "target", dev="vdb", bus="virtio")
+    if spec.disk_bytes_per_s > 0 or spec.disk_iops > 0:
+        iotune = _sub(data, "iotune")
+        if spec.disk_bytes_per_s > 0:
+            _sub(iotune, "total_bytes_sec", str(spec.disk_bytes_per_s))
+        if spec.disk_iops > 0:
+            _sub(iotune, "total_iops_sec", str(spec.disk_iops))
     _sub(devices, "controller", type="usb", model="none")
     if spec.network:
         interface = _sub(devices, "interface", type="user")
@@ -255,6 +274,8 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(channel, "source", mode="bind", path=str(spec.agent_socket))
     _sub(channel, "target", type="virtio", name=CHANNEL_NAME)
     _sub(devices, "memballoon", model="none")
+    if spec.identity is not None:
+        set_seclabel(domain, spec.identity)
     return ET.tostring(domain, encoding="unicode")
 
 
@@ -267,9 +288,11 @@ def retarget_xml(
     agent_socket: Path,
     console_log: Path,
     metadata: Mapping[str, str],
+    identity: VMIdentity,
 ) -> str:
     """A template's saved definition, made a clone's: its own name, uuid, data disk overlay,
-    agent socket, console log and metadata. Everything that is guest ABI stays as saved."""
+    agent socket, console log, metadata and uid/gid (the template's seclabel is replaced).
+    Everything that is guest ABI stays as saved."""
     domain = ET.fromstring(xml)
 
     def one(path: str) -> ET.Element:
@@ -317,6 +340,7 @@ def retarget_xml(
                 source = chardev.find("source")
                 if source is not None:
                     source.set("path", str(console_log))
+    set_seclabel(domain, identity)
     return ET.tostring(domain, encoding="unicode")
 
 

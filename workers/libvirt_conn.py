@@ -63,7 +63,7 @@ def explain(what: str, exc: libvirt.libvirtError) -> VMError:
     hint = ""
     if "Permission denied" in message:
         hint = (
-            " (QEMU runs as libvirt-qemu: every directory on the path to kernels, disks,"
+            " (QEMU runs under per-VM uids: every directory on the path to kernels, disks,"
             " sockets and logs must be o+x; keep them under /var/lib or /var/cache)"
         )
     elif "virtlogd" in message:

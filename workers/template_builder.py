@@ -53,13 +53,15 @@ class TemplateBuilder:
         choice = self.probes.accel()
         qemu_version, libvirt_version = self.probes.hypervisor_versions()
         shape = spec.shape()
-        shape["cpu_quota"] = self.probes.cpu_quota(spec.cpu_quota)
+        shape["cpu_quota"] = self.probes.cpu_quota(spec.cpu_quota, spec.vcpus)
         describe = {
             "recipe_hash": artifacts.recipe_hash,
             "shape": shape,
             "accel": choice.kind,
             "tb_cache_mib": self.settings.tb_cache_mib if choice.kind == "tcg" else 0,
             "cmdline": self.domains.cmdline(),
+            # Clones keep the template's disk throttle (their XML is the template's, retargeted).
+            "disk_iotune": [self.settings.vm_disk_bytes_per_s, self.settings.vm_disk_iops],
             "qemu_version": qemu_version,
             "libvirt_version": libvirt_version,
         }
@@ -101,8 +103,11 @@ class TemplateBuilder:
         domains = self.domains
         domains.destroy_domain(name)  # left by a builder that crashed
         metadata = {"template": key, "image": spec.image, "created_at": f"{time.time():.3f}"}
+        identity = domains.claim(building)  # the store seals the directory back to root's
         try:
-            agent = domains.boot(who, name, uuid, paths, spec, artifacts, metadata, timings)
+            agent = domains.boot(
+                who, name, uuid, paths, spec, artifacts, metadata, timings, identity
+            )
             try:
                 with domains.step(who, "warm", timings):
                     answer = agent.execute(templates.WARM_CODE, timeout_s=templates.WARM_TIMEOUT_S)

@@ -13,6 +13,12 @@ clone names have the template name's length, see workers/domain.py), and restore
 with an alternate XML (the template's saved XML retargeted to the clone's disk, socket and
 console log). The copy is deleted once restored.
 
+Ownership. The template's guest runs under a uid of its own while it is built (its build
+directory is that uid's, workers/vm_identity.py); once saved, `seal` gives every file back to
+root: the data disk 0644 (every clone's QEMU opens it read-only, as the backing file of its
+overlay), everything else 0600 (libvirtd reads the save image as root). No VM's uid can write
+a template file.
+
 On disk, under <instance_vm_dir>/templates/:
     <image>-<key>/          a ready template: state.save, data.qcow2, domain.xml, meta.json
     .building-<key>/        a build in progress (or a crashed one, cleaned by the next build)
@@ -127,6 +133,19 @@ class Template:
         return self.dir / DISK_FILE
 
 
+def seal(directory: Path) -> None:
+    """A template's files, root's and read-only for VMs: see the module docstring."""
+    for path in directory.iterdir():
+        if path.is_symlink() or not path.is_file():
+            if not path.is_dir():
+                path.unlink()  # a socket left behind
+            continue
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o644 if path.name == DISK_FILE else 0o600)
+    os.chown(directory, 0, 0)
+    os.chmod(directory, 0o711)
+
+
 def template_key(parts: dict[str, Any]) -> str:
     """`t` + 11 hex digits: a template's domain key (workers/domain.py naming)."""
     blob = json.dumps({"format": TEMPLATE_FORMAT, **parts}, sort_keys=True).encode()
@@ -167,6 +186,7 @@ class TemplateStore:
             return None
         if meta.get("key") != key or not (directory / STATE_FILE).is_file():
             return None
+        seal(directory)  # cheap; a template an older Shoal built may be libvirt-qemu's
         template = Template(
             key=key,
             image=image,
@@ -284,6 +304,7 @@ class TemplateStore:
                 (building / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
                 with contextlib.suppress(FileNotFoundError):
                     (building / "agent.sock").unlink()
+                seal(building)
                 final = self.dir_for(image, key)
                 shutil.rmtree(final, ignore_errors=True)
                 building.rename(final)

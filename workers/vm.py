@@ -50,6 +50,7 @@ from workers.reconcile import reconcile as reconcile_domains
 from workers.template_builder import TemplateBuilder
 from workers.vm_domains import CONNECT_ATTEMPT_S, DomainOps, lookup
 from workers.vm_errors import AgentRefused, VMError, VMLost
+from workers.vm_identity import kvm_device_problem
 from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 
 log = logging.getLogger("shoal.vm")
@@ -202,7 +203,7 @@ class VMManager:
             log.warning("vm=%s template lookup failed: %s", vm_id, exc)
         # A leftover of an earlier attempt for the same VM (a retried task): start afresh.
         domains.teardown(name, paths)
-        dom.make_dirs(paths.dir, Path(self.settings.vm_dir))
+        identity = domains.claim(paths.dir)
         timings: dict[str, float] = {}
         uuid = str(uuidlib.uuid4())
         metadata = {
@@ -223,6 +224,7 @@ class VMManager:
                         template,
                         {**metadata, "restored": "1", "template": template.key},
                         timings,
+                        identity,
                     )
                     restored = True
                 except (VMError, OSError) as exc:
@@ -236,7 +238,7 @@ class VMManager:
                     )
                     self.templates.forget(template.key, str(exc))
                     domains.teardown(name, paths)
-                    dom.make_dirs(paths.dir, Path(self.settings.vm_dir))
+                    identity = domains.claim(paths.dir)
                     timings.clear()
             if agent is None:
                 agent = domains.boot(
@@ -248,6 +250,7 @@ class VMManager:
                     artifacts,
                     {**metadata, "restored": "0"},
                     timings,
+                    identity,
                 )
             if not restored:
                 agent.reseed(identity=vm_id)  # a booted guest has fresh entropy already
@@ -403,6 +406,12 @@ class VMManager:
                 "reconnects": self.libvirt.reconnects,
             },
             "cpu_quota": {**probes.cpu_controller().as_dict(), "verified": probes.quota_verified},
+            "vm_limits": probes.limits_status(),
+            "vm_uids": {
+                "first": self.settings.vm_uid_base,
+                "count": self.settings.vm_uid_count,
+                "relabel": "no (Shoal owns each VM's files; workers/vm_identity.py)",
+            },
             "qemu_seccomp_sandbox": seccomp_sandbox_setting(),
             "templates": self.templates.status(),
             "vms": len(self._vms),
@@ -411,4 +420,6 @@ class VMManager:
             result["accel"] = probes.accel().as_dict()
         except VMError as exc:
             result["accel"] = {"kind": "unknown", "reason": exc.message}
+        if result["accel"]["kind"] == "kvm":
+            result["vm_uids"]["kvm_device"] = kvm_device_problem() or "open to every VM uid"
         return result

@@ -5,9 +5,11 @@ adopt, destroy, reconcile) and the template builder (workers/template_builder.py
 guests it saves; both start and stop domains the same way, so that is kept here, apart from
 either: the guest image this process pins, the data disk overlay, the domain definition, a cold
 boot (`boot`), the restore of a template clone (`restore`), waiting for the agent's hello, and a
-destroy that retries while QEMU is busy. Each step is timed into the caller's `timings` and
-logged as `vm=<id> host=<host> step=<step> ms=<ms>` (the bench reads those lines back from the
-worker log, shoal/bench/sessions.py).
+destroy that retries while QEMU is busy. Every domain starts paused under its own uid
+(workers/vm_identity.py), gets its memory and pids limits written into its cgroups, and only
+then runs: a guest never runs a moment without its limits. Each step is timed into the
+caller's `timings` and logged as `vm=<id> host=<host> step=<step> ms=<ms>` (the bench reads
+those lines back from the worker log, shoal/bench/sessions.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import libvirt
 from shoal import data_disk, images
 from shoal.settings import Settings
 from workers import domain as dom
-from workers import libvirt_conn, templates
+from workers import libvirt_conn, templates, vm_identity
 from workers.agent_client import (
     AgentClient,
     AgentDisconnected,
@@ -37,6 +39,7 @@ from workers.agent_client import (
     AgentTimeout,
 )
 from workers.vm_errors import VMError, VMStartFailed
+from workers.vm_identity import VMIdentity
 from workers.vm_probes import HostProbes
 
 if TYPE_CHECKING:
@@ -97,6 +100,8 @@ class DomainOps:
             raise VMStartFailed(
                 f"guest image {image!r} is not built: run `shoal image build {image}`"
             )
+        for path in (artifacts.kernel, artifacts.initrd, artifacts.rootfs):
+            vm_identity.make_shared_read_only(path)  # libvirt once chowned them to its user
         with self._lock:
             self._images[image] = artifacts
         return artifacts
@@ -160,9 +165,11 @@ class DomainOps:
         return False
 
     def remove_files(self, name: str, directory: Path | None) -> None:
-        """The VM's directory, and libvirt's log of the domain (it outlives the domain)."""
+        """The VM's directory, libvirt's log of the domain (it outlives the domain) and the
+        cgroups made for its limits."""
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+        self.probes.remove_limits(name)
         for path in dom.qemu_log_files(name):
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -173,7 +180,44 @@ class DomainOps:
         self.remove_files(name, paths.dir)
 
     # --- bringing up -------------------------------------------------------------------------
-    def make_overlay(self, overlay: Path, backing: Path, backing_format: str) -> None:
+    def claim(self, directory: Path) -> VMIdentity:
+        """Make the VM's directory, owned by a uid of its own (workers/vm_identity.py)."""
+        vm_identity.ensure_libvirt_dirs()
+        dom.make_dirs(directory.parent, Path(self.settings.vm_dir))
+        try:
+            return vm_identity.claim_dir(self.settings, directory)
+        except vm_identity.NoFreeUid as exc:
+            raise VMStartFailed(str(exc)) from None
+
+    def qemu_pid(self, name: str) -> int:
+        try:
+            return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise VMStartFailed(f"domain {name} has no QEMU pid: {exc}") from None
+
+    def memory_limit_bytes(self, memory_mib: int) -> int:
+        """Guest memory, TCG's translation cache and QEMU's own (settings)."""
+        tb_cache = self.settings.tb_cache_mib if self.probes.accel().kind == "tcg" else 0
+        return (memory_mib + tb_cache + self.settings.vm_memory_overhead_mib) << 20
+
+    def run_confined(
+        self, name: str, paths: dom.VMPaths, identity: VMIdentity, memory_mib: int
+    ) -> None:
+        """The domain, started paused: limit it, hand it its socket and log, then resume it."""
+        self.probes.apply_limits(
+            name,
+            self.qemu_pid(name),
+            self.memory_limit_bytes(memory_mib),
+            self.settings.vm_pids_max,
+        )
+        for path in (paths.socket, paths.console_log):
+            with contextlib.suppress(FileNotFoundError):
+                vm_identity.give(path, identity)
+        self.libvirt.call(f"resume {name}", lambda c: c.lookupByName(name).resume(), retry=False)
+
+    def make_overlay(
+        self, overlay: Path, backing: Path, backing_format: str, identity: VMIdentity
+    ) -> None:
         result = subprocess.run(
             [
                 "qemu-img", "create", "-q", "-f", "qcow2",
@@ -183,6 +227,7 @@ class DomainOps:
         )  # fmt: skip
         if result.returncode != 0:
             raise VMStartFailed(f"qemu-img create {overlay} failed: {result.stderr.strip()}")
+        vm_identity.give(overlay, identity)
 
     def await_agent(
         self, who: str, name: str, paths: dom.VMPaths, timeout: float
@@ -231,6 +276,7 @@ class DomainOps:
         spec: VMSpec,
         artifacts: images.ImageArtifacts,
         metadata: dict[str, str],
+        identity: VMIdentity,
     ) -> dom.DomainSpec:
         return dom.DomainSpec(
             name=name,
@@ -246,7 +292,10 @@ class DomainOps:
             agent_socket=paths.socket,
             console_log=paths.console_log,
             tb_cache_mib=self.settings.tb_cache_mib,
-            cpu_quota=self.probes.cpu_quota(spec.cpu_quota),
+            cpu_quota=self.probes.cpu_quota(spec.cpu_quota, spec.vcpus),
+            disk_bytes_per_s=self.settings.vm_disk_bytes_per_s,
+            disk_iops=self.settings.vm_disk_iops,
+            identity=identity,
             network=spec.network,
             metadata=metadata,
         )
@@ -261,16 +310,24 @@ class DomainOps:
         artifacts: images.ImageArtifacts,
         metadata: dict[str, str],
         timings: dict[str, float],
+        identity: VMIdentity,
     ) -> AgentClient:
-        """Cold boot a domain from the image; its agent, connected. On failure the caller
-        tears the domain down."""
+        """Cold boot a domain from the image as `identity`; its agent, connected. On failure
+        the caller tears the domain down."""
         with self.step(who, "overlay", timings):
             base = data_disk.data_disk_base(self.settings, spec.data_disk_mib)
-            self.make_overlay(paths.data_disk, base, "raw")
-        xml = dom.domain_xml(self.domain_spec(name, uuid, paths, spec, artifacts, metadata))
+            vm_identity.make_shared_read_only(base)  # the backing file of every VM's disk
+            self.make_overlay(paths.data_disk, base, "raw", identity)
+        domain_spec = self.domain_spec(name, uuid, paths, spec, artifacts, metadata, identity)
+        xml = dom.domain_xml(domain_spec)
         with self.step(who, "start", timings):
-            self.libvirt.call(f"start {name}", lambda c: c.createXML(xml, 0), retry=False)
-        self.probes.verify_quota(name, spec.cpu_quota)
+            self.libvirt.call(
+                f"start {name}",
+                lambda c: c.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED),
+                retry=False,
+            )
+            self.run_confined(name, paths, identity, spec.memory_mib)
+        self.probes.verify_quota(name, domain_spec.cpu_quota)
         with self.step(who, "agent", timings):
             agent, _hello = self.await_agent(who, name, paths, self.settings.agent_ready_timeout_s)
         return agent
@@ -284,11 +341,13 @@ class DomainOps:
         template: templates.Template,
         metadata: dict[str, str],
         timings: dict[str, float],
+        identity: VMIdentity,
     ) -> AgentClient:
-        """Restore a clone of `template` as domain `name`; its agent, connected and reseeded
-        (clock and entropy). On failure the caller tears the domain down."""
+        """Restore a clone of `template` as domain `name`, running as `identity`; its agent,
+        connected and reseeded (clock and entropy). On failure the caller tears the domain
+        down."""
         with self.step(who, "overlay", timings):
-            self.make_overlay(paths.data_disk, template.data_disk, "qcow2")
+            self.make_overlay(paths.data_disk, template.data_disk, "qcow2", identity)
         with self.step(who, "copy", timings):
             self.templates.prepare_clone(template, paths.restore_image, name, uuid)
         xml = dom.retarget_xml(
@@ -299,15 +358,17 @@ class DomainOps:
             agent_socket=paths.socket,
             console_log=paths.console_log,
             metadata=metadata,
+            identity=identity,
         )
         with self.step(who, "restore", timings):
             self.libvirt.call(
                 f"restore {name}",
                 lambda c: c.restoreFlags(
-                    str(paths.restore_image), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING
+                    str(paths.restore_image), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED
                 ),
                 retry=False,
             )
+            self.run_confined(name, paths, identity, int(template.meta["shape"]["memory_mib"]))
         with contextlib.suppress(FileNotFoundError):
             paths.restore_image.unlink()
         with self.step(who, "agent", timings):

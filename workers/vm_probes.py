@@ -3,7 +3,9 @@
 These facts describe the host, not any one VM, so they live apart from the VM lifecycle in
 workers/vm.py: the accelerator (KVM or TCG), the QEMU and libvirt versions (part of a snapshot
 template's key), the cgroup CPU controller (can a CPU quota be applied at all), whether libvirt
-really applied one (confirmed on the first capped domain), and qemu.conf's seccomp_sandbox.
+really applied one (confirmed on the first capped domain), the memory and pids controllers
+that carry each VM's limits (workers/cgroups.py; a missing one is reported, not fatal), and
+qemu.conf's seccomp_sandbox.
 Each probe runs the first time it is asked and is cached for the life of the process: a probe
 that changes its answer needs a worker restart, as a new QEMU or libvirt does anyway.
 """
@@ -19,8 +21,17 @@ import libvirt
 from shoal.settings import Settings
 from workers import accel as accel_mod
 from workers import libvirt_conn
-from workers.cgroups import CpuControllerProbe, probe_cpu_controller
+from workers.cgroups import (
+    LIMIT_CONTROLLERS,
+    ControllerProbe,
+    CpuControllerProbe,
+    apply_vm_limit,
+    probe_controller,
+    probe_cpu_controller,
+    remove_vm_groups,
+)
 from workers.vm_errors import VMError
+from workers.vm_identity import kvm_device_problem
 
 log = logging.getLogger("shoal.vm")
 
@@ -49,6 +60,9 @@ class HostProbes:
         self._versions: tuple[int, int] | None = None
         # Whether libvirt applied a CPU quota to the first capped domain; None until one ran.
         self.quota_verified: bool | None = None
+        self._limit_probes: dict[str, ControllerProbe] | None = None
+        # What the last VM got, per controller: the limit file written, or why not.
+        self.limits_applied: dict[str, str] = {}
 
     @property
     def libvirt(self) -> libvirt_conn.LibvirtConnection:
@@ -63,6 +77,9 @@ class HostProbes:
                 offers_kvm = accel_mod.libvirt_offers_kvm(caps)
             self._accel = accel_mod.detect(self.settings.accel, offers_kvm)
             log.info("accelerator: %s (%s)", self._accel.kind, self._accel.reason)
+            problem = kvm_device_problem() if self._accel.kind == "kvm" else None
+            if problem:
+                log.error("%s", problem)
         return self._accel
 
     def cpu_controller(self) -> CpuControllerProbe:
@@ -79,8 +96,11 @@ class HostProbes:
             )
         return self._versions
 
-    def cpu_quota(self, requested: float) -> float:
-        """The CPU quota (cores) a domain gets: the one asked for, or 0 where none can apply."""
+    def cpu_quota(self, requested: float, vcpus: int) -> float:
+        """The CPU quota (cores) a domain gets: the one asked for, else settings.vm_cpu_cap,
+        else its vCPU count; 0 where none can apply."""
+        if requested <= 0:
+            requested = self.settings.vm_cpu_cap or float(vcpus)
         if requested <= 0:
             return 0.0
         if not self.cpu_controller().available:
@@ -88,9 +108,9 @@ class HostProbes:
             return 0.0
         return requested
 
-    def verify_quota(self, name: str, requested: float) -> None:
+    def verify_quota(self, name: str, quota: float) -> None:
         """Confirm once, on the running domain `name`, that libvirt applied its CPU quota."""
-        if self.quota_verified is not None or self.cpu_quota(requested) <= 0:
+        if self.quota_verified is not None or quota <= 0:
             return
 
         def params(c: libvirt.virConnect) -> dict[str, Any]:
@@ -102,3 +122,34 @@ class HostProbes:
         except VMError as exc:
             log.warning("could not read %s's CPU quota: %s", name, exc)
             self.quota_verified = False
+
+    def limit_controllers(self) -> dict[str, ControllerProbe]:
+        """The memory and pids controllers, as probed once."""
+        if self._limit_probes is None:
+            self._limit_probes = {name: probe_controller(name) for name in LIMIT_CONTROLLERS}
+            for probe in self._limit_probes.values():
+                (log.info if probe.available else log.warning)("%s", probe.detail)
+        return self._limit_probes
+
+    def apply_limits(self, name: str, pid: int, memory_bytes: int, pids_max: int) -> None:
+        """Write the memory and pids limits of domain `name` (QEMU `pid`) into its cgroups.
+        A limit that cannot be applied is logged and shown in status(), never raised."""
+        applied: dict[str, str] = {}
+        for controller, value in (("memory", memory_bytes), ("pids", pids_max)):
+            probe = self.limit_controllers()[controller]
+            try:
+                applied[controller] = apply_vm_limit(pid, name, probe, value)
+            except (OSError, ValueError) as exc:
+                applied[controller] = f"not applied: {exc}"
+                if probe.available:
+                    log.warning("%s limit of %s not applied: %s", controller, name, exc)
+        self.limits_applied = applied
+
+    def remove_limits(self, name: str) -> None:
+        remove_vm_groups(name, list(self.limit_controllers().values()))
+
+    def limits_status(self) -> dict[str, Any]:
+        return {
+            "controllers": {k: v.as_dict() for k, v in self.limit_controllers().items()},
+            "last_vm": dict(self.limits_applied),
+        }

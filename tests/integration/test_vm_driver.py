@@ -115,14 +115,15 @@ def test_cold_boot(settings, manager):
     try:
         assert not vm.restored
         assert out(vm, "print(6 * 7)") == "42"
-        # QEMU runs unprivileged, inside its seccomp sandbox.
+        # QEMU runs unprivileged, under a uid of the per-VM range, inside its seccomp sandbox.
         pid = vm.qemu_pid()
         assert pid is not None
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert b"-sandbox" in cmdline
         assert cmdline[cmdline.index(b"-sandbox") + 1].startswith(b"on")
         uid = int(Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0])
-        assert uid != 0
+        assert uid in range(settings.vm_uid_base, settings.vm_uid_base + settings.vm_uid_count)
+        assert vm.paths.dir.stat().st_gid == uid
         status = manager.status()
         assert status["accel"]["kind"] in ("tcg", "kvm")
         if status["cpu_quota"]["available"]:
@@ -272,12 +273,14 @@ def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
     key = "t" + uuid.uuid4().hex[:11]
     name = dom.domain_name(settings, key)
     building = manager.templates.root / f".building-{key}"
-    dom.make_dirs(building, Path(settings.vm_dir))
+    identity = manager.domains.claim(building)
     paths = dom.VMPaths(building)
     base = data_disk.data_disk_base(settings, SPEC.data_disk_mib)
-    manager.domains.make_overlay(paths.data_disk, base, "raw")
+    manager.domains.make_overlay(paths.data_disk, base, "raw", identity)
     artifacts = images.locate(settings, "python")
-    spec = manager.domains.domain_spec(name, str(uuid.uuid4()), paths, SPEC, artifacts, {})
+    spec = manager.domains.domain_spec(
+        name, str(uuid.uuid4()), paths, SPEC, artifacts, {}, identity
+    )
     xml = dom.domain_xml(spec)
     connection().call("start an orphan", lambda c: c.createXML(xml, 0))
     return name

@@ -13,6 +13,7 @@ from shoal.protocol import CHANNEL_NAME
 from shoal.settings import Settings
 from workers import accel, cgroups, domain, templates
 from workers.vm_errors import TemplateError
+from workers.vm_identity import VMIdentity, identity_of
 
 UUID = "0b5c1d9e-3f59-4d9e-9a43-2b7e0f6c1a11"
 
@@ -226,6 +227,7 @@ SAVED = """<domain type='qemu'>
     <channel type='unix'><source mode='bind' path='/t/.building-t0123456789a/agent.sock'/>
       <target type='virtio' name='org.shoal.agent.0'/></channel>
   </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+900007:+900007</label></seclabel>
 </domain>"""
 
 
@@ -238,6 +240,7 @@ def test_retarget_gives_the_clone_its_own_identity_and_files():
         agent_socket=Path("/v/k/agent.sock"),
         console_log=Path("/v/k/console.log"),
         metadata={"session": "s-9", "restored": "1"},
+        identity=VMIdentity(900003, 900003),
     )
     root = ET.fromstring(xml)
     assert root.findtext("name") == "shoal-abcd1234-host-0123456789ab"
@@ -250,6 +253,11 @@ def test_retarget_gives_the_clone_its_own_identity_and_files():
     assert root.find("devices/console/source").get("path") == "/v/k/console.log"
     assert domain.read_metadata(xml) == {"session": "s-9", "restored": "1"}
     assert ".building" not in xml
+    # Its own uid, never the template's: one DAC seclabel, relabel off.
+    (seclabel,) = root.findall("seclabel")
+    assert seclabel.attrib == {"type": "static", "model": "dac", "relabel": "no"}
+    assert seclabel.findtext("label") == "+900003:+900003"
+    assert identity_of(xml) == VMIdentity(900003, 900003)
 
 
 def save_image(path: Path, xml: str, cookie: bytes = b"<cookie/>\n") -> bytes:
