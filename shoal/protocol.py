@@ -165,7 +165,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise ProtocolError("frame body is nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame body is not a JSON object")
-    if _SURROGATE_ESCAPE.search(body) and not _encodable(message):
+    if b"\\u" in body and _SURROGATE_ESCAPE.search(body) and not _encodable(message):
         raise ProtocolError("frame body holds a lone UTF-16 surrogate")
     return message
 

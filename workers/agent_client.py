@@ -437,6 +437,8 @@ class AgentClient:
                         self._inbox.setdefault(fid, deque()).append(frame)
                         self._cond.notify_all()
                     # else: a late answer to a call that gave up, or a stale frame: dropped
+                if time.monotonic() > deadline:  # a guest that never pauses still runs out
+                    raise AgentTimeout("no answer from the agent in time")
         except (AgentProtocolError, AgentDisconnected) as exc:
             raise self._fail(exc) from None
         finally:
