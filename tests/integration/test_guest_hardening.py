@@ -128,6 +128,28 @@ def test_user_processes_are_in_the_session_cgroup_with_limits(stack: Stack, sess
     assert out == "PermissionError\n" * 3
 
 
+def test_the_scientific_stack_fits_in_the_limit(stack: Stack, session: str):
+    out = py(
+        stack,
+        session,
+        "import matplotlib.pyplot as plt, numpy as np, pandas as pd, scipy.linalg\n"
+        "import sklearn.linear_model\n"
+        "df = pd.DataFrame(np.random.rand(200_000, 8))\n"
+        "m = sklearn.linear_model.LinearRegression().fit(df.iloc[:, :7], df[7])\n"
+        "plt.plot(df[0][:1000]); plt.show()\n"
+        f"stat = dict(line.split() for line in open('{USER_CGROUP}/memory.stat'))\n"
+        f"events = dict(line.split() for line in open('{USER_CGROUP}/memory.events'))\n"
+        "print(int(stat['anon']) >> 20, events['oom_kill'])\n"
+        f"print(int(open('{USER_CGROUP}/memory.max').read()) >> 20)\n"
+        "print(int(open('/proc/meminfo').readline().split()[1]) >> 10)",
+        timeout_s=120,
+    )
+    anon, oom_kills, limit, total = map(int, out.split())
+    print(f"guest MemTotal {total} MiB, memory.max {limit} MiB, anon with the stack {anon} MiB")
+    assert oom_kills == 0
+    assert anon < limit // 2, (anon, limit)  # (page cache fills the rest, and is reclaimed)
+
+
 def test_a_fork_bomb_is_contained(stack: Stack, session: str):
     py(stack, session, "kept = 42")
     started = time.monotonic()
