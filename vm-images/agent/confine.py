@@ -5,13 +5,13 @@ started straight into a leaf below USER_GROUP, whose limits bound all of it toge
 
     /sys/fs/cgroup/shoal-user          memory.max, pids.max, cpu.weight (the session's limits)
     /sys/fs/cgroup/shoal-user/kernel   the interpreter and every process it starts
-    /sys/fs/cgroup/shoal-user/shell    shell commands and what they leave running
+    /sys/fs/cgroup/shoal-user/shell    a shell command and every process it starts
 
 Both leaves have memory.oom.group set: when the session goes over its memory limit, the kernel's
 OOM killer picks the largest process in the session and kills its whole leaf. The agent, outside
 the group, survives it. A leaf is also killed as a whole (cgroup.kill, race-free against forks)
-when the interpreter ends (kernel) or a shell command is killed (shell): see docs/limits.md,
-"Inside the guest", for the rule.
+when the interpreter ends (kernel) or a shell command exits or is killed (shell): background
+processes end with what started them (docs/limits.md, "Inside the guest").
 
 guest-init mounts cgroup2 at /sys/fs/cgroup; `setup()` does the rest, once, at agent start (so
 every clone of a template has it). Outside the guest (unit tests run the agent on the host, PID
