@@ -77,6 +77,7 @@ IMAGE_CODE = (
     _SHOAL_DIR / "ops" / "image_build.py",
     _SHOAL_DIR / "ops" / "image_final.py",
     _SHOAL_DIR / "ops" / "image_fs.py",
+    _SHOAL_DIR / "ops" / "image_harden.py",
     _SHOAL_DIR / "ops" / "image_steps.py",
 )
 

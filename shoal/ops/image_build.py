@@ -127,6 +127,7 @@ def build(
                 "files": {"kernel": KERNEL_FILE, "initrd": INITRD_FILE, "rootfs": ROOTFS_FILE},
                 "sizes": out["sizes"],
                 "agent_files": out["agent_files"],
+                "privileges_stripped": out["privileges_stripped"],
                 "python": out["python"],
                 "debian_packages": out["debs"],
             }

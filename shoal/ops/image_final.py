@@ -34,6 +34,7 @@ from shoal.images import (
     tree_files,
 )
 from shoal.ops.image_fs import replace_file, safe_rmtree
+from shoal.ops.image_harden import strip_privileges
 from shoal.ops.image_steps import Build
 
 
@@ -203,6 +204,9 @@ def build_final(
         data.mkdir(parents=True, exist_ok=True)
         os.chown(data, DATA_UID, DATA_UID)
         data.chmod(0o755)
+    with b.step("harden"):
+        stripped = strip_privileges(rootfs)
+        b.log("setuid/setgid bits and file capabilities removed from: " + " ".join(stripped))
     with b.step("agent"):
         replace_file(
             rootfs / GUEST_INIT.lstrip("/"), (COMMON_SRC / "guest-init").read_bytes(), 0o755
@@ -233,6 +237,7 @@ def build_final(
     }
     return {
         "agent_files": installed,
+        "privileges_stripped": stripped,
         "debs": debs,
         "python": python,
         "sizes": sizes,

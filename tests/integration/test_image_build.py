@@ -177,6 +177,7 @@ def test_manifest_describes_the_image(built):
     assert m["devices"]["channel"] == protocol.CHANNEL_NAME
     assert m["sizes"]["rootfs_bytes"] == built.rootfs.stat().st_size
     assert m["build_seconds"] > 0 and m["built_at"]
+    assert {"/usr/bin/su", "/usr/bin/mount"} <= set(m["privileges_stripped"])
 
 
 def test_second_build_returns_the_cached_image(settings, built):
@@ -194,6 +195,8 @@ def test_rootfs_holds_agent_init_and_user(built):
     assert "sandbox:x:1000:1000:" in _debugfs(fs, "cat /etc/passwd")
     data = _debugfs(fs, f"stat {images.DATA_MOUNT}")
     assert "User:  1000" in data and "Group:  1000" in data
+    # Setuid stripped at build time (shoal/ops/image_harden.py): su is there, plain 0755.
+    assert "Mode:  0755" in _debugfs(fs, "stat /usr/bin/su")
 
 
 def test_initramfs_loads_the_virtio_modules_in_order(built):

@@ -165,7 +165,7 @@ class Executions:
         if ex.language == "shell":
             if ex.proc is not None:
                 if reason == protocol.STATUS_TIMED_OUT:
-                    killpg(ex.proc.pid, signal.SIGKILL)
+                    self._kill_shell(ex)
                     ex.abandon_at = now + REAP_GRACE_S
                 else:
                     killpg(ex.proc.pid, signal.SIGINT)
@@ -196,8 +196,7 @@ class Executions:
                 ex.kill_at = None
                 ex.abandon_at = now + REAP_GRACE_S
                 if ex.language == "shell":
-                    if ex.proc is not None:
-                        killpg(ex.proc.pid, signal.SIGKILL)
+                    self._kill_shell(ex)
                 elif ex.kernel is not None:
                     ex.kernel.kill(f"did not stop within {self.interrupt_grace:g}s of SIGINT")
             if ex.abandon_at is not None and now >= ex.abandon_at and self.execution is ex:

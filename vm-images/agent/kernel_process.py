@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import confine
 from channel import Outbox, read_available, readable, set_nonblocking
 from executions import is_number
 from shoal_kernel_framing import encode_message, take_messages
@@ -59,6 +60,8 @@ class Kernel:
         self.kill_reason = ""
         self.python_version = ""
         self.stderr_tail = bytearray()
+        cgroup = agent.cgroup
+        self.oom_kills_before = cgroup.oom_kills(confine.KERNEL_LEAF) if cgroup else 0
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -79,7 +82,7 @@ class Kernel:
                 cwd=agent.data_dir.root,
                 env=env,
                 process_group=0,
-                **agent.drop_privileges,
+                **agent.user_process(confine.KERNEL_LEAF),
             )
         except BaseException:
             for fd in (out_r, err_r):
@@ -128,10 +131,13 @@ class Kernel:
         self.kill_group()
 
     def kill_group(self) -> None:
-        """SIGKILL the kernel and whatever it started in its process group."""
+        """SIGKILL the kernel and whatever it started: its process group, and in the guest every
+        process in the kernel's cgroup leaf (however it detached: setsid, double fork)."""
         for target in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: os.kill(self.pid, 9)):
             with contextlib.suppress(OSError):
                 target()
+        if self.agent.cgroup is not None:
+            self.agent.cgroup.kill(confine.KERNEL_LEAF)
 
     def close_fds(self, sink: Callable[[str, bytes], Any] | None = None) -> None:
         """Drain the output pipes into sink, then close everything (the process has exited)."""
@@ -167,7 +173,7 @@ class KernelSupervision:
         self.generation += 1
         try:
             self.kernel = Kernel(self, self.generation)
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             log.error("cannot start the kernel: %s", exc)
             self.kernel = None
             self._kernel_start_failed(f"cannot start the interpreter: {exc}")
@@ -353,6 +359,19 @@ class KernelSupervision:
             self.start_kernel()
         else:
             self._kernel_start_failed(f"the interpreter {how} while starting: {tail[-2000:]}")
+
+
+def describe_death(agent: Agent, k: Kernel, code: int) -> str:
+    """How the kernel ended, for the user: the OOM killer named when the cgroup says it was."""
+    if k.killed:
+        return f"was killed by the agent ({k.kill_reason})"
+    cgroup = agent.cgroup
+    if cgroup is not None and cgroup.oom_kills(confine.KERNEL_LEAF) > k.oom_kills_before:
+        return (
+            "was killed by the out-of-memory killer: the session's processes went over their "
+            f"memory limit of {cgroup.limits.memory_bytes >> 20} MiB"
+        )
+    return describe_exit(code)
 
 
 def describe_exit(code: int) -> str:

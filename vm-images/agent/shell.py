@@ -2,7 +2,7 @@
 
 The shell language of the execute request (executions.py does the rest of an execution's life:
 the deadline, the interrupt, the answer). ShellExecutions is the part of supervisor.Agent that
-starts the command and turns its exit status into the answer; killpg() ends its process group.
+starts the command and turns its exit status into the answer; _kill_shell() ends its processes.
 Standard library only.
 """
 
@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import confine
 from channel import set_nonblocking
 
 from shoal import protocol
@@ -33,7 +36,8 @@ class ShellExecutions:
 
     data_dir: files.DataDir
     user_env: dict[str, str]
-    drop_privileges: dict[str, Any]
+    user_process: Callable[[str], dict[str, Any]]
+    cgroup: confine.UserCgroup | None
 
     def _start_shell(self, ex: Execution) -> None:
         try:
@@ -45,9 +49,9 @@ class ShellExecutions:
                 cwd=self.data_dir.root,
                 env=self.user_env,
                 process_group=0,
-                **self.drop_privileges,
+                **self.user_process(confine.SHELL_LEAF),
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             self._finish(
                 ex,
                 status=protocol.STATUS_ERROR,
@@ -61,7 +65,18 @@ class ShellExecutions:
             set_nonblocking(fd)
             ex.pipes[fd] = capture
 
+    def _kill_shell(self, ex: Execution) -> None:
+        """SIGKILL a shell command's process group and, in the guest, every process it started
+        (the shell cgroup leaf), however it detached."""
+        if ex.proc is not None:
+            killpg(ex.proc.pid, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.kill(confine.SHELL_LEAF)
+
     def _shell_exited(self, ex: Execution, code: int) -> None:
+        # What the command left running in the background ends with it (in the guest).
+        if self.cgroup is not None:
+            self.cgroup.kill(confine.SHELL_LEAF)
         exit_code = code if code >= 0 else 128 - code
         status = protocol.STATUS_OK if code == 0 else protocol.STATUS_ERROR
         error = None

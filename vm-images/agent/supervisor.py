@@ -45,6 +45,7 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "s
     # the repository's own shoal.protocol, even when another one is installed.
     sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+import confine
 import files
 from channel import (
     BadRequest,
@@ -60,8 +61,8 @@ from channel import (
 )
 from executions import Execution, Executions
 from file_requests import FileRequests, GetTransfer, PutTransfer
-from kernel_process import Kernel, KernelSupervision, describe_exit
-from shell import ShellExecutions, killpg
+from kernel_process import Kernel, KernelSupervision, describe_death
+from shell import ShellExecutions
 from snapshot import IDENTITY_FILE, Snapshots
 
 from shoal import protocol
@@ -123,6 +124,9 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             uid, gid = pw.pw_uid, pw.pw_gid
             self.drop_privileges = {"user": uid, "group": gid, "extra_groups": []}
             os.setgroups([])
+        self.user_uid, self.user_gid = uid, gid
+        # In the guest: the session's cgroup, its memory and pids limits (confine.py).
+        self.cgroup = confine.setup() if system else None
         self.data_dir = files.DataDir(data_dir, uid, gid)
         for sub in ("mpl", "ipython", "cache"):
             path = os.path.join(state_dir, sub)
@@ -163,6 +167,13 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, self._stop_signal)
 
+    def user_process(self, leaf: str) -> dict[str, Any]:
+        """Popen arguments that start a process as the sandbox user, in the session's cgroup
+        leaf `leaf` when there is one (the guest)."""
+        if self.cgroup is None:
+            return self.drop_privileges
+        return {"preexec_fn": self.cgroup.enter(leaf, self.user_uid, self.user_gid)}
+
     def _stop_signal(self, signum, frame) -> None:
         self.stopping = True
 
@@ -189,7 +200,7 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             self.kernel.kill("agent exiting")
         ex = self.execution
         if ex is not None and ex.proc is not None:
-            killpg(ex.proc.pid, signal.SIGKILL)
+            self._kill_shell(ex)
         if self.transfer is not None:
             self.transfer.close()
 
@@ -395,10 +406,7 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             ex = self.execution
             if k is not None and pid == k.pid:
                 k.proc.returncode = code
-                how = describe_exit(code)
-                if k.killed:
-                    how = f"was killed by the agent ({k.kill_reason})"
-                self._kernel_gone(k, how)
+                self._kernel_gone(k, describe_death(self, k, code))
             elif ex is not None and ex.proc is not None and pid == ex.proc.pid:
                 ex.proc.returncode = code
                 self._shell_exited(ex, code)
