@@ -72,6 +72,18 @@ def _tail(path: Path, max_bytes: int) -> str:
         return ""
 
 
+CONFINEMENT = ("user_cgroup", "no_user_namespaces", "ptrace_restricted", "proc_hidden")
+
+
+def unconfined_measures(hello: dict[str, Any]) -> list[str]:
+    """The guest-hardening measures the agent's hello does not report in force (all of them
+    when it reports none): a guest without them never runs user code."""
+    report = hello.get("confinement")
+    if not isinstance(report, dict):
+        return list(CONFINEMENT)
+    return [name for name in CONFINEMENT if report.get(name) is not True]
+
+
 class DomainOps:
     """Starts and stops this instance's domains on this host."""
 
@@ -252,7 +264,6 @@ class DomainOps:
                 continue
             try:
                 hello = agent.hello(packages=False, timeout=max(remaining, 0.1))
-                return agent, hello
             except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
                 agent.close()
                 last = str(exc)
@@ -261,6 +272,16 @@ class DomainOps:
                 if not self.is_active(name):
                     break
                 time.sleep(0.1)
+                continue
+            unconfined = unconfined_measures(hello)
+            if unconfined:
+                agent.close()
+                raise VMStartFailed(
+                    f"VM {who}: the guest does not confine user code ({', '.join(unconfined)} "
+                    "not in force): refused. The console log says why; docs/security.md, "
+                    "'The hardened guest'"
+                )
+            return agent, hello
         alive = "the domain is running" if self.is_active(name) else "the domain died"
         tail = _tail(paths.console_log, 1500).strip()
         raise VMStartFailed(

@@ -90,3 +90,23 @@ def test_oom_kills_are_read_from_memory_events(confine, tmp_path):
 def test_outside_the_guest_nothing_is_set_up(confine):
     assert os.getpid() != 1
     assert confine.setup() is None  # the host's cgroups are never touched
+
+
+def test_the_host_refuses_a_guest_that_does_not_report_every_measure_in_force():
+    from workers.vm_domains import CONFINEMENT, unconfined_measures
+
+    every = dict.fromkeys(CONFINEMENT, True)
+    assert unconfined_measures({"confinement": every}) == []
+    assert unconfined_measures({"confinement": {**every, "proc_hidden": False}}) == ["proc_hidden"]
+    assert unconfined_measures({"confinement": {**every, "user_cgroup": "yes"}}) == ["user_cgroup"]
+    assert unconfined_measures({}) == list(CONFINEMENT)
+    assert unconfined_measures({"confinement": []}) == list(CONFINEMENT)
+
+
+def test_the_agent_reports_what_is_in_force_from_the_live_system(confine):
+    """On this host (the agent's unit tests run here, not in a guest) there is no user cgroup;
+    the report reads the rest from /proc, whatever it holds, and never raises."""
+    report = confine.report(None)
+    assert set(report) == {"user_cgroup", "no_user_namespaces", "ptrace_restricted", "proc_hidden"}
+    assert report["user_cgroup"] is False
+    assert all(isinstance(v, bool) for v in report.values())

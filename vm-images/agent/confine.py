@@ -87,6 +87,32 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def report(cgroup: UserCgroup | None) -> dict[str, bool]:
+    """What confines user code in this guest, read back from the live system (not from what
+    setup meant to do). The host refuses a guest where any is false (docs/security.md)."""
+
+    def reads(path: str, ok: Callable[[str], bool]) -> bool:
+        try:
+            return ok(_read(path).strip())
+        except (OSError, ValueError):
+            return False
+
+    return {
+        "user_cgroup": cgroup is not None,
+        "no_user_namespaces": reads("/proc/sys/user/max_user_namespaces", lambda v: v == "0"),
+        "ptrace_restricted": reads("/proc/sys/kernel/yama/ptrace_scope", lambda v: int(v) >= 1),
+        "proc_hidden": reads(
+            "/proc/mounts",
+            lambda v: any(
+                line.split()[1] == "/proc"
+                and ({"hidepid=invisible", "hidepid=2"} & set(line.split()[3].split(",")))
+                for line in v.splitlines()
+                if len(line.split()) > 3
+            ),
+        ),
+    }
+
+
 class UserCgroup:
     """The session's cgroup: start processes in a leaf, kill a leaf, count a leaf's OOM kills."""
 

@@ -335,6 +335,8 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             "data_disk_error": self._data_disk_error(),
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
+        if self.system:
+            fields["confinement"] = confine.report(self.cgroup)
         if message.get("packages", True):
             fields["packages"] = self.packages()
         self.answer(rid, **fields)
