@@ -27,7 +27,7 @@ from shoal import (
     replies,
     sessions,
 )
-from shoal.errors import SessionLost, ShoalError
+from shoal.errors import HostStorageFull, SessionLost, ShoalError
 from shoal.pools import Pool, all_pools, get_pool
 from shoal.records import Heartbeat, SessionEntry
 from shoal.settings import Settings
@@ -35,6 +35,7 @@ from workers.host_executions import ExecutionsOnHost
 from workers.host_files import FilesOnHost
 from workers.session_queue import SessionQueues
 from workers.vm import VMManager, VMSpec
+from workers.vm_errors import out_of_space
 
 log = logging.getLogger("shoal.host")
 
@@ -210,8 +211,14 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
             replies.send_error(self.r, reply_key, exc)
         except Exception as exc:
             log.exception("session=%s host=%s creating the VM failed", session_id, self.host)
-            self.mark_session_lost(session_id, f"creating its VM failed: {exc}")
-            error = ShoalError(f"creating the session's VM failed: {exc}")
+            if out_of_space(exc):
+                error: ShoalError = HostStorageFull(
+                    f"host {self.host} has no disk space left for a new VM; nothing was "
+                    "started: retry once space is freed"
+                )
+            else:
+                error = ShoalError(f"creating the session's VM failed: {exc}")
+            self.mark_session_lost(session_id, error.message)
             replies.send_error(self.r, reply_key, error)
 
     def _give_vm(self, session_id: str, pool: Pool) -> None:

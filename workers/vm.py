@@ -49,7 +49,7 @@ from workers.reconcile import ReconcileReport, our_domains
 from workers.reconcile import reconcile as reconcile_domains
 from workers.template_builder import TemplateBuilder
 from workers.vm_domains import CONNECT_ATTEMPT_S, DomainOps, lookup
-from workers.vm_errors import AgentRefused, VMError, VMLost
+from workers.vm_errors import AgentRefused, VMError, VMLost, out_of_space
 from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 
 log = logging.getLogger("shoal.vm")
@@ -226,8 +226,8 @@ class VMManager:
                     )
                     restored = True
                 except (VMError, OSError) as exc:
-                    if isinstance(exc, libvirt_conn.LibvirtUnavailable):
-                        raise
+                    if isinstance(exc, libvirt_conn.LibvirtUnavailable) or out_of_space(exc):
+                        raise  # not the template's fault: keep it
                     log.error(
                         "vm=%s restore from template %s failed, cold booting: %s",
                         vm_id,
