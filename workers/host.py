@@ -39,6 +39,10 @@ from workers.vm_errors import out_of_space
 
 log = logging.getLogger("shoal.host")
 
+DISK_FULL_REASON = (
+    "the host's disk is full: its VM paused on a write to its disk (no space left on device)"
+)
+
 
 def spec_for(pool: Pool) -> VMSpec:
     return VMSpec(
@@ -263,15 +267,20 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
             self._end_unrun(execution_id, "the session ended before this execution's turn")
         log.info("session=%s host=%s destroyed", session_id, self.host)
 
-    def mark_session_lost(self, session_id: str, reason: str) -> None:
+    def mark_session_lost(self, session_id: str, reason: str) -> str:
         """The one place a session's VM is declared lost: the registry says why, the VM goes
-        (even when Redis cannot be written)."""
+        (even when Redis cannot be written). A VM that went silent because it paused on a full
+        host disk is reported as such. Returns the reason recorded."""
+        vm_id = self._vm_id(session_id)
+        if self.vms.paused_on_full_disk(vm_id):
+            reason = DISK_FULL_REASON
         try:
             if sessions.mark_lost(self.r, session_id, reason):
                 metrics.incr(self.r, "shoal_sessions_lost_total")
         finally:
-            self.vms.destroy(self._vm_id(session_id))
+            self.vms.destroy(vm_id)
             self.session_vm.pop(session_id, None)
+        return reason
 
     def _vm(self, session_id: str, pool: Pool):
         vm_id = self._vm_id(session_id)

@@ -204,7 +204,8 @@ class ExecutionsOnHost:
         record["status"] = executions.LOST
         record["stderr"] = f"The session was lost: {reason}"
         try:
-            self.mark_session_lost(record["session_id"], reason)
+            reason = self.mark_session_lost(record["session_id"], reason)
+            record["stderr"] = f"The session was lost: {reason}"
         except Exception:  # the record still says lost; the operator's log says what failed
             log.exception("session=%s host=%s marking it lost failed", record["session_id"],
                           self.host)  # fmt: skip

@@ -390,6 +390,25 @@ class VMManager:
                 shutil.rmtree(directory, ignore_errors=True)
         return destroyed
 
+    def paused_on_full_disk(self, vm_id: str) -> bool:
+        """True when the VM's domain is paused because a write to its disk found the host's
+        disk full (QEMU's default for ENOSPC: pause, lose nothing, wait for space)."""
+        name = dom.domain_name(self.settings, dom.vm_key(vm_id))
+
+        def check(c: libvirt.virConnect) -> bool:
+            domain = lookup(c, name)
+            if domain is None or domain.state()[:2] != [
+                libvirt.VIR_DOMAIN_PAUSED,
+                libvirt.VIR_DOMAIN_PAUSED_IOERROR,
+            ]:
+                return False
+            return libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE in domain.diskErrors().values()
+
+        try:
+            return self.libvirt.call(f"state of {name}", check)
+        except VMError:
+            return False
+
     # --- reporting ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """For /healthz and the heartbeat: accelerator, CPU quotas, libvirt, templates."""
