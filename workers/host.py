@@ -39,6 +39,8 @@ from workers.vm_errors import out_of_space
 
 log = logging.getLogger("shoal.host")
 
+# Every this many heartbeats the host destroys VM domains and directories nobody owns.
+SWEEP_EVERY_BEATS = 10
 DISK_FULL_REASON = (
     "the host's disk is full: its VM paused on a write to its disk (no space left on device)"
 )
@@ -120,11 +122,24 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         self.replenish()
 
     def _heartbeat_loop(self) -> None:
+        beats = 0
         while not self._stop.wait(self.settings.heartbeat_s):
+            beats += 1
             try:
                 self.beat_once()
             except Exception:
                 log.exception("host=%s heartbeat failed", self.host)
+            if beats % SWEEP_EVERY_BEATS == 0:
+                try:
+                    self.vms.sweep(self._owned_vm_ids)
+                except Exception:
+                    log.exception("host=%s sweeping unowned VMs failed", self.host)
+
+    def _owned_vm_ids(self) -> set[str]:
+        """The VMs this host must keep: its live sessions' (the registry's and those being
+        handed over right now) and its ready pools'."""
+        owners = {entry.get("vm") or sid for sid, entry in self._live_sessions().items()}
+        return owners | set(self.session_vm.values()) | self.ready.ids()
 
     def beat_once(self) -> None:
         live = self._live_sessions()
@@ -272,9 +287,9 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         (even when Redis cannot be written). A VM that went silent because it paused on a full
         host disk is reported as such. Returns the reason recorded."""
         vm_id = self._vm_id(session_id)
-        if self.vms.paused_on_full_disk(vm_id):
-            reason = DISK_FULL_REASON
         try:
+            if self.vms.paused_on_full_disk(vm_id):
+                reason = DISK_FULL_REASON
             if sessions.mark_lost(self.r, session_id, reason):
                 metrics.incr(self.r, "shoal_sessions_lost_total")
         finally:

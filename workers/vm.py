@@ -27,6 +27,7 @@ import shutil
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,32 @@ class VMManager:
                     vm.lost_reason = "its domain vanished"
                     vm.agent.close()
         return report
+
+    def sweep(self, owned_vm_ids: Callable[[], set[str]]) -> list[str]:
+        """While the host runs: destroy this instance's VM domains, and remove VM directories,
+        that nobody owns; the names of the domains destroyed. A VM is owned when this process
+        holds or is creating it, or `owned_vm_ids()` (the registry, the ready pools) names it.
+        Domains are listed first and owners asked after, so a VM created meanwhile is never
+        taken for a stray. This catches what a fault left behind (a domain a restarted libvirtd
+        reattached after its VM was destroyed, a restore cut off mid-call)."""
+        domains = our_domains(self.settings, self.libvirt)
+        vms = dom.vms_dir(self.settings)
+        dirs = {d.name for d in vms.iterdir()} if vms.is_dir() else set()
+        with self._lock:
+            mine = set(self._vms) | set(self._busy)
+        owned = {dom.vm_key(vm_id) for vm_id in mine | owned_vm_ids()}
+        destroyed = []
+        for name in sorted(domains):
+            key = dom.key_of(self.settings, name)
+            if key is None or dom.is_template_key(key) or key in owned:
+                continue
+            log.warning("vm host=%s destroying unowned domain %s", self.settings.host_name, name)
+            self.domains.teardown(name, dom.vm_paths(self.settings, key))
+            destroyed.append(name)
+        listed = {dom.key_of(self.settings, name) for name in domains}
+        for key in sorted(dirs - owned - listed):
+            shutil.rmtree(vms / key, ignore_errors=True)
+        return destroyed
 
     def destroy_all(self) -> list[str]:
         """Destroy every domain of this instance on this host (VMs and template builds)

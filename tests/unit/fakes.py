@@ -151,6 +151,9 @@ class FakeVMManager:
     def paused_on_full_disk(self, vm_id: str) -> bool:
         return vm_id in self.paused_full
 
+    def sweep(self, owned_vm_ids: Any) -> list[str]:
+        return []
+
     def status(self) -> dict:
         return {"libvirt": {"ok": True}}
 
