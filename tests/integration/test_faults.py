@@ -209,7 +209,7 @@ def waiting_client(stack: Stack, session_id: str, code: str, **headers) -> dict:
 # --- the faults ---------------------------------------------------------------------------------
 def test_worker_killed_mid_execution(faults: Stack) -> None:
     """kill -9 the host worker while an execution runs and a client waits on another: both end
-    `lost` saying the worker stopped, and `shoal up` brings the worker back."""
+    `lost` saying the host stopped answering, and `shoal up` brings the worker back."""
     settings = load(faults.env)
     session_id = faults.new_session()
     running = start(faults, session_id, "import time; time.sleep(20)")
@@ -220,11 +220,18 @@ def test_worker_killed_mid_execution(faults: Stack) -> None:
     os.killpg(processes.running_pid(settings, "worker"), signal.SIGKILL)
     lost = wait_final(faults, running)
     assert lost["status"] == "lost", lost
-    assert "worker" in lost["stderr"] or "testhost" in lost["stderr"], lost["stderr"]
+    assert "host testhost stopped answering" in lost["stderr"], lost["stderr"]
     waiter["thread"].join(60)
     assert waiter.get("status") == 200, waiter
-    assert waiter["body"]["status"] in ("lost", "cancelled"), waiter["body"]
-    assert waiter["body"]["stderr"], waiter["body"]
+    assert waiter["body"]["status"] == "lost", waiter["body"]
+    assert "host testhost stopped answering" in waiter["body"]["stderr"], waiter["body"]
+    refused = requests.post(
+        f"{faults.url}/v1/sessions/{session_id}/executions",
+        json={"code": "1"},
+        headers=faults.headers(),
+        timeout=10,
+    )
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "SessionLost"
 
     faults.shoal("up", "--detach")
     assert_recovered(faults)
