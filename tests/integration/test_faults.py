@@ -93,6 +93,8 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SHOAL_POOLS_FILE": str(REPO / "tests" / "integration" / "pools_faults.toml"),
             "SHOAL_API_WORKERS": "1",
             "SHOAL_TLS_PORT": "0",
+            # Redis stays down ~4 s in test_redis_restarted: the host must not lapse meanwhile.
+            "SHOAL_HEARTBEAT_TTL_S": "10",
         }
         stack = start_stack(tmp_path_factory.mktemp("shoal-faults"), overrides)
         try:
@@ -296,28 +298,40 @@ def test_libvirtd_restarted(faults: Stack) -> None:
 
 
 def test_redis_restarted(faults: Stack) -> None:
-    """kill -9 the private Redis while an execution runs; a client asking meanwhile is told
-    the store is unavailable (503), not a 500; `shoal up` brings it back on its port with its
-    append-only file, and the execution, the session and its state carry on."""
+    """kill -9 the private Redis while an execution runs, and keep it down past the execution's
+    end: a client asking meanwhile is told the store is unavailable (503), not a 500; `shoal up`
+    brings Redis back on its port with its append-only file; the worker stores the end it held,
+    the client that waited all along gets its result, and the session keeps its state."""
     settings = load(faults.env)
     session_id = faults.new_session()
     faults.execute(session_id, "y = 1")
-    running = start(faults, session_id, "import time; time.sleep(4); y += 1; y")
-    wait_running(faults, running["id"])
+    waiter = waiting_client(faults, session_id, "import time; time.sleep(1.5); y += 1; y")
+    wait_until(lambda: status_of_session(faults, session_id) == "running", 30, what="running")
 
     os.killpg(processes.running_pid(settings, "redis"), signal.SIGKILL)
-    during = get(faults, f"/v1/executions/{running['id']}")
+    during = get(faults, f"/v1/sessions/{session_id}")
     assert during.status_code == 503, during.text
     assert during.json()["error"]["code"] == "StoreUnavailable", during.text
     assert "Redis" in during.json()["error"]["message"]
-    time.sleep(1)
+    assert during.headers["Retry-After"] == "2"
+    time.sleep(2.5)  # the execution ends while Redis is down
     faults.shoal("up", "--detach")
 
-    done = wait_final(faults, running)
-    assert done["status"] == "succeeded", done
-    assert done["result"]["text/plain"] == "2"
+    waiter["thread"].join(60)
+    assert waiter.get("status") == 200, waiter
+    assert waiter["body"]["status"] == "succeeded", waiter["body"]
+    assert waiter["body"]["result"]["text/plain"] == "2"
+    worker_log = processes.log_file(settings, "worker").read_text()
+    assert "Redis unavailable storing its end" in worker_log  # the end waited for Redis
     assert faults.execute(session_id, "y")["result"]["text/plain"] == "2"
     assert_recovered(faults)
+
+
+def status_of_session(stack: Stack, session_id: str) -> str:
+    """The status of the session's latest execution, read from the registry."""
+    r = redis_conn.client(load(stack.env))
+    latest = r.zrange(keys.session_executions(session_id), -1, -1)
+    return status_of(stack, latest[0])["status"] if latest else ""
 
 
 def test_api_killed_while_client_waits(faults: Stack) -> None:
