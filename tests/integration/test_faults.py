@@ -31,7 +31,7 @@ from tests.integration.conftest import REPO, Stack, start_stack, stop_stack
 from workers import domain as dom
 
 VM_FS_MIB = 1200  # the template (~260 MB), a clone's save image while it restores, overlays
-GRACE_S = 20  # past an execution's timeout, what recovery may take (heartbeat TTL 5 s, beat)
+GRACE_S = 20  # past an execution's timeout, what recovery may take (heartbeat TTL 10 s, beat)
 FILLER = "filler.bin"
 
 
