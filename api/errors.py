@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from flask import Flask, jsonify, request
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from api.openapi import Error
-from shoal.errors import ShoalError
+from shoal.errors import ShoalError, StoreUnavailable
 
 log = logging.getLogger("shoal.api")
 
@@ -109,6 +110,14 @@ def register(app: Flask) -> None:
             log.error("%s on %s %s: %s", exc.code, request.method, request.path, exc.message)
         retry = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
         return error_response(exc.code, exc.message, exc.status, retry)
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    def _store_unavailable(exc: redis.exceptions.RedisError):
+        log.error("Redis unavailable on %s %s: %s", request.method, request.path, exc)
+        return _shoal_error(
+            StoreUnavailable("Shoal's Redis does not answer (restarting?); retry shortly")
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -29,7 +29,8 @@ ERROR_STATUSES = {
     "executions, waits or batches, or the pool's sessions (docs/limits.md)",
     431: "The headers are over their limit (RequestHeaderFieldsTooLarge)",
     500: "A bug: the API log has the traceback (InternalError)",
-    503: "No worker host is up (NoHostAvailable)",
+    503: "No worker host is up (NoHostAvailable), Shoal's Redis does not answer "
+    "(StoreUnavailable), or the host has no disk space for a new VM (HostStorageFull)",
     504: "The session's host did not answer in time (HostTimeout)",
 }
 ERROR_CODE_HEADER = "x-ms-error-code"

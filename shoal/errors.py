@@ -168,6 +168,22 @@ class StorageFull(ShoalError):
         self.retry_after_s = max(int(retry_after_s), 1)
 
 
+class StoreUnavailable(ShoalError):
+    """Shoal's Redis does not answer (it is restarting or down): nothing was done; retry
+    shortly. Not the client's doing, so a 503, with a Retry-After."""
+
+    code, status = "StoreUnavailable", 503
+    retry_after_s = 2
+
+
+class HostStorageFull(ShoalError):
+    """The host has no disk space left in its VM directory for a new VM: nothing was started;
+    retry once the operator has freed space. A 503, with a Retry-After."""
+
+    code, status = "HostStorageFull", 503
+    retry_after_s = 30
+
+
 class TooManyBatches(ShoalError):
     """The tenant has as many unfinished batches as it may have."""
 

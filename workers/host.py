@@ -27,7 +27,7 @@ from shoal import (
     replies,
     sessions,
 )
-from shoal.errors import SessionLost, ShoalError
+from shoal.errors import HostStorageFull, SessionLost, ShoalError
 from shoal.pools import Pool, all_pools, get_pool
 from shoal.records import Heartbeat, SessionEntry
 from shoal.settings import Settings
@@ -35,8 +35,15 @@ from workers.host_executions import ExecutionsOnHost
 from workers.host_files import FilesOnHost
 from workers.session_queue import SessionQueues
 from workers.vm import VMManager, VMSpec
+from workers.vm_errors import out_of_space
 
 log = logging.getLogger("shoal.host")
+
+# Every this many heartbeats the host destroys VM domains and directories nobody owns.
+SWEEP_EVERY_BEATS = 10
+DISK_FULL_REASON = (
+    "the host's disk is full: its VM paused on a write to its disk (no space left on device)"
+)
 
 
 def spec_for(pool: Pool) -> VMSpec:
@@ -115,11 +122,24 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         self.replenish()
 
     def _heartbeat_loop(self) -> None:
+        beats = 0
         while not self._stop.wait(self.settings.heartbeat_s):
+            beats += 1
             try:
                 self.beat_once()
             except Exception:
                 log.exception("host=%s heartbeat failed", self.host)
+            if beats % SWEEP_EVERY_BEATS == 0:
+                try:
+                    self.vms.sweep(self._owned_vm_ids)
+                except Exception:
+                    log.exception("host=%s sweeping unowned VMs failed", self.host)
+
+    def _owned_vm_ids(self) -> set[str]:
+        """The VMs this host must keep: its live sessions' (the registry's and those being
+        handed over right now) and its ready pools'."""
+        owners = {entry.get("vm") or sid for sid, entry in self._live_sessions().items()}
+        return owners | set(self.session_vm.values()) | self.ready.ids()
 
     def beat_once(self) -> None:
         live = self._live_sessions()
@@ -210,8 +230,14 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
             replies.send_error(self.r, reply_key, exc)
         except Exception as exc:
             log.exception("session=%s host=%s creating the VM failed", session_id, self.host)
-            self.mark_session_lost(session_id, f"creating its VM failed: {exc}")
-            error = ShoalError(f"creating the session's VM failed: {exc}")
+            if out_of_space(exc):
+                error: ShoalError = HostStorageFull(
+                    f"host {self.host} has no disk space left for a new VM; nothing was "
+                    "started: retry once space is freed"
+                )
+            else:
+                error = ShoalError(f"creating the session's VM failed: {exc}")
+            self.mark_session_lost(session_id, error.message)
             replies.send_error(self.r, reply_key, error)
 
     def _give_vm(self, session_id: str, pool: Pool) -> None:
@@ -256,15 +282,20 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
             self._end_unrun(execution_id, "the session ended before this execution's turn")
         log.info("session=%s host=%s destroyed", session_id, self.host)
 
-    def mark_session_lost(self, session_id: str, reason: str) -> None:
+    def mark_session_lost(self, session_id: str, reason: str) -> str:
         """The one place a session's VM is declared lost: the registry says why, the VM goes
-        (even when Redis cannot be written)."""
+        (even when Redis cannot be written). A VM that went silent because it paused on a full
+        host disk is reported as such. Returns the reason recorded."""
+        vm_id = self._vm_id(session_id)
         try:
+            if self.vms.paused_on_full_disk(vm_id):
+                reason = DISK_FULL_REASON
             if sessions.mark_lost(self.r, session_id, reason):
                 metrics.incr(self.r, "shoal_sessions_lost_total")
         finally:
-            self.vms.destroy(self._vm_id(session_id))
+            self.vms.destroy(vm_id)
             self.session_vm.pop(session_id, None)
+        return reason
 
     def _vm(self, session_id: str, pool: Pool):
         vm_id = self._vm_id(session_id)

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Any
 
+import redis
+
 from shoal import executions, keys, metrics, sessions, webhooks
 from shoal.celery_app import celery_for
 from shoal.errors import SessionLost, ShoalError
@@ -27,6 +29,10 @@ from workers.agent_client import AgentClientError
 from workers.vm_errors import AgentRefused, VMLost
 
 log = logging.getLogger("shoal.host")
+
+# How long a finished execution's worker keeps trying to store its end while Redis is down.
+FINISH_RETRY_S = 60.0
+FINISH_RETRY_PAUSE_S = 0.5
 
 
 class ExecutionsOnHost:
@@ -154,13 +160,7 @@ class ExecutionsOnHost:
         session_id = record["session_id"]
         cooldown_s = cooldown_s or self.settings.cooldown_s
         try:
-            pipe = self.r.pipeline(transaction=False)
-            self._end_turn(pipe, record)
-            sessions.touch(pipe, session_id, cooldown_s)
-            metrics.incr(pipe, "shoal_executions_total", pool=pool_name, status=record["status"])
-            seconds = record["finished_at"] - record["started_at"]
-            metrics.observe(pipe, "shoal_execution_seconds", seconds, pool=pool_name)
-            pipe.execute()
+            self._store_final(record, pool_name, cooldown_s)
             self._notify(record)
         except Exception:
             log.exception(
@@ -178,11 +178,34 @@ class ExecutionsOnHost:
             record["duration_ms"],
         )
 
+    def _store_final(self, record: ExecutionRecord, pool_name: str, cooldown_s: int) -> None:
+        """Write the final record; while Redis does not answer (it restarts), try again for
+        up to FINISH_RETRY_S, so the record does not stay `running` for ever."""
+        deadline = time.monotonic() + FINISH_RETRY_S
+        while True:
+            try:
+                pipe = self.r.pipeline(transaction=False)
+                self._end_turn(pipe, record)
+                sessions.touch(pipe, record["session_id"], cooldown_s)
+                metrics.incr(pipe, "shoal_executions_total", pool=pool_name,
+                             status=record["status"])  # fmt: skip
+                seconds = record["finished_at"] - record["started_at"]
+                metrics.observe(pipe, "shoal_execution_seconds", seconds, pool=pool_name)
+                pipe.execute()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("execution=%s host=%s Redis unavailable storing its end (%s); "
+                            "retrying", record["id"], self.host, exc)  # fmt: skip
+                time.sleep(FINISH_RETRY_PAUSE_S)
+
     def _lose(self, record: ExecutionRecord, reason: str) -> None:
         record["status"] = executions.LOST
         record["stderr"] = f"The session was lost: {reason}"
         try:
-            self.mark_session_lost(record["session_id"], reason)
+            reason = self.mark_session_lost(record["session_id"], reason)
+            record["stderr"] = f"The session was lost: {reason}"
         except Exception:  # the record still says lost; the operator's log says what failed
             log.exception("session=%s host=%s marking it lost failed", record["session_id"],
                           self.host)  # fmt: skip

@@ -94,16 +94,16 @@ class FilesOnHost:
             replies.send_error(self.r, reply_key, from_agent(exc.code, exc.agent_message))
         except AgentClientError as exc:
             # Garbage, a flood, silence or a hang-up from the guest: it is not trusted again.
-            self.mark_session_lost(session_id, f"its agent broke the protocol: {exc}")
-            replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))
+            why = self.mark_session_lost(session_id, f"its agent broke the protocol: {exc}")
+            replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {why}"))
         except ShoalError as exc:
             replies.send_error(self.r, reply_key, exc)
         except transfers.TransferAborted as exc:
             log.info("session=%s host=%s upload abandoned by the client", session_id, self.host)
             replies.send_error(self.r, reply_key, ShoalError(str(exc)))
         except VMLost as exc:
-            self.mark_session_lost(session_id, str(exc))
-            replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {exc}"))
+            why = self.mark_session_lost(session_id, str(exc))
+            replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {why}"))
         except Exception as exc:  # the host's own fault: the waiting request hears it at once
             log.exception("session=%s host=%s file operation failed", session_id, self.host)
             error = ShoalError(f"the file operation failed on the host ({type(exc).__name__})")

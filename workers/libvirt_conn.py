@@ -24,6 +24,8 @@ from workers.vm_errors import LibvirtUnavailable, VMError
 log = logging.getLogger("shoal.libvirt")
 
 DEFAULT_URI = "qemu:///system"
+# How long a call waits for libvirtd to answer again (it is restarting) before it fails.
+RECONNECT_WAIT_S = 10.0
 T = TypeVar("T")
 
 # Errors that mean "the connection is dead", not "the operation failed".
@@ -136,8 +138,9 @@ class LibvirtConnection:
 
     def call(self, what: str, fn: Callable[[libvirt.virConnect], T], retry: bool = True) -> T:
         """Run fn(conn). A dead connection is reopened and fn retried once (if `retry`);
-        other libvirt errors become VMError (its `libvirt_code` keeps libvirt's code)."""
-        conn = self.get()
+        other libvirt errors become VMError (its `libvirt_code` keeps libvirt's code). While
+        libvirtd restarts (its socket is briefly gone) the call waits for it, as a retry does."""
+        conn = self._get_waiting(RECONNECT_WAIT_S if retry else 0.0)
         try:
             return fn(conn)
         except libvirt.libvirtError as exc:
@@ -151,24 +154,28 @@ class LibvirtConnection:
                 raise LibvirtUnavailable(
                     f"{what}: the connection to libvirtd was lost: {exc.get_error_message()}"
                 ) from None
-        deadline = time.monotonic() + 10.0
-        while True:  # libvirtd may be restarting right now: give it a few seconds
-            try:
-                conn = self.get()
-                break
-            except LibvirtUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.25)
+        conn = self._get_waiting(RECONNECT_WAIT_S)
         try:
             return fn(conn)
         except libvirt.libvirtError as exc:
             raise explain(what, exc) from None
 
+    def _get_waiting(self, wait_s: float) -> libvirt.virConnect:
+        """get(), trying again for up to `wait_s` while libvirtd cannot be reached."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.get()
+            except LibvirtUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.25)
+
     def ping(self) -> tuple[bool, str]:
         """(ok, error) for /healthz: a cheap round trip to libvirtd."""
         try:
-            version = self.call("libvirt version", lambda c: c.getLibVersion())
+            # No waiting: the heartbeat asks, and must not stall while libvirtd restarts.
+            version = self.call("libvirt version", lambda c: c.getLibVersion(), retry=False)
         except VMError as exc:
             return False, exc.message
         major, rest = divmod(version, 1_000_000)

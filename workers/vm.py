@@ -27,6 +27,7 @@ import shutil
 import threading
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from workers.reconcile import ReconcileReport, our_domains
 from workers.reconcile import reconcile as reconcile_domains
 from workers.template_builder import TemplateBuilder
 from workers.vm_domains import CONNECT_ATTEMPT_S, DomainOps, lookup
-from workers.vm_errors import AgentRefused, VMError, VMLost
+from workers.vm_errors import AgentRefused, VMError, VMLost, out_of_space
 from workers.vm_identity import kvm_device_problem
 from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 
@@ -228,8 +229,8 @@ class VMManager:
                     )
                     restored = True
                 except (VMError, OSError) as exc:
-                    if isinstance(exc, libvirt_conn.LibvirtUnavailable):
-                        raise
+                    if isinstance(exc, libvirt_conn.LibvirtUnavailable) or out_of_space(exc):
+                        raise  # not the template's fault: keep it
                     log.error(
                         "vm=%s restore from template %s failed, cold booting: %s",
                         vm_id,
@@ -366,6 +367,32 @@ class VMManager:
                     vm.agent.close()
         return report
 
+    def sweep(self, owned_vm_ids: Callable[[], set[str]]) -> list[str]:
+        """While the host runs: destroy this instance's VM domains, and remove VM directories,
+        that nobody owns; the names of the domains destroyed. A VM is owned when this process
+        holds or is creating it, or `owned_vm_ids()` (the registry, the ready pools) names it.
+        Domains are listed first and owners asked after, so a VM created meanwhile is never
+        taken for a stray. This catches what a fault left behind (a domain a restarted libvirtd
+        reattached after its VM was destroyed, a restore cut off mid-call)."""
+        domains = our_domains(self.settings, self.libvirt)
+        vms = dom.vms_dir(self.settings)
+        dirs = {d.name for d in vms.iterdir()} if vms.is_dir() else set()
+        with self._lock:
+            mine = set(self._vms) | set(self._busy)
+        owned = {dom.vm_key(vm_id) for vm_id in mine | owned_vm_ids()}
+        destroyed = []
+        for name in sorted(domains):
+            key = dom.key_of(self.settings, name)
+            if key is None or dom.is_template_key(key) or key in owned:
+                continue
+            log.warning("vm host=%s destroying unowned domain %s", self.settings.host_name, name)
+            self.domains.teardown(name, dom.vm_paths(self.settings, key))
+            destroyed.append(name)
+        listed = {dom.key_of(self.settings, name) for name in domains}
+        for key in sorted(dirs - owned - listed):
+            shutil.rmtree(vms / key, ignore_errors=True)
+        return destroyed
+
     def destroy_all(self) -> list[str]:
         """Destroy every domain of this instance on this host (VMs and template builds)
         and remove their files; templates already saved stay. For `shoal down` and tests.
@@ -392,6 +419,25 @@ class VMManager:
             for directory in vms.iterdir():
                 shutil.rmtree(directory, ignore_errors=True)
         return destroyed
+
+    def paused_on_full_disk(self, vm_id: str) -> bool:
+        """True when the VM's domain is paused because a write to its disk found the host's
+        disk full (QEMU's default for ENOSPC: pause, lose nothing, wait for space)."""
+        name = dom.domain_name(self.settings, dom.vm_key(vm_id))
+
+        def check(c: libvirt.virConnect) -> bool:
+            domain = lookup(c, name)
+            if domain is None or domain.state()[:2] != [
+                libvirt.VIR_DOMAIN_PAUSED,
+                libvirt.VIR_DOMAIN_PAUSED_IOERROR,
+            ]:
+                return False
+            return libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE in domain.diskErrors().values()
+
+        try:
+            return self.libvirt.call(f"state of {name}", check)
+        except VMError:
+            return False
 
     # --- reporting ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

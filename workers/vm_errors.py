@@ -7,6 +7,8 @@ VMLost means "the session's state is gone".
 
 from __future__ import annotations
 
+import errno
+
 
 class VMError(Exception):
     """A VM operation failed."""
@@ -41,3 +43,12 @@ class TemplateError(VMError):
 
 class LibvirtUnavailable(VMError):
     """libvirtd cannot be reached."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True when `exc` says the host's disk is full (an OSError, or a tool's or libvirt's
+    message): no VM can start until space is freed, and no template is to blame."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text

@@ -28,7 +28,8 @@ def _cmd_daemons(s: Settings, a: argparse.Namespace) -> int:
     from shoal.ops import daemons
 
     print(f"shoal: virtlogd {daemons.ensure_virtlogd()}", flush=True)
-    print(f"shoal: libvirtd {daemons.ensure_libvirtd()}", flush=True)
+    libvirtd = daemons.restart_libvirtd() if a.restart_libvirtd else daemons.ensure_libvirtd()
+    print(f"shoal: libvirtd {libvirtd}", flush=True)
     return 0
 
 
@@ -114,9 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         func=_cmd_down
     )
     sub.add_parser("status", help="show components and /healthz").set_defaults(func=_cmd_status)
-    sub.add_parser(
+    host_daemons = sub.add_parser(
         "daemons", help="start the host's virtlogd and libvirtd unless they run"
-    ).set_defaults(func=_cmd_daemons)
+    )
+    host_daemons.add_argument(
+        "--restart-libvirtd",
+        action="store_true",
+        help="stop libvirtd and start it again (running domains survive it)",
+    )
+    host_daemons.set_defaults(func=_cmd_daemons)
     image = sub.add_parser("image", help="guest images").add_subparsers(dest="sub", required=True)
     build = image.add_parser("build", help="build a guest image (cached by recipe hash)")
     build.add_argument("name", nargs="?", default="python")

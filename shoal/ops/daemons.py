@@ -11,8 +11,10 @@ QEMU on every domain start (host.md: 56 s).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -86,6 +88,30 @@ def ensure_libvirtd(timeout_s: float = 30.0) -> str:
             raise RuntimeError(f"libvirtd did not answer on {LIBVIRT_URI} within {timeout_s} s")
         time.sleep(0.3)
     return state
+
+
+def _pids(name: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
+
+
+def restart_libvirtd(timeout_s: float = 30.0) -> str:
+    """Stop libvirtd (SIGTERM; SIGKILL after `timeout_s`) and start it again as
+    ensure_libvirtd does, /dev/kvm hidden where there is no hardware virtualization.
+    Running domains survive it: the new libvirtd reattaches to their QEMU processes."""
+    pids = _pids("libvirtd")
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _pids("libvirtd"):
+        if time.monotonic() > deadline:
+            for pid in _pids("libvirtd"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    state = ensure_libvirtd(timeout_s)
+    return f"restarted (was pid {', '.join(map(str, pids)) or 'none'}); {state}"
 
 
 def missing_tools() -> list[str]:

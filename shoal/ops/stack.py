@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def start_redis(settings: Settings) -> None:
     url_file = redis_conn.private_url_file(settings)
     if processes.running_pid(settings, "redis") and url_file.exists():
         return
-    port = free_port()
+    port = _previous_port(url_file) or free_port()
     data = Path(settings.home) / "redis"
     data.mkdir(parents=True, exist_ok=True)
     argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
@@ -74,6 +75,15 @@ def start_redis(settings: Settings) -> None:
     processes.start(settings, "redis", argv)
     url_file.write_text(f"redis://127.0.0.1:{port}/0")
     _wait_for(lambda: _redis_ok(settings), 20, "redis", settings)
+
+
+def _previous_port(url_file: Path) -> int | None:
+    """The port of a private Redis that died while the instance ran: started again on it, with
+    its append-only file, the running components find it where they left it."""
+    try:
+        return urllib.parse.urlsplit(url_file.read_text().strip()).port
+    except (OSError, ValueError):
+        return None
 
 
 def _redis_ok(settings: Settings) -> bool:
@@ -234,9 +244,13 @@ def up(settings: Settings, detach: bool) -> int:
         _say(f"already running at {endpoint(settings)} (stop it with ./scripts/down)")
         restarted = [
             n
-            for n in ("worker", "beat", "batches", "webhooks")
+            for n in ("redis", "worker", "beat", "batches", "webhooks")
             if processes.running_pid(settings, n) is None
         ]
+        if "redis" in restarted and settings.redis_url:
+            restarted.remove("redis")  # not ours to start
+        if "redis" in restarted:
+            start_redis(settings)
         if restarted:
             start_services(settings)
             _say(f"restarted {', '.join(restarted)}, which had stopped")

@@ -6,6 +6,8 @@ import secrets
 import time
 from typing import Any
 
+import redis
+
 from shoal import executions, keys, liveness, queue, sessions, storage
 from shoal.context import Context
 from shoal.errors import HostTimeout, SessionLost
@@ -22,6 +24,8 @@ IDEMPOTENCY_POLL_S = 0.01
 # A wait slot lapses this long after its wait's own deadline: an API process that dies while
 # waiting leaks no slot for longer.
 WAIT_SLOT_MARGIN_S = 10
+# A wait that loses Redis (it restarts) tries again this often until its deadline.
+REDIS_RETRY_S = 0.5
 
 
 def admission(c: Context) -> executions.Admission:
@@ -141,14 +145,19 @@ def wait_execution(
                 f"execution {record['id']} did not finish within {timeout_s:.0f} s; "
                 f"poll GET /v1/executions/{record['id']}"
             )
-        final = executions.wait_done(c.redis, record["id"], min(remaining, LIVENESS_POLL_S))
-        if final is not None:
-            return final
-        latest = executions.load(c.redis, record["id"])
-        if latest is None or latest["status"] in executions.FINAL:
-            return latest or record
-        if record["host"] not in live_hosts(c.redis):
-            liveness.check_hosts(c.redis, c.settings.execution_ttl_s)
+        try:
+            final = executions.wait_done(c.redis, record["id"], min(remaining, LIVENESS_POLL_S))
+            if final is not None:
+                return final
+            latest = executions.load(c.redis, record["id"])
+            if latest is None or latest["status"] in executions.FINAL:
+                return latest or record
+            if record["host"] not in live_hosts(c.redis):
+                liveness.check_hosts(c.redis, c.settings.execution_ttl_s)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Redis is restarting: the execution goes on, and its end waits in its "done" list
+            # (the host stores it once Redis is back), so keep waiting within the deadline.
+            time.sleep(min(REDIS_RETRY_S, max(deadline - time.monotonic(), 0)))
 
 
 def cancel_execution(c: Context, record: ExecutionRecord) -> ExecutionRecord:

@@ -69,9 +69,9 @@ class Stack:
         return response.json()
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    home = tmp_path_factory.mktemp("shoal-home")
+def start_stack(home: Path, overrides: dict[str, str] | None = None) -> Stack:
+    """`shoal up --detach` for a new instance at `home` (fresh ports), with `overrides` on top
+    of the test settings; stop it with stop_stack."""
     port, tls_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -91,6 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
         # Few worker threads, so a flood of queued executions outnumbers them
         # (test_noisy_neighbour.py): waiting executions must hold none.
         "SHOAL_WORKER_CONCURRENCY": "12",
+        **(overrides or {}),
     }
     env.pop("SHOAL_REDIS_URL", None)
     up = subprocess.run(
@@ -102,15 +103,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
             "Shoal did not start (QEMU/libvirt guests are required here):\n" + up.stdout + up.stderr
         )
     key = (home / "dev-api-key").read_text().strip()
-    yield Stack(
+    return Stack(
         f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", key, env, home, up.stdout
     )
-    down = subprocess.run([*SHOAL, "down"], env=env, cwd=REPO, capture_output=True, text=True)
+
+
+def stop_stack(stack: Stack) -> None:
+    """`shoal down`, then prove nothing of the instance is left; its templates are removed."""
+    down = subprocess.run([*SHOAL, "down"], env=stack.env, cwd=REPO, capture_output=True, text=True)
     assert down.returncode == 0, down.stdout + down.stderr
-    settings = load(env)
+    settings = load(stack.env)
     assert_nothing_left(settings)
     # The instance's snapshot templates (~250 MB) belong to this run alone.
     shutil.rmtree(settings.instance_vm_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    started = start_stack(tmp_path_factory.mktemp("shoal-home"))
+    yield started
+    stop_stack(started)
 
 
 def processes_of(home: str) -> list[int]:

@@ -127,6 +127,7 @@ class FakeVMManager:
         self.vms: dict[str, FakeVM] = {}
         self.destroyed: dict[str, int] = {}
         self.create_error: BaseException | None = None
+        self.paused_full: set[str] = set()  # VMs paused on a full host disk
 
     def create(self, vm_id: str, spec: Any) -> FakeVM:
         if self.create_error is not None:
@@ -146,6 +147,12 @@ class FakeVMManager:
 
     def list_vms(self) -> list[FakeVM]:
         return list(self.vms.values())
+
+    def paused_on_full_disk(self, vm_id: str) -> bool:
+        return vm_id in self.paused_full
+
+    def sweep(self, owned_vm_ids: Any) -> list[str]:
+        return []
 
     def status(self) -> dict:
         return {"libvirt": {"ok": True}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fakeredis
 import pytest
+import redis
 
 from api.app import create_app
 from shoal import admin_keys, sessions, tenants
@@ -179,3 +180,14 @@ def test_a_body_that_is_not_json_is_415(app, client, key) -> None:
             url, data="code=1", headers={**auth(key), "Content-Type": "text/plain"}
         )
         assert_error(response, 415, "UnsupportedMediaType", "application/json")
+
+
+def test_redis_down_is_503_store_unavailable(app, client, key) -> None:
+    """A request that reaches a Redis that does not answer (restarting) hears so, with a
+    Retry-After: a 503, never a 500."""
+    app.extensions["shoal"].redis = redis.Redis.from_url(
+        "redis://127.0.0.1:1/0", socket_connect_timeout=0.5
+    )
+    response = client.get("/v1/sessions", headers=auth(key))
+    assert_error(response, 503, "StoreUnavailable", "Redis", "retry")
+    assert response.headers["Retry-After"] == "2"

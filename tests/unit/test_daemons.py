@@ -40,3 +40,30 @@ def test_libvirtd_starts_clean_and_on_its_own(started, monkeypatch) -> None:
     (call,) = [c for c in started if c["argv"][0] == "libvirtd"]
     assert call["start_new_session"] is True
     assert not any(name.startswith("SHOAL_") for name in call["env"])
+
+
+def test_restarting_libvirtd_stops_it_then_starts_it_as_up_does(monkeypatch) -> None:
+    """`shoal daemons --restart-libvirtd`: SIGTERM, wait until it is gone, then the same start
+    as `shoal up` (the real restart, with guests running, is in tests/integration/
+    test_faults.py)."""
+    alive = {4242}
+    signals: list[tuple[int, int]] = []
+
+    def kill(pid: int, sig: int) -> None:
+        signals.append((pid, sig))
+        alive.discard(pid)
+
+    monkeypatch.setattr(daemons, "_pids", lambda name: sorted(alive))
+    monkeypatch.setattr(daemons.os, "kill", kill)
+    monkeypatch.setattr(daemons, "ensure_libvirtd", lambda timeout_s: "started")
+    assert daemons.restart_libvirtd() == "restarted (was pid 4242); started"
+    assert signals == [(4242, daemons.signal.SIGTERM)]
+
+
+def test_a_dead_private_redis_comes_back_on_its_port(tmp_path) -> None:
+    from shoal.ops import stack
+
+    url = tmp_path / "redis.url"
+    assert stack._previous_port(url) is None
+    url.write_text("redis://127.0.0.1:40123/0\n")
+    assert stack._previous_port(url) == 40123

@@ -4,18 +4,21 @@ session still expires."""
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
 
 import pytest
+import redis
 
 from pool.expiry import expire_idle
 from shoal import executions, keys, queue, sessions
 from shoal.pools import get_pool
 from shoal.use_cases import executions as execution_cases
 from tests.unit.fakes import FakeVMManager, live_session, ok_answer, unit_context
-from workers.agent_client import AgentProtocolError
+from workers import host_executions
+from workers.agent_client import AgentProtocolError, AgentTimeout
 from workers.host import HostRuntime
 from workers.vm_errors import VMError, VMLost
 
@@ -176,6 +179,47 @@ def test_session_creation_answers_its_creator(c, runtime, vms) -> None:
     answer = json.loads(c.redis.lpop("reply:2"))
     assert answer["ok"] is False and "no room on the disk" in answer["error"]["message"]
     assert sessions.load(c.redis, other["id"])["state"] == sessions.LOST
+
+
+def test_a_full_host_disk_is_said_plainly(c, runtime, vms, entry) -> None:
+    """Creating a VM on a full disk answers HostStorageFull; a VM that went silent because it
+    paused on a full disk is lost for that reason, not for a protocol error."""
+    vms.create_error = OSError(errno.ENOSPC, "No space left on device")
+    other = creating_session(c)
+    runtime.create_session(other["id"], "default", "reply:1")
+    error = json.loads(c.redis.lpop("reply:1"))["error"]
+    assert error["code"] == "HostStorageFull" and "disk space" in error["message"]
+
+    vms.paused_full.add("vm_1")
+    vms.get("vm_1").answers = [AgentTimeout("no answer within 7 s")]
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.LOST
+    assert "the host's disk is full" in record["stderr"]
+    assert "disk is full" in sessions.load(c.redis, entry["id"])["reason"]
+    assert vms.destroyed["vm_1"] == 1
+
+
+def test_an_end_is_stored_once_redis_is_back(c, runtime, vms, entry, monkeypatch) -> None:
+    """Redis restarting while an execution runs: its end is written when Redis answers again,
+    so the record does not stay `running`."""
+    monkeypatch.setattr(host_executions, "FINISH_RETRY_PAUSE_S", 0.01)
+    real = runtime.r.pipeline
+    failures = [redis.ConnectionError("Connection refused")] * 3
+
+    def flaky(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        if failures:
+            error = failures.pop()
+
+            def broken():
+                raise error
+
+            pipe.execute = broken
+        return pipe
+
+    monkeypatch.setattr(runtime.r, "pipeline", flaky)
+    record = submit_and_run(c, runtime, entry)
+    assert record["status"] == executions.SUCCEEDED and failures == []
 
 
 def test_a_session_deleted_while_its_vm_is_made_does_not_keep_the_vm(c, runtime, vms) -> None:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import redis
 
 from shoal import batches, executions, keys, queue, replies, sessions, tenants, transfers
 from shoal.errors import (
@@ -373,6 +374,25 @@ def test_a_second_waiter_also_gets_the_final_record(c, monkeypatch) -> None:
     first = execution_cases.wait_execution(c, record, timeout_s=2)
     second = execution_cases.wait_execution(c, record, timeout_s=2)  # the done list is empty
     assert first["status"] == second["status"] == executions.FAILED
+
+
+def test_a_wait_outlives_a_redis_restart(c, monkeypatch) -> None:
+    """Redis restarting under a waiting request: the wait tries again (the host stores the end
+    once Redis is back) instead of failing the request."""
+    monkeypatch.setattr(execution_cases, "REDIS_RETRY_S", 0.01)
+    record = execution_cases.submit_execution(c, live_session(c), PARAMS)
+    real = executions.wait_done
+    outage = [redis.ConnectionError("Connection refused")] * 2
+
+    def restarting(*args, **kwargs):
+        if outage:
+            raise outage.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(executions, "wait_done", restarting)
+    finish_as_host(c, record)
+    final = execution_cases.wait_execution(c, record, timeout_s=5)
+    assert final["status"] == executions.SUCCEEDED and outage == []
 
 
 def test_wait_execution_times_out_when_nothing_happens(c) -> None:

@@ -59,6 +59,9 @@ class StubManager:
         assert self.vm is not None and vm_id == self.vm.vm_id
         return self.vm
 
+    def paused_on_full_disk(self, vm_id: str) -> bool:
+        return False
+
     def ensure_template(self, spec: VMSpec) -> None:
         pass
 
