@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import socket
 from pathlib import Path
 
 import redis
+from redis.backoff import ConstantBackoff
 from redis.commands.core import Script
+from redis.retry import Retry
+from redis.sentinel import Sentinel
 
+from shoal import redis_target
+from shoal.redis_target import RedisTarget
 from shoal.settings import Settings
 
 
@@ -31,26 +38,51 @@ def redis_url(settings: Settings) -> str:
 # Blocking reads (BLPOP on replies, transfers and execution results) wait up to a few minutes;
 # the socket must outlast them. redis-py 8 otherwise cuts every read at 5 s.
 SOCKET_TIMEOUT_S = 330
+# ... so a server that vanished without closing the connection (a host that lost power, a
+# network cut) is noticed by TCP keepalive within about 30 s instead.
+KEEPALIVE = {socket.TCP_KEEPIDLE: 10, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCNT: 4}
+# Pause between a Sentinel client's attempts while its primary is gone.
+FAILOVER_RETRY_STEP_S = 0.5
+
+
+def target(settings: Settings) -> RedisTarget:
+    return redis_target.parse(redis_url(settings), settings.redis_ca_file)
+
+
+def _connect(settings: Settings, decode: bool) -> redis.Redis:
+    where = target(settings)
+    common: dict = {
+        "decode_responses": decode,
+        "health_check_interval": 30,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "socket_keepalive_options": KEEPALIVE,
+        **where.redis_kwargs(),
+    }
+    if not where.sentinel:
+        host, port = where.hosts[0]
+        return redis.Redis(host=host, port=port, **common)
+    # A command that meets a dead primary (connection refused or reset, or READONLY from a
+    # demoted one) is retried, each time asking the Sentinels where the primary is now, for
+    # SHOAL_REDIS_RETRY_S: a blocked BLPOP is sent again to the new primary.
+    attempts = max(1, math.ceil(settings.redis_retry_s / FAILOVER_RETRY_STEP_S))
+    retry = Retry(ConstantBackoff(FAILOVER_RETRY_STEP_S), attempts)
+    sentinels = Sentinel(
+        list(where.hosts),
+        sentinel_kwargs=where.sentinel_kwargs(),
+        socket_connect_timeout=5,
+    )
+    return sentinels.master_for(where.master_name, redis_class=redis.Redis, retry=retry, **common)
 
 
 def client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        redis_url(settings),
-        decode_responses=True,
-        health_check_interval=30,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=5,
-    )
+    return _connect(settings, decode=True)
 
 
 def binary_client(settings: Settings) -> redis.Redis:
     """A client that returns bytes, for file chunks."""
-    return redis.Redis.from_url(
-        redis_url(settings),
-        health_check_interval=30,
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=5,
-    )
+    return _connect(settings, decode=False)
 
 
 def script(source: str) -> Script:

@@ -19,7 +19,7 @@ from pathlib import Path
 from shoal import queue, redis_conn, secret_files, tenants
 from shoal.celery_app import CONTROL_QUEUE
 from shoal.keys import host_queue
-from shoal.ops import daemons, processes, tls
+from shoal.ops import daemons, private_redis, processes, tls
 from shoal.settings import Settings
 
 # stop order; start is reversed. `webhooks` and `batches` are Celery workers of their own
@@ -52,23 +52,18 @@ def _say(message: str) -> None:
 
 
 def start_redis(settings: Settings) -> None:
+    """Start the private Redis (unless SHOAL_REDIS_URL names one): loopback only, a password,
+    append-only, its files readable by their owner only (private_redis.py)."""
     if settings.redis_url:
         return
     url_file = redis_conn.private_url_file(settings)
     if processes.running_pid(settings, "redis") and url_file.exists():
         return
     port = free_port()
-    data = Path(settings.home) / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
-    argv += ["--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
-    # Bounded, and never evicting: an evicted record would be state lost without a word. The
-    # tenants' data is refused before this is reached (shoal/storage.py), leaving headroom for
-    # heartbeats, the session registry and control writes (docs/limits.md, "Storage").
-    argv += ["--maxmemory", str(settings.redis_maxmemory_bytes)]
-    argv += ["--maxmemory-policy", "noeviction"]
-    processes.start(settings, "redis", argv)
-    url_file.write_text(f"redis://127.0.0.1:{port}/0")
+    conf = private_redis.write_config(settings, port)
+    processes.start(settings, "redis", ["redis-server", str(conf)])
+    password = private_redis.password(settings)
+    secret_files.write_secret(url_file, f"redis://:{password}@127.0.0.1:{port}/0\n")
     _wait_for(lambda: _redis_ok(settings), 20, "redis", settings)
 
 
