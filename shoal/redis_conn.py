@@ -10,7 +10,7 @@ import redis
 from redis.backoff import ConstantBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from shoal import redis_target
 from shoal.redis_target import RedisTarget
@@ -45,6 +45,24 @@ KEEPALIVE = {socket.TCP_KEEPIDLE: 10, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCN
 FAILOVER_RETRY_STEP_S = 0.5
 
 
+class PrimaryFollowingConnection(SentinelManagedConnection):
+    """A connection to whichever server the Sentinels name as primary, asked on every connect.
+
+    redis-py 8.1 reconnects a dropped connection through `connect_check_health`, which dials
+    the address the connection had: after a failover, the dead primary's, for as long as the
+    retries last. Here every (re)connect asks the Sentinels first, and does not retry the same
+    address itself: the command's retry (FAILOVER_RETRY_STEP_S apart) asks them again."""
+
+    def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self._sock:
+            return
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=False)
+
+
 def target(settings: Settings) -> RedisTarget:
     return redis_target.parse(redis_url(settings), settings.redis_ca_file)
 
@@ -73,7 +91,13 @@ def _connect(settings: Settings, decode: bool) -> redis.Redis:
         sentinel_kwargs=where.sentinel_kwargs(),
         socket_connect_timeout=5,
     )
-    return sentinels.master_for(where.master_name, redis_class=redis.Redis, retry=retry, **common)
+    return sentinels.master_for(
+        where.master_name,
+        redis_class=redis.Redis,
+        retry=retry,
+        connection_class=PrimaryFollowingConnection,
+        **common,
+    )
 
 
 def client(settings: Settings) -> redis.Redis:
