@@ -1,4 +1,10 @@
-"""Which Redis this instance uses, and clients for it."""
+"""Which Redis this instance uses, and clients for it.
+
+SHOAL_REDIS_URL (parsed by shoal/redis_target.py) names one Redis, over TCP or verified TLS, or
+the Sentinels of a replicated one; unset, the private Redis that `shoal up` started, whose URL
+(password included) is in SHOAL_HOME/run/redis.url, 0600. Clients of a Sentinel-watched Redis
+follow its primary through a failover (docs/security.md, "Redis").
+"""
 
 from __future__ import annotations
 
