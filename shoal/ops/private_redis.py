@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from shoal import secret_files
+from shoal import redis_conn, secret_files
+from shoal.secret_files import read_secret
 from shoal.settings import Settings
 
 DATA_MODE = 0o700
@@ -27,6 +30,25 @@ def data_dir(settings: Settings) -> Path:
 
 def config_file(settings: Settings) -> Path:
     return data_dir(settings) / "redis.conf"
+
+
+def previous_port(settings: Settings) -> int | None:
+    """The port it had, when that port is free: started again there, the processes that still
+    run reconnect to it by themselves."""
+    try:
+        port = int(urlsplit(read_secret(redis_conn.private_url_file(settings))).port or 0)
+    except (FileNotFoundError, ValueError):
+        return None
+    if not port:
+        return None
+    with socket.socket() as probe:
+        # As redis-server binds: connections the dead one left in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
 
 
 def password(settings: Settings) -> str:

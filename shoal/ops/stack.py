@@ -59,7 +59,7 @@ def start_redis(settings: Settings) -> None:
     url_file = redis_conn.private_url_file(settings)
     if processes.running_pid(settings, "redis") and url_file.exists():
         return
-    port = free_port()
+    port = private_redis.previous_port(settings) or free_port()
     conf = private_redis.write_config(settings, port)
     processes.start(settings, "redis", ["redis-server", str(conf)])
     password = private_redis.password(settings)
@@ -188,6 +188,9 @@ def up(settings: Settings, detach: bool) -> int:
             for n in ("worker", "beat", "batches", "webhooks")
             if processes.running_pid(settings, n) is None
         ]
+        if not settings.redis_url and processes.running_pid(settings, "redis") is None:
+            start_redis(settings)  # on its port again: the running processes reconnect
+            restarted.insert(0, "redis")
         if restarted:
             start_services(settings)
             _say(f"restarted {', '.join(restarted)}, which had stopped")

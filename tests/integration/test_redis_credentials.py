@@ -59,12 +59,14 @@ def test_private_redis_has_a_password_and_owner_only_files(tmp_path: Path) -> No
         r.set("kept", "across restarts")
         assert list(private_redis.data_dir(settings).rglob("*.aof")), "append-only file is off"
 
-        os.kill(pid, signal.SIGKILL)  # died; `shoal up` starts it again
+        os.kill(pid, signal.SIGKILL)  # died; `shoal up` starts it again (stack.up)
         _wait_dead(pid)
         stack.start_redis(settings)
         again = url_file.read_text().strip()
-        assert urlsplit(again).password == password
+        assert again == url  # same password, same port
+        assert mode(url_file) == 0o600
         assert redis_conn.client(settings).get("kept") == "across restarts"
+        assert r.get("kept") == "across restarts"  # a client of before reconnects by itself
         assert_refuses_strangers(again)
     finally:
         processes.stop(settings, "redis")
