@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +22,8 @@ from shoal.secret_files import read_secret
 from shoal.settings import Settings
 
 DATA_MODE = 0o700
+# How long a restart waits for the old port before it takes a new one (previous_port).
+PORT_WAIT_S = 10.0
 PASSWORD_DIRECTIVE = "requirepass "
 
 
@@ -32,23 +35,33 @@ def config_file(settings: Settings) -> Path:
     return data_dir(settings) / "redis.conf"
 
 
-def previous_port(settings: Settings) -> int | None:
-    """The port it had, when that port is free: started again there, the processes that still
-    run reconnect to it by themselves."""
+def previous_port(settings: Settings, wait_s: float = PORT_WAIT_S) -> int | None:
+    """The port it had, once that port is free (within `wait_s`): started again there, the
+    processes that still run reconnect to it by themselves. A connection the dead server left
+    half-closed holds the port until its client notices (at its next command) and closes it."""
     try:
         port = int(urlsplit(read_secret(redis_conn.private_url_file(settings))).port or 0)
     except (FileNotFoundError, ValueError):
         return None
     if not port:
         return None
+    deadline = time.monotonic() + wait_s
+    while not _bindable(port):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+    return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
         # As redis-server binds: connections the dead one left in TIME_WAIT do not count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
-            return None
-    return port
+            return False
+    return True
 
 
 def password(settings: Settings) -> str:

@@ -61,6 +61,9 @@ def test_private_redis_has_a_password_and_owner_only_files(tmp_path: Path) -> No
 
         os.kill(pid, signal.SIGKILL)  # died; `shoal up` starts it again (stack.up)
         _wait_dead(pid)
+        # A client notices at its next command and closes its connection (Shoal's processes
+        # talk to Redis every few seconds): until then the dead server's side holds the port.
+        r.connection_pool.disconnect()
         stack.start_redis(settings)
         again = url_file.read_text().strip()
         assert again == url  # same password, same port
