@@ -112,6 +112,13 @@ def start_sentinel_set(servers: Servers, password: str, sentinel_password: str) 
     primary = servers.start("primary", auth)
     wait_ready(redis.Redis(port=primary.port, password=password))
     replica = servers.start("replica", [*auth, f"replicaof 127.0.0.1 {primary.port}"])
+    # Replicating before the Sentinels start, the replica is in the primary's first INFO to them
+    # (else they learn of it at their next INFO, 10 s later).
+    linked = redis.Redis(port=replica.port, password=password, decode_responses=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not _linked(linked):
+        assert time.monotonic() < deadline, "the replica never synchronised"
+        time.sleep(0.1)
     sentinel_lines = [
         f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary.port} 2",
         f"sentinel auth-pass {MASTER_NAME} {password}",
@@ -127,6 +134,13 @@ def start_sentinel_set(servers: Servers, password: str, sentinel_password: str) 
         assert time.monotonic() < deadline, "the Sentinels never saw the replica and each other"
         time.sleep(0.2)
     return found
+
+
+def _linked(replica: redis.Redis) -> bool:
+    try:
+        return replica.info("replication").get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
 
 
 def _ready_for_failover(s: SentinelSet) -> bool:
