@@ -8,6 +8,7 @@ belong to no host, taken by whichever worker is free. Results travel through Sho
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 from celery import Celery
@@ -19,7 +20,15 @@ CONTROL_QUEUE = "shoal.control"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("shoal", broker=redis_conn.redis_url(settings))
+    target = redis_conn.target(settings)
+    broker, broker_config = target.celery_broker()
+    transport = broker_config.pop("broker_transport_options")
+    app = Celery("shoal", broker=broker)
+    app.conf.update(broker_config)
+    if target.sentinel:
+        # A publish that meets a dead primary is retried on a new connection, which goes to
+        # whichever server is primary now (docs/security.md, "Redis").
+        app.conf.task_publish_retry_policy = _failover_retry(settings)
     app.conf.update(
         # Our records carry results; skipping the backend saves a Redis round trip per task.
         task_ignore_result=True,
@@ -41,6 +50,7 @@ def make_celery(settings: Settings) -> Celery:
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "ack_emulation": False,
+            **transport,
         },
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
@@ -50,6 +60,14 @@ def make_celery(settings: Settings) -> Celery:
         beat_schedule_filename=str(settings.run_dir / "celerybeat-schedule"),
     )
     return app
+
+
+def _failover_retry(settings: Settings) -> dict:
+    """Celery's default gives up after about a second; a failover takes longer."""
+    step = redis_conn.FAILOVER_RETRY_STEP_S
+    attempts = max(3, math.ceil(settings.redis_retry_s / step))
+    return {"max_retries": attempts, "interval_start": 0, "interval_step": step,
+            "interval_max": step}  # fmt: skip
 
 
 @lru_cache(maxsize=1)

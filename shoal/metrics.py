@@ -24,6 +24,7 @@ HELP = {
     "shoal_session_expiries_total": "Sessions ended by idle expiry or max lifetime.",
     "shoal_sessions_lost_total": "Sessions lost because their VM or host died.",
     "shoal_executions_total": "Executions finished, by pool and status.",
+    "shoal_executions_overdue_total": "Executions ended lost long past any deadline (task lost).",
 }
 
 

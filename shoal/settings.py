@@ -45,7 +45,20 @@ class Settings:
     tls_port: int = field(default=8443, metadata={"doc": "HTTPS port (0 disables)"})
     tls_cert: str = field(default="", metadata={"doc": "PEM certificate (default: self-signed)"})
     tls_key: str = field(default="", metadata={"doc": "PEM key for SHOAL_TLS_CERT"})
-    redis_url: str = field(default="", metadata={"doc": "Redis URL (unset: a private one)"})
+    redis_url: str = field(
+        default="",
+        metadata={
+            "doc": "Redis URL: redis://, rediss:// (TLS) or sentinel:// (docs/deployment.md); "
+            "unset: a private one with a generated password"
+        },
+    )
+    redis_ca_file: str = field(
+        default="", metadata={"doc": "CA bundle that signs a rediss:// Redis's certificate"}
+    )
+    redis_retry_s: float = field(
+        default=30.0,
+        metadata={"doc": "how long clients of a sentinel:// Redis retry while a failover runs"},
+    )
     api_workers: int = field(default=2, metadata={"doc": "WSGI worker processes"})
     api_threads: int = field(default=16, metadata={"doc": "threads per WSGI worker"})
     # --- identity ----------------------------------------------------------------------------

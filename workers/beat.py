@@ -66,6 +66,7 @@ class ShoalScheduler(PersistentScheduler):
     def housekeeping(self) -> None:
         try:
             liveness.check_hosts(self._redis, self._settings.execution_ttl_s)
+            liveness.end_overdue(self._redis, self._settings)
             expiry.expire_idle(self._context)
             storage.sweep(self._redis)
             for host in hosts.live_hosts(self._redis):

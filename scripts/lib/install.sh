@@ -3,7 +3,8 @@
 
 SHOAL_APT_PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-  redis-server debootstrap e2fsprogs busybox-static cpio kmod zstd openssl ca-certificates
+  redis-server redis-sentinel debootstrap e2fsprogs busybox-static cpio kmod zstd openssl
+  ca-certificates
   python3 python3-venv python3-dev gcc procps util-linux curl
 )
 

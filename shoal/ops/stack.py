@@ -22,7 +22,7 @@ from pathlib import Path
 from shoal import admin_keys, queue, redis_conn, secret_files, tenants
 from shoal.celery_app import CONTROL_QUEUE
 from shoal.keys import host_queue
-from shoal.ops import daemons, processes, tls
+from shoal.ops import daemons, private_redis, processes, tls
 from shoal.settings import Settings
 
 # stop order; start is reversed. `webhooks` and `batches` are Celery workers of their own
@@ -57,33 +57,19 @@ def _say(message: str) -> None:
 
 
 def start_redis(settings: Settings) -> None:
+    """Start the private Redis (unless SHOAL_REDIS_URL names one): loopback only, a password,
+    append-only, its files readable by their owner only (private_redis.py)."""
     if settings.redis_url:
         return
     url_file = redis_conn.private_url_file(settings)
     if processes.running_pid(settings, "redis") and url_file.exists():
         return
-    port = _previous_port(url_file) or free_port()
-    data = Path(settings.home) / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data)]
-    argv += ["--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
-    # Bounded, and never evicting: an evicted record would be state lost without a word. The
-    # tenants' data is refused before this is reached (shoal/storage.py), leaving headroom for
-    # heartbeats, the session registry and control writes (docs/limits.md, "Storage").
-    argv += ["--maxmemory", str(settings.redis_maxmemory_bytes)]
-    argv += ["--maxmemory-policy", "noeviction"]
-    processes.start(settings, "redis", argv)
-    url_file.write_text(f"redis://127.0.0.1:{port}/0")
+    port = private_redis.previous_port(settings) or free_port()
+    conf = private_redis.write_config(settings, port)
+    processes.start(settings, "redis", ["redis-server", str(conf)])
+    password = private_redis.password(settings)
+    secret_files.write_secret(url_file, f"redis://:{password}@127.0.0.1:{port}/0\n")
     _wait_for(lambda: _redis_ok(settings), 20, "redis", settings)
-
-
-def _previous_port(url_file: Path) -> int | None:
-    """The port of a private Redis that died while the instance ran: started again on it, with
-    its append-only file, the running components find it where they left it."""
-    try:
-        return urllib.parse.urlsplit(url_file.read_text().strip()).port
-    except (OSError, ValueError):
-        return None
 
 
 def _redis_ok(settings: Settings) -> bool:
@@ -244,13 +230,12 @@ def up(settings: Settings, detach: bool) -> int:
         _say(f"already running at {endpoint(settings)} (stop it with ./scripts/down)")
         restarted = [
             n
-            for n in ("redis", "worker", "beat", "batches", "webhooks")
+            for n in ("worker", "beat", "batches", "webhooks")
             if processes.running_pid(settings, n) is None
         ]
-        if "redis" in restarted and settings.redis_url:
-            restarted.remove("redis")  # not ours to start
-        if "redis" in restarted:
-            start_redis(settings)
+        if not settings.redis_url and processes.running_pid(settings, "redis") is None:
+            start_redis(settings)  # on its port again: the running processes reconnect
+            restarted.insert(0, "redis")
         if restarted:
             start_services(settings)
             _say(f"restarted {', '.join(restarted)}, which had stopped")

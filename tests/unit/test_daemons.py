@@ -61,9 +61,14 @@ def test_restarting_libvirtd_stops_it_then_starts_it_as_up_does(monkeypatch) -> 
 
 
 def test_a_dead_private_redis_comes_back_on_its_port(tmp_path) -> None:
-    from shoal.ops import stack
+    from shoal import redis_conn
+    from shoal.ops import private_redis
+    from shoal.ops.stack import free_port
+    from shoal.secret_files import write_secret
+    from shoal.settings import Settings
 
-    url = tmp_path / "redis.url"
-    assert stack._previous_port(url) is None
-    url.write_text("redis://127.0.0.1:40123/0\n")
-    assert stack._previous_port(url) == 40123
+    settings = Settings(home=str(tmp_path))
+    assert private_redis.previous_port(settings, wait_s=0) is None
+    port = free_port()
+    write_secret(redis_conn.private_url_file(settings), f"redis://:pw@127.0.0.1:{port}/0\n")
+    assert private_redis.previous_port(settings, wait_s=0) == port

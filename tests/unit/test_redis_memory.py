@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import fakeredis
 import pytest
@@ -438,6 +439,8 @@ def test_the_private_redis_is_started_bounded_and_never_evicting(tmp_path, monke
     settings = load({"SHOAL_HOME": str(tmp_path), "SHOAL_REDIS_MAXMEMORY_MIB": "300"})
     (tmp_path / "run").mkdir()
     stack.start_redis(settings)
-    (argv,) = started
-    assert argv[argv.index("--maxmemory") + 1] == str(300 * MIB)
-    assert argv[argv.index("--maxmemory-policy") + 1] == "noeviction"
+    ((program, conf),) = started
+    assert program == "redis-server"
+    lines = Path(conf).read_text().splitlines()
+    assert f"maxmemory {300 * MIB}" in lines
+    assert "maxmemory-policy noeviction" in lines
