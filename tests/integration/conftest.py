@@ -141,14 +141,19 @@ def processes_of(home: str) -> list[int]:
     return found
 
 
-def assert_nothing_left(settings) -> None:
-    """After `shoal down`: no domain of this instance, no VM file, no Shoal process."""
-    names = subprocess.run(
+def domain_names() -> list[str]:
+    """Every libvirt domain's name, running or not."""
+    return subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
+
+
+def assert_nothing_left(settings) -> None:
+    """After `shoal down`: no domain of this instance, no VM file, no Shoal process."""
+    names = domain_names()
     prefix = f"shoal-{settings.instance_id}-"
     assert [n for n in names if n.startswith(prefix)] == []
     assert processes_of(settings.home) == [], "Shoal processes still run after `shoal down`"

@@ -27,7 +27,7 @@ import requests
 from shoal import executions, keys, redis_conn
 from shoal.ops import daemons, processes
 from shoal.settings import Settings, load
-from tests.integration.conftest import REPO, Stack, start_stack, stop_stack
+from tests.integration.conftest import REPO, Stack, domain_names, start_stack, stop_stack
 from workers import domain as dom
 
 VM_FS_MIB = 1200  # the template (~260 MB), a clone's save image while it restores, overlays
@@ -144,12 +144,7 @@ def wait_final(stack: Stack, execution: dict) -> dict:
 
 def domains(settings: Settings) -> set[str]:
     """Keys of this instance's VM domains on libvirt (template builds excluded)."""
-    names = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    names = domain_names()
     found = {dom.key_of(settings, name) for name in names}
     return {key for key in found if key is not None and not dom.is_template_key(key)}
 

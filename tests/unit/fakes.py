@@ -17,7 +17,9 @@ from typing import Any
 
 import fakeredis
 import redis
+from flask import Flask
 
+from api.app import create_app
 from shoal import keys, sessions
 from shoal.context import Context
 from shoal.pools import get_pool
@@ -220,6 +222,14 @@ def unit_context(settings: Settings | None = None, celery: Callable | None = Non
         redis_bin=fakeredis.FakeRedis(server=server),
         celery=celery or RecordingCelery(),  # type: ignore[arg-type]
     )
+
+
+def unit_app(settings: Settings | None = None) -> Flask:
+    """The API's Flask app on a unit_context (fakeredis, a recording Celery)."""
+    settings = settings or unit_settings()
+    app = create_app(settings)
+    app.extensions["shoal"] = unit_context(settings)
+    return app
 
 
 def live_session(c: Context, tenant: str = "t1", pool: str = "default") -> SessionEntry:

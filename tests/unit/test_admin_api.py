@@ -13,20 +13,16 @@ import redis
 from flask import Flask
 
 from api import security_headers
-from api.app import create_app
 from api.request_bounds import json_body_limit
 from api.server import write_json_error
 from shoal import admin_keys, keys, tenants
 from shoal.hosts import TCG_WARNING
-from tests.unit.fakes import HOST, publish_heartbeat, unit_context, unit_settings
+from tests.unit.fakes import HOST, publish_heartbeat, unit_app, unit_settings
 
 
 @pytest.fixture()
 def app() -> Flask:
-    settings = unit_settings()
-    app = create_app(settings)
-    app.extensions["shoal"] = unit_context(settings)
-    return app
+    return unit_app()
 
 
 @pytest.fixture()

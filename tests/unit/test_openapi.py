@@ -10,21 +10,17 @@ from flask import Flask
 
 from api import dynamic_shapes as shapes
 from api import dynamic_spec
-from api.app import create_app
 from api.openapi import ERROR_STATUSES, Error
 from shoal.executions import new_record
 from shoal.use_cases import pools as pool_cases
-from tests.unit.fakes import unit_context, unit_settings
+from tests.unit.fakes import unit_app, unit_context, unit_settings
 
 UNDOCUMENTED = {"static", "health.healthz", "health.prometheus_metrics", "docs.page", "docs.asset"}
 
 
 @pytest.fixture(scope="module")
 def app() -> Flask:
-    settings = unit_settings()
-    app = create_app(settings)
-    app.extensions["shoal"] = unit_context(settings)
-    return app
+    return unit_app()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from flask import Flask
 from werkzeug.test import EnvironBuilder
 
 from api import request_bounds
-from api.app import create_app
 from api.json_bounds import (
     MAX_JSON_DEPTH,
     MAX_JSON_NUMBER_DIGITS,
@@ -33,17 +32,14 @@ from api.request_bounds import (
 from shoal import batches, tenants
 from shoal.errors import PayloadTooLarge, ValidationFailed
 from shoal.protocol import MAX_CODE_BYTES
-from tests.unit.fakes import live_session, unit_context, unit_settings
+from tests.unit.fakes import live_session, unit_app, unit_settings
 
 JSON_TYPE = {"Content-Type": "application/json"}
 
 
 @pytest.fixture()
 def app() -> Flask:
-    settings = unit_settings()
-    app = create_app(settings)
-    app.extensions["shoal"] = unit_context(settings)
-    return app
+    return unit_app()
 
 
 @pytest.fixture()
