@@ -18,6 +18,7 @@ from typing import Any
 
 import libvirt
 
+from shoal.hosts import TCG_WARNING
 from shoal.settings import Settings
 from workers import accel as accel_mod
 from workers import libvirt_conn
@@ -77,6 +78,8 @@ class HostProbes:
                 offers_kvm = accel_mod.libvirt_offers_kvm(caps)
             self._accel = accel_mod.detect(self.settings.accel, offers_kvm)
             log.info("accelerator: %s (%s)", self._accel.kind, self._accel.reason)
+            if self._accel.kind != "kvm":
+                log.warning("%s", TCG_WARNING)
             problem = kvm_device_problem() if self._accel.kind == "kvm" else None
             if problem:
                 log.error("%s", problem)
