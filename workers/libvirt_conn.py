@@ -136,11 +136,19 @@ class LibvirtConnection:
                 self._drop()
                 self.reconnects += 1
 
-    def call(self, what: str, fn: Callable[[libvirt.virConnect], T], retry: bool = True) -> T:
+    def call(
+        self,
+        what: str,
+        fn: Callable[[libvirt.virConnect], T],
+        retry: bool = True,
+        wait_s: float = RECONNECT_WAIT_S,
+    ) -> T:
         """Run fn(conn). A dead connection is reopened and fn retried once (if `retry`);
         other libvirt errors become VMError (its `libvirt_code` keeps libvirt's code). While
-        libvirtd restarts (its socket is briefly gone) the call waits for it, as a retry does."""
-        conn = self._get_waiting(RECONNECT_WAIT_S if retry else 0.0)
+        libvirtd restarts (its socket is briefly gone) the call waits up to `wait_s` for it
+        (when `retry`), before the call and before its retry."""
+        wait_s = wait_s if retry else 0.0
+        conn = self._get_waiting(wait_s)
         try:
             return fn(conn)
         except libvirt.libvirtError as exc:
@@ -154,7 +162,7 @@ class LibvirtConnection:
                 raise LibvirtUnavailable(
                     f"{what}: the connection to libvirtd was lost: {exc.get_error_message()}"
                 ) from None
-        conn = self._get_waiting(RECONNECT_WAIT_S)
+        conn = self._get_waiting(wait_s)
         try:
             return fn(conn)
         except libvirt.libvirtError as exc:
@@ -174,8 +182,9 @@ class LibvirtConnection:
     def ping(self) -> tuple[bool, str]:
         """(ok, error) for /healthz: a cheap round trip to libvirtd."""
         try:
-            # No waiting: the heartbeat asks, and must not stall while libvirtd restarts.
-            version = self.call("libvirt version", lambda c: c.getLibVersion(), retry=False)
+            # No waiting: the heartbeat asks, and must not stall while libvirtd restarts; a
+            # connection that died is still reopened at once, so a restarted libvirtd is seen.
+            version = self.call("libvirt version", lambda c: c.getLibVersion(), wait_s=0.0)
         except VMError as exc:
             return False, exc.message
         major, rest = divmod(version, 1_000_000)
