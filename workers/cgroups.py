@@ -9,9 +9,13 @@ carries a quota (the domain's scheduler parameters then include `global_quota`).
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import logging
 import os
+import time
 from dataclasses import asdict, dataclass
+
+log = logging.getLogger("shoal.vm")
 
 
 @dataclass(frozen=True)
@@ -177,9 +181,27 @@ def apply_vm_limit(
     return os.path.join(directory, limit_file)
 
 
+# A group still holds QEMU for a moment after its domain is destroyed or saved (rmdir: EBUSY).
+GROUP_EXIT_WAIT_S = 5.0
+
+
 def remove_vm_groups(group_name: str, probes: list[ControllerProbe]) -> None:
-    """The groups `apply_vm_limit` made for a VM whose QEMU is gone (missing ones: nothing)."""
+    """The groups `apply_vm_limit` made for a VM whose QEMU is gone or going (missing ones:
+    nothing); waits up to GROUP_EXIT_WAIT_S for an exiting QEMU to leave its group."""
     for probe in probes:
         if probe.available and probe.version == "v1":
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(probe.mount, OWN_GROUP, group_name))
+            _rmdir_when_empty(os.path.join(probe.mount, OWN_GROUP, group_name))
+
+
+def _rmdir_when_empty(directory: str) -> None:
+    deadline = time.monotonic() + GROUP_EXIT_WAIT_S
+    while True:
+        try:
+            os.rmdir(directory)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                if exc.errno not in (errno.ENOENT, errno.EBUSY):
+                    log.warning("cannot remove the cgroup %s: %s", directory, exc)
+                return
+        time.sleep(0.1)

@@ -219,3 +219,22 @@ def test_a_kvm_device_closed_to_other_users_is_named(tmp_path: Path) -> None:
     os.chmod(device, 0o666)
     assert vm_identity.kvm_device_problem(device) is None
     assert "No such file" in vm_identity.kvm_device_problem(tmp_path / "none")
+
+
+def test_a_group_still_held_by_an_exiting_qemu_is_removed_once_it_leaves(monkeypatch):
+    """rmdir of a v1 group answers EBUSY while QEMU is still in it (a save or destroy that
+    has just returned): removal waits for it instead of leaking the group."""
+    import errno
+
+    calls = []
+
+    def rmdir(path):
+        calls.append(path)
+        if len(calls) < 3:
+            raise OSError(errno.EBUSY, "busy")
+
+    monkeypatch.setattr(cgroups.os, "rmdir", rmdir)
+    monkeypatch.setattr(cgroups.time, "sleep", lambda s: None)
+    pids = cgroups.ControllerProbe("pids", True, "v1", "/sys/fs/cgroup/pids", "")
+    cgroups.remove_vm_groups("shoal-i-h-k", [pids])
+    assert calls == ["/sys/fs/cgroup/pids/shoal/shoal-i-h-k"] * 3
