@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import kombu.exceptions
 import redis
 from flask import Flask, jsonify, request
 from flask_smorest import Api
@@ -117,6 +118,14 @@ def register(app: Flask) -> None:
         log.error("Redis unavailable on %s %s: %s", request.method, request.path, exc)
         return _shoal_error(
             StoreUnavailable("Shoal's Redis does not answer (restarting?); retry shortly")
+        )
+
+    @app.errorhandler(kombu.exceptions.OperationalError)
+    def _queue_unavailable(exc: kombu.exceptions.OperationalError):
+        # Celery gave up publishing a task: its broker is Shoal's Redis.
+        log.error("task queue unavailable on %s %s: %s", request.method, request.path, exc)
+        return _shoal_error(
+            StoreUnavailable("Shoal's task queue (Redis) does not answer; retry shortly")
         )
 
     @app.errorhandler(Exception)

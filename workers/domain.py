@@ -141,6 +141,12 @@ class VMPaths:
         return self.dir / "console.log"
 
     @property
+    def host_marker(self) -> Path:
+        """Root's: the name of the host worker whose VM this is. Host workers of one instance
+        on one machine (tests, a split deployment) share vms/; each sweeps only its own."""
+        return self.dir / "host"
+
+    @property
     def restore_image(self) -> Path:
         """A clone's private copy of the template's save image, removed once restored."""
         return self.dir / "restore.save"

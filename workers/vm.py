@@ -204,7 +204,7 @@ class VMManager:
             log.warning("vm=%s template lookup failed: %s", vm_id, exc)
         # A leftover of an earlier attempt for the same VM (a retried task): start afresh.
         domains.teardown(name, paths)
-        identity = domains.claim(paths.dir)
+        identity = domains.claim_vm(paths)
         timings: dict[str, float] = {}
         uuid = str(uuidlib.uuid4())
         metadata = {
@@ -239,7 +239,7 @@ class VMManager:
                     )
                     self.templates.forget(template.key, str(exc))
                     domains.teardown(name, paths)
-                    identity = domains.claim(paths.dir)
+                    identity = domains.claim_vm(paths)
                     timings.clear()
             if agent is None:
                 agent = domains.boot(
@@ -390,8 +390,18 @@ class VMManager:
             destroyed.append(name)
         listed = {dom.key_of(self.settings, name) for name in domains}
         for key in sorted(dirs - owned - listed):
+            if self._another_hosts(dom.VMPaths(vms / key)):
+                continue
             shutil.rmtree(vms / key, ignore_errors=True)
         return destroyed
+
+    def _another_hosts(self, paths: dom.VMPaths) -> bool:
+        """Whether the VM directory is marked as another host worker's (one sharing this
+        instance's vms/ on this machine); that host sweeps it. Unmarked: this host's to judge."""
+        try:
+            return paths.host_marker.read_text() != self.settings.host_name
+        except OSError:
+            return False
 
     def destroy_all(self) -> list[str]:
         """Destroy every domain of this instance on this host (VMs and template builds)

@@ -201,6 +201,16 @@ class DomainOps:
         except vm_identity.NoFreeUid as exc:
             raise VMStartFailed(str(exc)) from None
 
+    def claim_vm(self, paths: dom.VMPaths) -> VMIdentity:
+        """claim() a session VM's directory and mark it as this host's (VMPaths.host_marker)."""
+        identity = self.claim(paths.dir)
+        fd = os.open(
+            paths.host_marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+        )
+        with os.fdopen(fd, "w") as marker:
+            marker.write(self.settings.host_name)
+        return identity
+
     def qemu_pid(self, name: str) -> int:
         try:
             return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())

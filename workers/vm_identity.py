@@ -29,10 +29,11 @@ A process running as one VM's uid can therefore open nothing of another VM's and
 for writing (tests/integration/test_vm_identity.py proves it on real VMs).
 
 Allocation. A uid is in use while a VM directory (or a template build directory) whose group
-is its gid exists under SHOAL_VM_DIR, or while any process runs under it. `claim_dir` picks the
-lowest uid of the range used by neither and gives the new directory its gid in one step, under
-a flock
-shared by every process on the host using the same SHOAL_VM_DIR. The directory is the lease:
+is its gid exists under any SHOAL_VM_DIR used on this host, or while any process runs under it.
+`claim_dir` picks the lowest uid of the range used by neither and gives the new directory its
+gid in one step, under a host-wide flock in HOST_REGISTRY, which also lists every SHOAL_VM_DIR
+that ever claimed a uid here (instances with different VM directories share one range without
+handing a uid out twice). The directory is the lease:
 it outlives the domain (teardown destroys the domain first and removes the directory after), so
 a uid is free again only once nothing of its last VM is left. Nothing is kept in memory, so
 a worker that restarts, adopts running VMs or reconciles has nothing to rebuild.
@@ -52,7 +53,10 @@ from pathlib import Path
 from shoal.settings import Settings
 
 LIBVIRT_QEMU_LIB = Path("/var/lib/libvirt/qemu")
-LOCK_NAME = ".vm-uids.lock"
+# Host-wide, whatever SHOAL_VM_DIR each instance uses: the allocation lock and the VM dirs.
+HOST_REGISTRY = Path("/var/lib/shoal-vm-uids")
+LOCK_NAME = "lock"
+VM_DIRS_NAME = "vm-dirs"
 VM_DIR_MODE = 0o710  # root's; the VM's gid may enter it
 VM_FILE_MODE = 0o600
 SHARED_READ_MODE = 0o644
@@ -104,7 +108,7 @@ def uid_range(settings: Settings) -> range:
 
 
 def _dir_groups(vm_dir: Path) -> set[int]:
-    """Groups of every VM directory and template build directory under SHOAL_VM_DIR (all
+    """Groups of every VM directory and template build directory under one SHOAL_VM_DIR (all
     instances sharing it): <vm_dir>/<instance>/vms/* and .../templates/.building-*."""
     groups: set[int] = set()
     for pattern in ("*/vms/*", "*/templates/.building-*"):
@@ -131,14 +135,31 @@ def _process_uids(proc: Path = Path("/proc")) -> set[int]:
 
 
 @contextlib.contextmanager
-def _host_lock(vm_dir: Path) -> Iterator[None]:
-    vm_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
-    fd = os.open(vm_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _host_lock(registry: Path) -> Iterator[None]:
+    registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(registry / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def _registered_vm_dirs(registry: Path, vm_dir: Path) -> list[Path]:
+    """Every SHOAL_VM_DIR that claimed a uid on this host and still exists (one that is gone
+    holds no lease), `vm_dir` added. Called under the lock."""
+    listing = registry / VM_DIRS_NAME
+    try:
+        listed = [Path(line) for line in listing.read_text().splitlines() if line]
+    except FileNotFoundError:
+        listed = []
+    own = Path(os.path.realpath(vm_dir))
+    known = [path for path in listed if path.is_dir() and path != own] + [own]
+    if known != listed:
+        partial = listing.with_name(f".{VM_DIRS_NAME}.new")
+        partial.write_text("".join(f"{path}\n" for path in known))
+        os.replace(partial, listing)
+    return known
 
 
 def pick_uid(candidates: range, used: Iterable[int]) -> int:
@@ -152,12 +173,19 @@ def pick_uid(candidates: range, used: Iterable[int]) -> int:
     )
 
 
-def claim_dir(settings: Settings, directory: Path, proc: Path = Path("/proc")) -> VMIdentity:
+def claim_dir(
+    settings: Settings,
+    directory: Path,
+    proc: Path = Path("/proc"),
+    registry: Path = HOST_REGISTRY,
+) -> VMIdentity:
     """Create `directory` (root's, 0710) for a uid no other VM on this host holds, its group
     that uid's gid; the identity. An existing `directory` is taken over."""
     vm_dir = Path(settings.vm_dir)
-    with _host_lock(vm_dir):
-        uid = pick_uid(uid_range(settings), _dir_groups(vm_dir) | _process_uids(proc))
+    vm_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+    with _host_lock(registry):
+        held = set().union(*(_dir_groups(d) for d in _registered_vm_dirs(registry, vm_dir)))
+        uid = pick_uid(uid_range(settings), held | _process_uids(proc))
         directory.mkdir(mode=VM_DIR_MODE, exist_ok=True)
         os.chown(directory, 0, uid)
         os.chmod(directory, VM_DIR_MODE)

@@ -5,7 +5,9 @@ the test's directory, and killed by its own pid at the end."""
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -14,9 +16,10 @@ from pathlib import Path
 import redis
 
 from shoal import secret_files
-from shoal.ops.stack import free_port
 
 START_TIMEOUT_S = 15
+PORT_ATTEMPTS = 3
+PORT_RANGE = (20000, 32000)
 
 
 @dataclass
@@ -32,6 +35,10 @@ class Server:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def log_tail(self, lines: int = 25) -> str:
+        text = (self.folder / "log").read_text(errors="replace").splitlines()
+        return "\n".join(f"  {self.name}: {line}" for line in text[-lines:])
+
 
 @dataclass
 class Servers:
@@ -41,25 +48,63 @@ class Servers:
     def start(
         self, name: str, lines: list[str], sentinel: bool = False, tls: bool = False
     ) -> Server:
-        """Start one server from a configuration of `lines` (port and dir are added); with
-        `tls`, its port speaks TLS only."""
+        """Start one server from a configuration of `lines` (port and dir are added) and wait
+        until it listens; with `tls`, its port speaks TLS only. A port taken before the server
+        binds it is tried again with another."""
+        for _attempt in range(PORT_ATTEMPTS):
+            server = self._launch(name, lines, sentinel, tls)
+            if _listening(server):
+                self.started.append(server)
+                return server
+        raise AssertionError(f"{name} never listened:\n{server.log_tail()}")
+
+    def _launch(self, name: str, lines: list[str], sentinel: bool, tls: bool) -> Server:
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = _unused_port()
         conf = folder / ("sentinel.conf" if sentinel else "redis.conf")
         ports = ["port 0", f"tls-port {port}"] if tls else [f"port {port}"]
         text = [*ports, "bind 127.0.0.1", f"dir {folder}", *lines]
         secret_files.write_secret(conf, "\n".join(text) + "\n")
         argv = ["redis-sentinel" if sentinel else "redis-server", str(conf)]
-        log = open(folder / "log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        server = Server(name, port, proc, folder)
-        self.started.append(server)
-        return server
+        (folder / "log").unlink(missing_ok=True)
+        with open(folder / "log", "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return Server(name, port, proc, folder)
 
     def stop_all(self) -> None:
         for server in self.started:
             server.kill()
+
+
+def _unused_port() -> int:
+    """A loopback port free right now, below the ephemeral range (32768-60999 by default), so
+    that no outgoing connection of the running stack takes it before the server binds it."""
+    while True:
+        port = random.randrange(*PORT_RANGE)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+def _listening(server: Server) -> bool:
+    """True once the server says it listens (a Sentinel: once it names its primary, which it
+    does after binding); False if it exited first (its port was taken) or never got there."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        log = (server.folder / "log").read_bytes()
+        if b"Ready to accept connections" in log or b"+monitor master" in log:
+            return True
+        if server.proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    server.kill()
+    return False
 
 
 def wait_ready(client: redis.Redis, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -103,6 +148,7 @@ class SentinelSet:
 
 MASTER_NAME = "shoal"
 DOWN_AFTER_MS = 1000
+READY_TIMEOUT_S = 45
 
 
 def start_sentinel_set(servers: Servers, password: str, sentinel_password: str) -> SentinelSet:
@@ -129,9 +175,11 @@ def start_sentinel_set(servers: Servers, password: str, sentinel_password: str) 
     ]
     sentinels = [servers.start(f"sentinel{i}", sentinel_lines, sentinel=True) for i in range(3)]
     found = SentinelSet(primary, replica, sentinels, password, sentinel_password)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + READY_TIMEOUT_S
     while not _ready_for_failover(found):
-        assert time.monotonic() < deadline, "the Sentinels never saw the replica and each other"
+        if time.monotonic() > deadline:
+            logs = "\n".join(server.log_tail() for server in servers.started)
+            raise AssertionError(f"the Sentinels never saw the replica and each other:\n{logs}")
         time.sleep(0.2)
     return found
 

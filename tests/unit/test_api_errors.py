@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fakeredis
+import kombu.exceptions
 import pytest
 import redis
 
@@ -190,4 +191,22 @@ def test_redis_down_is_503_store_unavailable(app, client, key) -> None:
     )
     response = client.get("/v1/sessions", headers=auth(key))
     assert_error(response, 503, "StoreUnavailable", "Redis", "retry")
+    assert response.headers["Retry-After"] == "2"
+
+
+def test_a_task_that_cannot_be_published_is_503_store_unavailable(
+    app, client, key, monkeypatch
+) -> None:
+    """Celery giving up on its broker (the same Redis) is an outage too: a 503 with a
+    Retry-After, never a 500."""
+
+    def broker_gone(*args, **kwargs):
+        raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379")
+
+    monkeypatch.setattr(app.extensions["shoal"].celery, "send_task", broker_gone)
+    r = app.extensions["shoal"].redis
+    mine = sessions.create(r, "acme", Pool(name="default"), "h1")
+    url = f"/v1/sessions/{mine['id']}/executions"
+    response = client.post(url, json={"code": "1", "wait": False}, headers=auth(key))
+    assert_error(response, 503, "StoreUnavailable", "task queue", "retry")
     assert response.headers["Retry-After"] == "2"

@@ -5,6 +5,7 @@ They chown, so they need root, as the worker does."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -33,9 +34,10 @@ def test_the_lowest_free_uid_of_the_range_is_picked() -> None:
 def test_claims_skip_uids_held_by_directories_and_processes(tmp_path: Path) -> None:
     s = Settings(vm_dir=str(tmp_path / "vm"), instance="a", vm_uid_base=900000, vm_uid_count=4)
     proc = fake_proc(tmp_path / "proc", {10: 0, 11: 900001})  # a live QEMU of uid 900001
+    registry = tmp_path / "registry"
     first = tmp_path / "vm" / "a" / "vms" / "k1"
     first.parent.mkdir(parents=True)
-    assert vm_identity.claim_dir(s, first, proc) == VMIdentity(900000, 900000)
+    assert vm_identity.claim_dir(s, first, proc, registry) == VMIdentity(900000, 900000)
     st = first.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 900000, 0o710)
     # Another instance sharing SHOAL_VM_DIR, and a template build in progress, hold theirs.
@@ -43,12 +45,33 @@ def test_claims_skip_uids_held_by_directories_and_processes(tmp_path: Path) -> N
     other.mkdir(parents=True)
     os.chown(other, 0, 900002)
     second = first.parent / "k2"
-    assert vm_identity.claim_dir(s, second, proc).uid == 900003
+    assert vm_identity.claim_dir(s, second, proc, registry).uid == 900003
     with pytest.raises(vm_identity.NoFreeUid):
-        vm_identity.claim_dir(s, first.parent / "k3", proc)
+        vm_identity.claim_dir(s, first.parent / "k3", proc, registry)
     # A VM's directory removed (destroyed): its uid is free again.
     first.rmdir()
-    assert vm_identity.claim_dir(s, first.parent / "k3", proc).uid == 900000
+    assert vm_identity.claim_dir(s, first.parent / "k3", proc, registry).uid == 900000
+
+
+def test_instances_with_different_vm_dirs_never_share_a_uid(tmp_path: Path) -> None:
+    """The lock and the list of VM dirs are host-wide: an instance whose SHOAL_VM_DIR is
+    elsewhere (a loop-mounted one, a second deployment) still skips the uids held here."""
+    proc = fake_proc(tmp_path / "proc", {10: 0})
+    registry = tmp_path / "registry"
+    here = Settings(vm_dir=str(tmp_path / "vm1"), instance="a", vm_uid_base=900000)
+    there = Settings(vm_dir=str(tmp_path / "vm2"), instance="b", vm_uid_base=900000)
+    mine = tmp_path / "vm1" / "a" / "vms" / "k1"
+    theirs = tmp_path / "vm2" / "b" / "vms" / "k1"
+    mine.parent.mkdir(parents=True)
+    theirs.parent.mkdir(parents=True)
+    assert vm_identity.claim_dir(here, mine, proc, registry).uid == 900000
+    assert vm_identity.claim_dir(there, theirs, proc, registry).uid == 900001
+    assert stat.S_IMODE((registry / vm_identity.LOCK_NAME).stat().st_mode) == 0o600
+    # A VM dir that is gone holds nothing and leaves the list.
+    shutil.rmtree(tmp_path / "vm1")
+    assert vm_identity.claim_dir(there, theirs.parent / "k2", proc, registry).uid == 900000
+    listed = (registry / vm_identity.VM_DIRS_NAME).read_text().split()
+    assert listed == [str(tmp_path / "vm2")]
 
 
 def test_settings_refuse_a_range_among_ordinary_users() -> None:
