@@ -86,6 +86,13 @@ class Settings:
     vm_uid_count: int = field(
         default=10000, metadata={"doc": "uids in the per-VM range: live VMs a host may hold"}
     )
+    memory_sharing: str = field(
+        default="auto",
+        metadata={
+            "doc": "auto: clones map their template's memory copy-on-write when the host can "
+            "(docs/performance.md); off: every clone reads the whole snapshot"
+        },
+    )
     vm_cpu_cap: float = field(
         default=0.0,
         metadata={"doc": "cores one VM's QEMU may use, when its spec sets none (0: its vCPUs)"},
@@ -242,6 +249,8 @@ class Settings:
                 f"{env_name('vm_disk_bytes_per_s')} and {env_name('vm_disk_iops')} must be 0 "
                 "(no cap) or above"
             )
+        if self.memory_sharing not in ("auto", "off"):
+            raise SystemExit(f"{env_name('memory_sharing')} must be auto or off")
         if not 1 <= self.redis_tenants_pct <= 95:
             raise SystemExit(f"{env_name('redis_tenants_pct')} must be between 1 and 95")
         api_threads = self.api_workers * self.api_threads

@@ -85,6 +85,7 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
 
     # --- start-up and background duties -----------------------------------------------------
     def start(self, default_spec: VMSpec) -> None:
+        self.vms.domains.shared.active()  # the memory broker: before any VM starts
         self.r.sadd(keys.hosts(), self.host)
         self.beat_once()
         self.publish_image_info(default_spec)

@@ -9,6 +9,7 @@ find the template to restore from.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -19,13 +20,16 @@ import libvirt
 from shoal import images, protocol
 from shoal.settings import Settings
 from workers import domain as dom
-from workers import templates
+from workers import libvirt_conn, templates
 from workers.vm_domains import DomainOps
 from workers.vm_errors import TemplateError, VMError
+from workers.vm_identity import VMIdentity
 from workers.vm_probes import HostProbes
 
 if TYPE_CHECKING:
     from workers.vm import VMSpec
+
+log = logging.getLogger("shoal.vm")
 
 # After the template's client disconnects, let the guest agent see it before the snapshot.
 TEMPLATE_SETTLE_S = 1.0
@@ -91,6 +95,39 @@ class TemplateBuilder:
             self.store.note_failure(key, spec.image, str(exc))
             raise TemplateError(f"template {key} of {spec.image}: {exc}") from exc
 
+    def _make_shareable(
+        self,
+        who: str,
+        key: str,
+        building: Path,
+        domain: tuple[str, str],
+        identity: VMIdentity,
+        spec: VMSpec,
+        timings: dict[str, float],
+    ) -> None:
+        """Add the template's memory and device state for clones that share it
+        (workers/shared_memory.py); without them clones read the whole snapshot."""
+        shared = self.domains.shared
+        if not shared.active():
+            return
+        try:
+            with self.domains.step(who, "share", timings):
+                fd = shared.make_shareable(
+                    self.domains.libvirt,
+                    building,
+                    *domain,
+                    identity,
+                    spec.memory_mib,
+                    self.domains.make_overlay,
+                )
+        except (VMError, OSError, ValueError) as exc:
+            if isinstance(exc, libvirt_conn.LibvirtUnavailable):
+                raise
+            log.warning("%s: clones will read the whole snapshot: %s", who, exc)
+            self.domains.destroy_domain(domain[0])
+            return
+        shared.keep(key, fd)
+
     def _build_vm(
         self, spec: VMSpec, artifacts: images.ImageArtifacts, key: str, building: Path
     ) -> tuple[str, str]:
@@ -136,6 +173,7 @@ class TemplateBuilder:
                 "read the saved XML", lambda c: c.saveImageGetXMLDesc(str(state), 0)
             )
             (building / templates.XML_FILE).write_text(xml)
+            self._make_shareable(who, key, building, (name, uuid), identity, spec, timings)
         except BaseException:
             domains.destroy_domain(name)
             raise

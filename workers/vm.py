@@ -470,6 +470,7 @@ class VMManager:
             },
             "qemu_seccomp_sandbox": seccomp_sandbox_setting(),
             "templates": self.templates.status(),
+            "memory_sharing": self.domains.shared.status(),
             "vms": len(self._vms),
         }
         try:

@@ -30,7 +30,7 @@ import libvirt
 from shoal import data_disk, images
 from shoal.settings import Settings
 from workers import domain as dom
-from workers import libvirt_conn, templates, vm_identity
+from workers import libvirt_conn, shared_memory, templates, vm_identity
 from workers.agent_client import (
     AgentClient,
     AgentDisconnected,
@@ -95,6 +95,7 @@ class DomainOps:
         self.templates = store
         self._lock = threading.Lock()
         self._images: dict[str, images.ImageArtifacts] = {}  # image name -> pinned build
+        self.shared = shared_memory.SharedMemory(settings)
 
     @property
     def libvirt(self) -> libvirt_conn.LibvirtConnection:
@@ -236,6 +237,56 @@ class DomainOps:
             with contextlib.suppress(FileNotFoundError):
                 vm_identity.give(path, identity)
         self.libvirt.call(f"resume {name}", lambda c: c.lookupByName(name).resume(), retry=False)
+
+    def _start_sharing(
+        self,
+        who: str,
+        name: str,
+        paths: dom.VMPaths,
+        xml: str,
+        identity: VMIdentity,
+        template: templates.Template,
+        timings: dict[str, float],
+    ) -> bool:
+        """Start the clone on its template's shared memory (workers/shared_memory.py), running
+        and confined; False (nothing left running) when the template or host cannot."""
+        if not self.shared.usable_for(template):
+            return False
+        try:
+            with self.step(who, "restore_shared", timings):
+                self.shared.start_clone(self.libvirt, name, xml, identity, template)
+                self.run_confined(name, paths, identity, int(template.meta["shape"]["memory_mib"]))
+            return True
+        except (VMError, OSError, ValueError) as exc:
+            if isinstance(exc, libvirt_conn.LibvirtUnavailable):
+                raise
+            log.warning("VM %s: shared-memory start failed, reading the snapshot: %s", who, exc)
+            self.destroy_domain(name)
+            return False
+
+    def _start_reading(
+        self,
+        who: str,
+        name: str,
+        uuid: str,
+        paths: dom.VMPaths,
+        xml: str,
+        identity: VMIdentity,
+        template: templates.Template,
+        timings: dict[str, float],
+    ) -> None:
+        """The ordinary restore: a private copy of the save image, read whole by libvirt."""
+        with self.step(who, "copy", timings):
+            self.templates.prepare_clone(template, paths.restore_image, name, uuid)
+        with self.step(who, "restore", timings):
+            self.libvirt.call(
+                f"restore {name}",
+                lambda c: c.restoreFlags(
+                    str(paths.restore_image), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED
+                ),
+                retry=False,
+            )
+            self.run_confined(name, paths, identity, int(template.meta["shape"]["memory_mib"]))
 
     def make_overlay(
         self, overlay: Path, backing: Path, backing_format: str, identity: VMIdentity
@@ -379,8 +430,6 @@ class DomainOps:
         down."""
         with self.step(who, "overlay", timings):
             self.make_overlay(paths.data_disk, template.data_disk, "qcow2", identity)
-        with self.step(who, "copy", timings):
-            self.templates.prepare_clone(template, paths.restore_image, name, uuid)
         xml = dom.retarget_xml(
             template.xml,
             name=name,
@@ -391,15 +440,8 @@ class DomainOps:
             metadata=metadata,
             identity=identity,
         )
-        with self.step(who, "restore", timings):
-            self.libvirt.call(
-                f"restore {name}",
-                lambda c: c.restoreFlags(
-                    str(paths.restore_image), xml, libvirt.VIR_DOMAIN_SAVE_PAUSED
-                ),
-                retry=False,
-            )
-            self.run_confined(name, paths, identity, int(template.meta["shape"]["memory_mib"]))
+        if not self._start_sharing(who, name, paths, xml, identity, template, timings):
+            self._start_reading(who, name, uuid, paths, xml, identity, template, timings)
         with contextlib.suppress(FileNotFoundError):
             paths.restore_image.unlink()
         with self.step(who, "agent", timings):

@@ -164,14 +164,20 @@ def restore(b: Bench) -> list[Result]:
         raise BenchError(
             f"no restore timings in {log_path} (pass --home for a Shoal you started yourself)"
         )
-    to_ready = [t.get("restore", 0) + t.get("agent", 0) + t.get("reseed", 0) for t in restored]
+    # `restore_shared`: a clone started on its template's shared memory (docs/performance.md).
+    to_ready = [
+        t.get("restore", 0) + t.get("restore_shared", 0) + t.get("agent", 0) + t.get("reseed", 0)
+        for t in restored
+    ]
     steps = {
         step: [t[step] for t in restored if step in t]
-        for step in ("overlay", "copy", "restore", "agent", "reseed", "total")
+        for step in ("overlay", "copy", "restore", "restore_shared", "agent", "reseed", "total")
     }
+    shared = len(steps["restore_shared"])
     cold = [t for t in vms.values() if t.get("restored") == 0.0]
     from_pool = sum(1 for _ms, how in acquired.values() if "ready pool" in how)
-    notes = f"{from_pool} of {len(acquired)} sessions took a ready VM"
+    notes = f"{from_pool} of {len(acquired)} sessions took a ready VM; "
+    notes += f"{shared} of {len(restored)} restores on shared template memory"
     if cold:
         notes += f"; {len(cold)} VMs were cold booted"
     return [

@@ -24,7 +24,7 @@ from shoal.hosts import heartbeats
 from shoal.settings import Settings, load
 from tests.integration.conftest import Stack
 from workers import domain as dom
-from workers import templates
+from workers import shared_memory, templates
 from workers.cgroups import probe_controller
 
 pytestmark = pytest.mark.guest
@@ -119,7 +119,8 @@ def _template_files(settings: Settings, vm: LiveVM) -> list[Path]:
     meta = dom.read_metadata(vm.xml)
     found = list((settings.instance_vm_dir / "templates").glob(f"*-{meta['template']}"))
     assert len(found) == 1, found
-    return [found[0] / templates.STATE_FILE, found[0] / templates.DISK_FILE]
+    shared = [found[0] / shared_memory.MEMORY_FILE, found[0] / shared_memory.DEVICE_STATE_FILE]
+    return [found[0] / templates.STATE_FILE, found[0] / templates.DISK_FILE, *shared]
 
 
 def _image_files(settings: Settings) -> list[Path]:
@@ -159,8 +160,8 @@ def test_a_vm_uid_opens_nothing_of_another_vm_and_no_shared_file_for_writing(two
         (two.paths.console_log, "write"),
         (two.paths.socket, "connect"),
     ]
-    template_state, template_disk = _template_files(settings, one)
-    shared = [*_image_files(settings), template_disk, template_state]
+    template_state, template_disk, *template_memory = _template_files(settings, one)
+    shared = [*_image_files(settings), template_disk, template_state, *template_memory]
     writes = [(path, how) for path in shared for how in ("write", "readwrite")]
     needed = [(path, "read") for path in [*_image_files(settings), template_disk]]
     own = [(one.paths.data_disk, "readwrite"), (one.paths.console_log, "read")]
@@ -170,10 +171,9 @@ def test_a_vm_uid_opens_nothing_of_another_vm_and_no_shared_file_for_writing(two
         assert results[f"{how} {path}"] == "EACCES", (path, how)
     for path, how in [*needed, *own]:
         assert results[f"{how} {path}"] == "ok", (path, how)
-    # The template's save image is libvirtd's (root) alone: no VM reads it either.
-    assert _as_uid(one.uid, one.gid, [(template_state, "read")]) == {
-        f"read {template_state}": "EACCES"
-    }
+    # The template's save image and memory are root's alone: no VM reads them either.
+    private = [(path, "read") for path in (template_state, *template_memory)]
+    assert _as_uid(one.uid, one.gid, private) == {f"read {p}": "EACCES" for p, _how in private}
 
 
 def _cgroup_dir(pid: int, controller: str) -> Path:

@@ -1,0 +1,325 @@
+"""Clones that map their template's memory copy-on-write instead of reading it all
+(docs/performance.md, "Clones sharing their template's memory").
+
+A template made shareable carries, beside its ordinary save image, the guest's memory
+(`memory.ram`, root's 0600) and a save of its device state only (`device.save`, written with
+QEMU's `x-ignore-shared` migration capability while the RAM was a shared file backend). A clone
+then starts paused through the emulator wrapper (workers/qemu_wrapper.py), which maps a sealed
+copy of that memory privately (workers/template_memory.py), takes the device state through
+`migrate-incoming`, and is resumed like any restored clone. Whatever fails here falls back to
+the ordinary restore: sharing is a speed-up, never a requirement.
+
+libvirt knows nothing of `x-ignore-shared`, so it is set through its QMP passthrough
+(`virDomainQemuMonitorCommand[WithFiles]`); libvirt marks such domains as tainted
+("custom-monitor") in its log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+import libvirt_qemu
+
+from shoal.settings import Settings
+from workers import domain as dom
+from workers import qemu_wrapper, templates
+from workers.template_memory import (
+    Grant,
+    MemoryBroker,
+    copy_sparse,
+    seal_read_only,
+    sealed_copy,
+    writable_memfd,
+)
+from workers.vm_errors import VMStartFailed
+
+if TYPE_CHECKING:
+    from workers.libvirt_conn import LibvirtConnection
+    from workers.vm_identity import VMIdentity
+
+log = logging.getLogger("shoal.vm")
+
+MEMORY_FILE = "memory.ram"
+DEVICE_STATE_FILE = "device.save"
+WRAPPER = Path("/usr/local/libexec/shoal/qemu-wrapper")
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+INCOMING_FD_NAME = "shoal-incoming"
+INCOMING_TIMEOUT_S = 30.0
+SEAL_WAIT_S = 10.0
+IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+ET.register_namespace("qemu", QEMU_NS)
+
+
+def install_wrapper(target: Path = WRAPPER) -> None:
+    """Copy the wrapper to a root-owned path every VM uid may execute (not the checkout)."""
+    text = "#!/usr/bin/python3 -I\n" + Path(qemu_wrapper.__file__).read_text()
+    if target.is_file() and target.read_text() == text and target.stat().st_uid == 0:
+        return
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.new")
+    partial.write_text(text)
+    os.chmod(partial, 0o755)
+    os.replace(partial, target)
+
+
+def with_wrapper(xml: str, socket_path: Path, incoming: bool) -> str:
+    """The domain definition with the wrapper as its emulator and what it needs to know."""
+    domain = ET.fromstring(xml)
+    emulator = domain.find("devices/emulator")
+    if emulator is None:
+        raise ValueError("the domain XML names no emulator")
+    env = {
+        "SHOAL_QEMU": emulator.text or qemu_wrapper.QEMU,
+        "SHOAL_MEMORY_SOCKET": str(socket_path),
+    }
+    if incoming:
+        env["SHOAL_MEMORY_INCOMING"] = "1"
+    emulator.text = str(WRAPPER)
+    for old in domain.findall(f"{{{QEMU_NS}}}commandline"):
+        domain.remove(old)
+    commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+    for name, value in env.items():
+        ET.SubElement(commandline, f"{{{QEMU_NS}}}env", name=name, value=value)
+    return ET.tostring(domain, encoding="unicode")
+
+
+def stream_offset(save_image: Path) -> int:
+    """Where QEMU's migration stream starts in a libvirt save image (after header and XML)."""
+    with open(save_image, "rb") as f:
+        header = templates.SAVE_HEADER.unpack(f.read(templates.SAVE_HEADER.size))
+    if header[0] != templates.SAVE_MAGIC:
+        raise VMStartFailed(f"{save_image} is not a libvirt save image")
+    return templates.SAVE_HEADER.size + header[2]
+
+
+def is_shareable(template: templates.Template) -> bool:
+    return (template.dir / MEMORY_FILE).is_file() and (template.dir / DEVICE_STATE_FILE).is_file()
+
+
+class SharedMemory:
+    """This host's side of memory sharing: the broker, the sealed memory of each template, and
+    the two libvirt sequences (making a template shareable, starting a clone from it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._broker: MemoryBroker | None = None
+        self._started = False
+        self._reason = "not started yet"
+        self._fds: dict[str, int] = {}  # template key -> sealed memfd
+
+    def active(self) -> bool:
+        """Started on first use, so only the worker that starts VMs serves the socket."""
+        with self._lock:
+            if not self._started:
+                self._started = True
+                self._start()
+            return self._broker is not None
+
+    def _start(self) -> None:
+        if self.settings.memory_sharing == "off":
+            self._reason = "SHOAL_MEMORY_SHARING=off"
+            return
+        host = hashlib.sha256(self.settings.host_name.encode()).hexdigest()[:8]
+        path = self.settings.instance_vm_dir / f"memory-{host}.sock"
+        try:
+            install_wrapper()
+            dom.make_dirs(path.parent, Path(self.settings.vm_dir))
+            broker = MemoryBroker(path)
+            broker.start()
+        except OSError as exc:
+            self._reason = f"the memory broker could not start: {exc}"
+            log.warning("memory sharing off: %s", self._reason)
+            return
+        self._broker, self._reason = broker, ""
+
+    def status(self) -> dict[str, Any]:
+        """Never starts the broker (a process that only reports must not take the socket)."""
+        with self._lock:
+            started, broker = self._started, self._broker
+        if not started and self.settings.memory_sharing == "auto":
+            return {"mode": "auto", "detail": "decided when this worker starts its first VM"}
+        if broker is not None:
+            return {
+                "mode": "template-memory",
+                "detail": "clones map a sealed copy of their template's memory copy-on-write",
+                "templates_held": len(self._fds),
+                "ksm": "off (an operator's opt-in: pages merged across tenants are a side channel)",
+            }
+        return {"mode": "off", "reason": self._reason}
+
+    def usable_for(self, template: templates.Template) -> bool:
+        return is_shareable(template) and self.active()
+
+    def _template_fd(self, template: templates.Template) -> int:
+        with self._lock:
+            fd = self._fds.get(template.key)
+            if fd is None:
+                fd = sealed_copy(template.dir / MEMORY_FILE, f"shoal-{template.key}")
+                self._fds[template.key] = fd
+            return fd
+
+    def keep(self, key: str, fd: int) -> None:
+        with self._lock:
+            old = self._fds.pop(key, None)
+            self._fds[key] = fd
+        if old is not None:
+            os.close(old)
+
+    # --- a clone -------------------------------------------------------------------------------
+    def start_clone(
+        self,
+        conn: LibvirtConnection,
+        name: str,
+        xml: str,
+        identity: VMIdentity,
+        template: templates.Template,
+    ) -> None:
+        """Start `name` paused with the template's memory mapped privately and its device
+        state loaded; the caller confines and resumes it."""
+        broker = self._broker
+        assert broker is not None
+        broker.expect(identity.uid, Grant(self._template_fd(template), shared=False))
+        try:
+            defined = with_wrapper(xml, broker.socket_path, incoming=True)
+            conn.call(
+                f"start {name}",
+                lambda c: c.createXML(defined, libvirt.VIR_DOMAIN_START_PAUSED),
+                retry=False,
+            )
+        finally:
+            broker.forget(identity.uid)
+        state = template.dir / DEVICE_STATE_FILE
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.lseek(fd, stream_offset(state), os.SEEK_SET)
+            qmp(conn, name, "getfd", {"fdname": INCOMING_FD_NAME}, fd)
+        finally:
+            os.close(fd)
+        qmp(conn, name, "migrate-set-capabilities", IGNORE_SHARED)
+        qmp(conn, name, "migrate-incoming", {"uri": f"fd:{INCOMING_FD_NAME}"})
+        wait_for_migration(conn, name)
+
+    # --- a template ----------------------------------------------------------------------------
+    def make_shareable(
+        self,
+        conn: LibvirtConnection,
+        building: Path,
+        name: str,
+        uuid: str,
+        identity: VMIdentity,
+        memory_mib: int,
+        make_overlay: Any,
+    ) -> int:
+        """Write memory.ram and device.save into the template being built: its save image is
+        restored, paused, into a shared memfd, whose device state is then saved with
+        x-ignore-shared; the memfd is sealed and written out. The sealed fd."""
+        broker = self._broker
+        assert broker is not None
+        memory = writable_memfd(f"shoal-building-{name}", memory_mib << 20)
+        scratch = dom.VMPaths(building / "sharing")
+        scratch.dir.mkdir(mode=0o710)
+        os.chown(scratch.dir, 0, identity.gid)
+        try:
+            overlay = scratch.dir / "data.qcow2"
+            make_overlay(overlay, building / templates.DISK_FILE, "qcow2", identity)
+            image = scratch.dir / "restore.save"
+            shutil.copyfile(building / templates.STATE_FILE, image)
+            xml = dom.retarget_xml(
+                (building / templates.XML_FILE).read_text(),
+                name=name,
+                uuid=uuid,
+                data_disk=overlay,
+                agent_socket=scratch.socket,
+                console_log=scratch.console_log,
+                metadata={"template": name, "sharing": "1"},
+                identity=identity,
+            )
+            defined = with_wrapper(xml, broker.socket_path, incoming=False)
+            broker.expect(identity.uid, Grant(memory, shared=True))
+            try:
+                conn.call(
+                    f"restore {name} into shared memory",
+                    lambda c: c.restoreFlags(str(image), defined, libvirt.VIR_DOMAIN_SAVE_PAUSED),
+                    retry=False,
+                )
+            finally:
+                broker.forget(identity.uid)
+            qmp(conn, name, "migrate-set-capabilities", IGNORE_SHARED)
+            state = building / DEVICE_STATE_FILE
+            conn.call(
+                f"save {name}'s device state",
+                lambda c: c.lookupByName(name).saveFlags(str(state), None, 0),
+                retry=False,
+            )
+            _seal_when_unmapped(memory)
+            _write_out(memory, building / MEMORY_FILE)
+        except BaseException:
+            os.close(memory)
+            for leftover in (building / DEVICE_STATE_FILE, building / MEMORY_FILE):
+                leftover.unlink(missing_ok=True)
+            raise
+        finally:
+            shutil.rmtree(scratch.dir, ignore_errors=True)
+        return memory
+
+
+def qmp(
+    conn: LibvirtConnection, name: str, command: str, arguments: dict | None = None, fd: int = -1
+) -> dict[str, Any]:
+    """One QMP command through libvirt's passthrough; its `return`, or VMStartFailed."""
+    body = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+
+    def send(c: libvirt.virConnect) -> str:
+        domain = c.lookupByName(name)
+        if fd >= 0:
+            return libvirt_qemu.qemuMonitorCommandWithFiles(domain, body, [fd], 0)[0]
+        return libvirt_qemu.qemuMonitorCommand(domain, body, 0)
+
+    answer = json.loads(conn.call(f"{command} on {name}", send, retry=False))
+    if "error" in answer:
+        raise VMStartFailed(f"QMP {command} on {name}: {answer['error'].get('desc', answer)}")
+    return answer.get("return", {})
+
+
+def wait_for_migration(conn: LibvirtConnection, name: str) -> None:
+    deadline = time.monotonic() + INCOMING_TIMEOUT_S
+    while True:
+        status = qmp(conn, name, "query-migrate").get("status")
+        if status == "completed":
+            return
+        if status == "failed" or time.monotonic() > deadline:
+            raise VMStartFailed(f"{name}: loading the template's device state ended {status}")
+        time.sleep(0.005)
+
+
+def _seal_when_unmapped(memory: int) -> None:
+    """Seal once the template's QEMU (its shared writable mapping) is gone."""
+    deadline = time.monotonic() + SEAL_WAIT_S
+    while True:
+        try:
+            seal_read_only(memory)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _write_out(memory: int, path: Path) -> None:
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        copy_sparse(memory, out, os.fstat(memory).st_size)
+    finally:
+        os.close(out)
