@@ -16,11 +16,13 @@ libvirt knows nothing of `x-ignore-shared`, so it is set through its QMP passthr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -67,10 +69,15 @@ def install_wrapper(target: Path = WRAPPER) -> None:
     if target.is_file() and target.read_text() == text and target.stat().st_uid == 0:
         return
     target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.new")
-    partial.write_text(text)
-    os.chmod(partial, 0o755)
-    os.replace(partial, target)
+    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(partial, 0o755)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def with_wrapper(xml: str, socket_path: Path, incoming: bool) -> str:
@@ -103,6 +110,11 @@ def stream_offset(save_image: Path) -> int:
     return templates.SAVE_HEADER.size + header[2]
 
 
+def _identity(template: templates.Template) -> tuple[int, int]:
+    found = (template.dir / MEMORY_FILE).stat()
+    return found.st_ino, found.st_mtime_ns
+
+
 def is_shareable(template: templates.Template) -> bool:
     return (template.dir / MEMORY_FILE).is_file() and (template.dir / DEVICE_STATE_FILE).is_file()
 
@@ -114,10 +126,13 @@ class SharedMemory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one sealed copy at a time; guards _fds
         self._broker: MemoryBroker | None = None
         self._started = False
         self._reason = "not started yet"
-        self._fds: dict[str, int] = {}  # template key -> sealed memfd
+        # template dir -> (identity of its memory.ram, sealed memfd)
+        self._fds: dict[Path, tuple[tuple[int, int], int]] = {}
+        self._failed: set[tuple[Path, tuple[int, int]]] = set()
 
     def active(self) -> bool:
         """Started on first use, so only the worker that starts VMs serves the socket."""
@@ -125,7 +140,11 @@ class SharedMemory:
             if not self._started:
                 self._started = True
                 self._start()
-            return self._broker is not None
+            broker = self._broker
+        if broker is not None and not broker.serving():
+            self._reason = "the memory broker's thread ended"
+            return False
+        return broker is not None
 
     def _start(self) -> None:
         if self.settings.memory_sharing == "off":
@@ -147,35 +166,43 @@ class SharedMemory:
     def status(self) -> dict[str, Any]:
         """Never starts the broker (a process that only reports must not take the socket)."""
         with self._lock:
-            started, broker = self._started, self._broker
+            started = self._started
+        held = len(self._fds)
         if not started and self.settings.memory_sharing == "auto":
             return {"mode": "auto", "detail": "decided when this worker starts its first VM"}
-        if broker is not None:
+        if self.active():
             return {
                 "mode": "template-memory",
                 "detail": "clones map a sealed copy of their template's memory copy-on-write",
-                "templates_held": len(self._fds),
+                "templates_held": held,
                 "ksm": "off (an operator's opt-in: pages merged across tenants are a side channel)",
             }
         return {"mode": "off", "reason": self._reason}
 
     def usable_for(self, template: templates.Template) -> bool:
-        return is_shareable(template) and self.active()
+        if not is_shareable(template) or not self.active():
+            return False
+        return (template.dir, _identity(template)) not in self._failed
+
+    def failed(self, template: templates.Template) -> None:
+        """A clone could not start on this template's memory: its next clones read the
+        snapshot (a rebuilt template, whose memory file differs, is tried again)."""
+        with contextlib.suppress(OSError):
+            self._failed.add((template.dir, _identity(template)))
 
     def _template_fd(self, template: templates.Template) -> int:
-        with self._lock:
-            fd = self._fds.get(template.key)
-            if fd is None:
+        """A duplicate (the caller's to close) of the sealed memfd of the template's current
+        memory.ram: reloaded when the file is replaced; memfds of templates gone are closed."""
+        identity = _identity(template)
+        with self._load_lock:
+            cached = self._fds.get(template.dir)
+            if cached is None or cached[0] != identity:
                 fd = sealed_copy(template.dir / MEMORY_FILE, f"shoal-{template.key}")
-                self._fds[template.key] = fd
-            return fd
-
-    def keep(self, key: str, fd: int) -> None:
-        with self._lock:
-            old = self._fds.pop(key, None)
-            self._fds[key] = fd
-        if old is not None:
-            os.close(old)
+                stale = [d for d in self._fds if d == template.dir or not d.is_dir()]
+                for directory in stale:
+                    os.close(self._fds.pop(directory)[1])  # the broker holds its own dups
+                cached = self._fds[template.dir] = (identity, fd)
+            return os.dup(cached[1])
 
     # --- a clone -------------------------------------------------------------------------------
     def start_clone(
@@ -190,7 +217,11 @@ class SharedMemory:
         state loaded; the caller confines and resumes it."""
         broker = self._broker
         assert broker is not None
-        broker.expect(identity.uid, Grant(self._template_fd(template), shared=False))
+        memory = self._template_fd(template)
+        try:
+            broker.expect(identity.uid, Grant(memory, shared=False))
+        finally:
+            os.close(memory)
         try:
             defined = with_wrapper(xml, broker.socket_path, incoming=True)
             conn.call(
@@ -221,17 +252,17 @@ class SharedMemory:
         identity: VMIdentity,
         memory_mib: int,
         make_overlay: Any,
-    ) -> int:
+    ) -> None:
         """Write memory.ram and device.save into the template being built: its save image is
         restored, paused, into a shared memfd, whose device state is then saved with
-        x-ignore-shared; the memfd is sealed and written out. The sealed fd."""
+        x-ignore-shared; the memfd is sealed and written out."""
         broker = self._broker
         assert broker is not None
         memory = writable_memfd(f"shoal-building-{name}", memory_mib << 20)
         scratch = dom.VMPaths(building / "sharing")
-        scratch.dir.mkdir(mode=0o710)
-        os.chown(scratch.dir, 0, identity.gid)
         try:
+            scratch.dir.mkdir(mode=0o710)
+            os.chown(scratch.dir, 0, identity.gid)
             overlay = scratch.dir / "data.qcow2"
             make_overlay(overlay, building / templates.DISK_FILE, "qcow2", identity)
             image = scratch.dir / "restore.save"
@@ -266,13 +297,12 @@ class SharedMemory:
             _seal_when_unmapped(memory)
             _write_out(memory, building / MEMORY_FILE)
         except BaseException:
-            os.close(memory)
             for leftover in (building / DEVICE_STATE_FILE, building / MEMORY_FILE):
                 leftover.unlink(missing_ok=True)
             raise
         finally:
+            os.close(memory)
             shutil.rmtree(scratch.dir, ignore_errors=True)
-        return memory
 
 
 def qmp(

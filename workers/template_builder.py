@@ -9,6 +9,7 @@ find the template to restore from.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid as uuidlib
@@ -98,7 +99,6 @@ class TemplateBuilder:
     def _make_shareable(
         self,
         who: str,
-        key: str,
         building: Path,
         domain: tuple[str, str],
         identity: VMIdentity,
@@ -112,7 +112,7 @@ class TemplateBuilder:
             return
         try:
             with self.domains.step(who, "share", timings):
-                fd = shared.make_shareable(
+                shared.make_shareable(
                     self.domains.libvirt,
                     building,
                     *domain,
@@ -124,9 +124,8 @@ class TemplateBuilder:
             if isinstance(exc, libvirt_conn.LibvirtUnavailable):
                 raise
             log.warning("%s: clones will read the whole snapshot: %s", who, exc)
-            self.domains.destroy_domain(domain[0])
-            return
-        shared.keep(key, fd)
+            with contextlib.suppress(VMError):
+                self.domains.destroy_domain(domain[0])
 
     def _build_vm(
         self, spec: VMSpec, artifacts: images.ImageArtifacts, key: str, building: Path
@@ -173,7 +172,7 @@ class TemplateBuilder:
                 "read the saved XML", lambda c: c.saveImageGetXMLDesc(str(state), 0)
             )
             (building / templates.XML_FILE).write_text(xml)
-            self._make_shareable(who, key, building, (name, uuid), identity, spec, timings)
+            self._make_shareable(who, building, (name, uuid), identity, spec, timings)
         except BaseException:
             domains.destroy_domain(name)
             raise

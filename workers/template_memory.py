@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,11 @@ F_GET_SEALS = 1034
 F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 READ_ONLY_SEALS = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
 
-REQUEST_MAX_BYTES = 256
 ANSWER_TIMEOUT_S = 5.0
+BACKLOG = 128
+ACCEPT_RETRY_S = 0.1
+REFUSAL_LOG_EVERY_S = 10.0
+PEERCRED = struct.Struct("iII")  # pid, uid, gid: uids above 2**31 stay positive
 COPY_CHUNK = 64 << 20
 
 
@@ -102,10 +106,18 @@ class Grant:
     shared: bool
 
 
+class BrokerTaken(OSError):
+    """Another process of this host already serves the broker's socket."""
+
+
 class MemoryBroker:
     """Hands each expected VM uid its memory fd, once. A thread serving a unix socket that
     every VM uid may connect to (its directory is traversable, the socket 0666): a connection
-    from a uid that is not expected gets a refusal and nothing else."""
+    from a uid that is not expected gets a refusal and nothing else.
+
+    `expect` takes a duplicate of the fd it is given and closes it once sent or forgotten, so
+    the caller may close its own at any time. One process per socket: a flock on a sibling
+    file, so a second process of the same host cannot take the socket over."""
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
@@ -113,13 +125,23 @@ class MemoryBroker:
         self._lock = threading.Lock()
         self._server: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._lock_fd = -1
+        self._last_refusal_log = 0.0
 
     def start(self) -> None:
+        lock_path = self.socket_path.with_name(self.socket_path.name + ".lock")
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise BrokerTaken(f"another process serves {self.socket_path}") from None
+        self._lock_fd = lock_fd
         self.socket_path.unlink(missing_ok=True)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         server.bind(str(self.socket_path))
         os.chmod(self.socket_path, 0o666)
-        server.listen(16)
+        server.listen(BACKLOG)
         self._server = server
         self._thread = threading.Thread(target=self._serve, name="memory-broker", daemon=True)
         self._thread.start()
@@ -133,22 +155,42 @@ class MemoryBroker:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.socket_path.unlink(missing_ok=True)
+        with self._lock:
+            grants, self._grants = self._grants, {}
+        for grant in grants.values():
+            os.close(grant.fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def expect(self, uid: int, grant: Grant) -> None:
-        """The next connection from `uid` gets `grant` (the broker does not own its fd)."""
+        """The next connection from `uid` gets `grant` (a duplicate of its fd)."""
+        own = Grant(os.dup(grant.fd), grant.shared)
         with self._lock:
-            self._grants[uid] = grant
+            old = self._grants.pop(uid, None)
+            self._grants[uid] = own
+        if old is not None:
+            os.close(old.fd)
 
     def forget(self, uid: int) -> None:
         with self._lock:
-            self._grants.pop(uid, None)
+            old = self._grants.pop(uid, None)
+        if old is not None:
+            os.close(old.fd)
 
     def _serve(self) -> None:
         while self._server is not None:
             try:
                 conn, _ = self._server.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._server is None:
+                    return
+                log.warning("memory broker: accept failed (%s); going on", exc)
+                time.sleep(ACCEPT_RETRY_S)
+                continue
             with conn:
                 try:
                     self._answer(conn)
@@ -157,13 +199,19 @@ class MemoryBroker:
 
     def _answer(self, conn: socket.socket) -> None:
         conn.settimeout(ANSWER_TIMEOUT_S)
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _gid = struct.unpack("3i", creds)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+        pid, uid, _gid = PEERCRED.unpack(creds)
         with self._lock:
             grant = self._grants.pop(uid, None)
         if grant is None:
-            log.warning("memory broker: uid %s (pid %s) asked, none expected: refused", uid, pid)
+            now = time.monotonic()
+            if now - self._last_refusal_log > REFUSAL_LOG_EVERY_S:  # a flood fills no disk
+                self._last_refusal_log = now
+                log.warning("memory broker: uid %s (pid %s) asked, none expected", uid, pid)
             conn.sendall(json.dumps({"error": "no memory is expected for this uid"}).encode())
             return
-        answer = json.dumps({"shared": grant.shared}).encode()
-        socket.send_fds(conn, [answer], [grant.fd])
+        try:
+            answer = json.dumps({"shared": grant.shared}).encode()
+            socket.send_fds(conn, [answer], [grant.fd])
+        finally:
+            os.close(grant.fd)

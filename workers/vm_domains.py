@@ -261,6 +261,7 @@ class DomainOps:
             if isinstance(exc, libvirt_conn.LibvirtUnavailable):
                 raise
             log.warning("VM %s: shared-memory start failed, reading the snapshot: %s", who, exc)
+            self.shared.failed(template)
             self.destroy_domain(name)
             return False
 

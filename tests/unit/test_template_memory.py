@@ -181,3 +181,11 @@ def test_copies_keep_the_holes_of_untouched_memory(tmp_path: Path) -> None:
         assert (tmp_path / "back.ram").stat().st_blocks * 512 <= 64 << 10
     finally:
         os.close(fd)
+
+
+def test_a_second_broker_on_the_same_socket_is_refused(broker: MemoryBroker) -> None:
+    """Another process of the same host (an overlapping restart) cannot take the socket over:
+    the flock is per open file, so a second broker in this process meets it too."""
+    with pytest.raises(template_memory.BrokerTaken):
+        MemoryBroker(broker.socket_path).start()
+    assert broker.serving() and broker.socket_path.exists()
