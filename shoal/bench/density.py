@@ -46,6 +46,24 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def pss_mb(pid: int) -> float | None:
+    """Proportional set size: pages shared with other clones (template memory) count split."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -85,6 +103,8 @@ def density(b: Bench) -> list[Result]:
     sessions: list[str] = []
     curve: list[dict] = []
     stopped = ""
+    time.sleep(SETTLE_S)
+    available_before = available_mb()
     try:
         for target in steps_up_to(limit):
             while len(sessions) < target:
@@ -100,6 +120,8 @@ def density(b: Bench) -> list[Result]:
             pids = list(qemu_pids(prefix))
             cores = idle_cpu(pids, window)
             rss = [r for r in (rss_mb(p) for p in pids) if r is not None]
+            pss = [r for r in (pss_mb(p) for p in pids) if r is not None]
+            drop = (available_before - available_mb()) / len(sessions)
             health = timed_loop(5, 30, lambda _i: _health_ms(b))
             probe = timed_loop(PROBE_CALLS, 60, lambda _i: b.execute(sessions[0], "x += 1")[0])
             point = {
@@ -107,6 +129,8 @@ def density(b: Bench) -> list[Result]:
                 "qemu_processes": len(pids),
                 "rss_mb": stats.summarize(rss),
                 "rss_total_mb": round(sum(rss), 1),
+                "pss_mb": stats.summarize(pss),
+                "available_drop_per_session_mb": round(drop, 1),
                 "idle_cpu_cores": round(cores, 4),
                 "idle_cpu_per_vm_pct": round(100 * cores / max(len(pids), 1), 3),
                 "warm_p50_ms": round(stats.percentile(probe, 50), 2),
@@ -115,6 +139,7 @@ def density(b: Bench) -> list[Result]:
             curve.append(point)
             b.progress(
                 f"  {len(sessions)} idle sessions: RSS p50 {point['rss_mb'].get('p50')} MB, "
+                f"PSS p50 {point['pss_mb'].get('p50')} MB, host memory {drop:.0f} MB each, "
                 f"idle CPU {100 * cores:.1f}% of a core in all, "
                 f"warm p50 {point['warm_p50_ms']} ms"
             )
@@ -143,6 +168,14 @@ def density(b: Bench) -> list[Result]:
             unit="MB",
             value=float(last.get("rss_mb", {}).get("p50", 0.0)),
             goals=(Goal("<= 200 MB", "value", 200.0, issue=4),),
+        ),
+        Result(
+            "density_host_memory",
+            "host memory per idle session: MemAvailable's drop / sessions (at the largest step)",
+            unit="MB",
+            value=float(last.get("available_drop_per_session_mb", 0.0)),
+            goals=(Goal("<= 120 MB", "value", 120.0, issue=14),),
+            notes=f"PSS p50 {last.get('pss_mb', {}).get('p50')} MB",
         ),
         Result(
             "density_idle_cpu",
