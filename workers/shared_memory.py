@@ -155,7 +155,7 @@ class SharedMemory:
         try:
             install_wrapper()
             dom.make_dirs(path.parent, Path(self.settings.vm_dir))
-            broker = MemoryBroker(path)
+            broker = MemoryBroker(path, self.settings.run_dir / f"memory-{host}.lock")
             broker.start()
         except OSError as exc:
             self._reason = f"the memory broker could not start: {exc}"

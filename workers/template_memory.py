@@ -117,10 +117,12 @@ class MemoryBroker:
 
     `expect` takes a duplicate of the fd it is given and closes it once sent or forgotten, so
     the caller may close its own at any time. One process per socket: a flock on a sibling
-    file, so a second process of the same host cannot take the socket over."""
+    file (outside the VM directory: SHOAL_HOME/run for a worker), so a second process of the
+    same host cannot take the socket over."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, lock_path: Path | None = None) -> None:
         self.socket_path = socket_path
+        self.lock_path = lock_path or socket_path.with_name(socket_path.name + ".lock")
         self._grants: dict[int, Grant] = {}
         self._lock = threading.Lock()
         self._server: socket.socket | None = None
@@ -129,8 +131,8 @@ class MemoryBroker:
         self._last_refusal_log = 0.0
 
     def start(self) -> None:
-        lock_path = self.socket_path.with_name(self.socket_path.name + ".lock")
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
