@@ -36,32 +36,28 @@ def qemu_pids(domain_prefix: str) -> dict[int, str]:
     return found
 
 
-def rss_mb(pid: int) -> float | None:
+def _field_mb(path: str, name: str) -> float | None:
+    """A `Name:   N kB` line of a /proc file, in MB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def rss_mb(pid: int) -> float | None:
+    return _field_mb(f"/proc/{pid}/status", "VmRSS")
 
 
 def pss_mb(pid: int) -> float | None:
     """Proportional set size: pages shared with other clones (template memory) count split."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return _field_mb(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def available_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return _field_mb("/proc/meminfo", "MemAvailable") or 0.0
 
 
 def cpu_seconds(pid: int) -> float | None:

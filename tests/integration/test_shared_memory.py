@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from shoal import redis_conn
 from shoal.hosts import heartbeats
 from shoal.settings import load
 from tests.integration.conftest import Stack
-from tests.integration.test_vm_identity import SYSTEM_PYTHON, LiveVM, _live_vm
+from tests.integration.test_vm_identity import LiveVM, _live_vm, run_as
 from workers import domain as dom
 from workers import shared_memory
 
@@ -96,18 +95,8 @@ def test_a_vm_uid_can_write_the_template_memory_in_no_way(clones) -> None:
     settings, (one, _two), _answers = clones
     memory_file = _template_memory(settings, one)
     assert memory_file.stat().st_mode & 0o777 == 0o600 and memory_file.stat().st_uid == 0
-    result = subprocess.run(
-        [SYSTEM_PYTHON, "-c", ESCAPE, str(_memory_fd(one)), str(memory_file)],
-        user=one.uid,
-        group=one.gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd="/",
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {
+    seen = run_as(one.uid, one.gid, ESCAPE, str(_memory_fd(one)), str(memory_file))
+    assert json.loads(seen) == {
         "write": "EPERM",
         "truncate": "EPERM",
         "shared_map": "EPERM",

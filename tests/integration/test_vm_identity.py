@@ -87,9 +87,10 @@ def _live_vm(stack: Stack, settings: Settings, session_id: str) -> LiveVM:
     return LiveVM(session_id, name, pid, uids[0], gids[0], dom.vm_paths(settings, key), xml)
 
 
-def _as_uid(uid: int, gid: int, checks: list[tuple[Path, str]]) -> dict[str, str]:
+def run_as(uid: int, gid: int, source: str, *args: str) -> str:
+    """Run Python `source` as uid:gid (no other group) with the system interpreter; its stdout."""
     result = subprocess.run(
-        [SYSTEM_PYTHON, "-c", PROBE, json.dumps([(str(p), how) for p, how in checks])],
+        [SYSTEM_PYTHON, "-c", source, *args],
         user=uid,
         group=gid,
         extra_groups=[],
@@ -99,7 +100,11 @@ def _as_uid(uid: int, gid: int, checks: list[tuple[Path, str]]) -> dict[str, str
         cwd="/",
     )
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return result.stdout
+
+
+def _as_uid(uid: int, gid: int, checks: list[tuple[Path, str]]) -> dict[str, str]:
+    return json.loads(run_as(uid, gid, PROBE, json.dumps([(str(p), how) for p, how in checks])))
 
 
 @pytest.fixture(scope="module")
