@@ -9,10 +9,12 @@ carries a quota (the domain's scheduler parameters then include `global_quota`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger("shoal.vm")
@@ -191,6 +193,32 @@ def remove_vm_groups(group_name: str, probes: list[ControllerProbe]) -> None:
     for probe in probes:
         if probe.available and probe.version == "v1":
             _rmdir_when_empty(os.path.join(probe.mount, OWN_GROUP, group_name))
+
+
+def remove_stale_groups(
+    prefix: str, live: Callable[[], set[str]], probes: list[ControllerProbe]
+) -> None:
+    """Remove the empty groups named `prefix`* of VMs not in `live()`: a group whose QEMU took
+    longer than GROUP_EXIT_WAIT_S to leave it (a loaded host) is caught by the next sweep.
+    Groups are listed before `live()` is asked, so a VM starting meanwhile is never taken for
+    a stray (its domain exists before its group does)."""
+    found = []
+    for probe in probes:
+        if probe.available and probe.version == "v1":
+            top = os.path.join(probe.mount, OWN_GROUP)
+            with contextlib.suppress(OSError):
+                found += [(top, n) for n in os.listdir(top) if n.startswith(prefix)]
+    if not found:
+        return
+    keep = live()
+    for top, name in found:
+        if name in keep:
+            continue
+        try:
+            os.rmdir(os.path.join(top, name))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBUSY):
+                log.warning("cannot remove the cgroup %s/%s: %s", top, name, exc)
 
 
 def _rmdir_when_empty(directory: str) -> None:

@@ -389,6 +389,9 @@ class VMManager:
             self.domains.teardown(name, dom.vm_paths(self.settings, key))
             destroyed.append(name)
         listed = {dom.key_of(self.settings, name) for name in domains}
+        self.probes.remove_stale_limits(
+            dom.name_prefix(self.settings), lambda: set(our_domains(self.settings, self.libvirt))
+        )
         for key in sorted(dirs - owned - listed):
             if self._another_hosts(dom.VMPaths(vms / key)):
                 continue

@@ -13,6 +13,7 @@ that changes its answer needs a worker restart, as a new QEMU or libvirt does an
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from workers.cgroups import (
     apply_vm_limit,
     probe_controller,
     probe_cpu_controller,
+    remove_stale_groups,
     remove_vm_groups,
 )
 from workers.vm_errors import VMError
@@ -150,6 +152,9 @@ class HostProbes:
 
     def remove_limits(self, name: str) -> None:
         remove_vm_groups(name, list(self.limit_controllers().values()))
+
+    def remove_stale_limits(self, prefix: str, live: Callable[[], set[str]]) -> None:
+        remove_stale_groups(prefix, live, list(self.limit_controllers().values()))
 
     def limits_status(self) -> dict[str, Any]:
         return {

@@ -261,3 +261,14 @@ def test_a_group_still_held_by_an_exiting_qemu_is_removed_once_it_leaves(monkeyp
     pids = cgroups.ControllerProbe("pids", True, "v1", "/sys/fs/cgroup/pids", "")
     cgroups.remove_vm_groups("shoal-i-h-k", [pids])
     assert calls == ["/sys/fs/cgroup/pids/shoal/shoal-i-h-k"] * 3
+
+
+def test_the_sweep_removes_empty_groups_of_vms_gone(tmp_path: Path) -> None:
+    """A group whose QEMU left it too late for the teardown's wait is removed by a later sweep;
+    live VMs' groups and other instances' stay."""
+    top = tmp_path / cgroups.OWN_GROUP
+    for name in ("shoal-i-h-aaa", "shoal-i-h-bbb", "shoal-other-h-ccc"):
+        (top / name).mkdir(parents=True)
+    probe = cgroups.ControllerProbe("pids", True, "v1", str(tmp_path), "")
+    cgroups.remove_stale_groups("shoal-i-h-", lambda: {"shoal-i-h-aaa"}, [probe])
+    assert sorted(p.name for p in top.iterdir()) == ["shoal-i-h-aaa", "shoal-other-h-ccc"]
