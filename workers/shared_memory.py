@@ -54,13 +54,16 @@ log = logging.getLogger("shoal.vm")
 MEMORY_FILE = "memory.ram"
 DEVICE_STATE_FILE = "device.save"
 WRAPPER = Path("/usr/local/libexec/shoal/qemu-wrapper")
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+QEMU_NS = dom.QEMU_NS
 INCOMING_FD_NAME = "shoal-incoming"
 INCOMING_TIMEOUT_S = 30.0
 SEAL_WAIT_S = 10.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-
-ET.register_namespace("qemu", QEMU_NS)
+KSM_RUN = Path("/sys/kernel/mm/ksm/run")
+FULL_COPY = (
+    "every clone of a template that cannot be shared reads its whole snapshot (a private copy "
+    "of the save image, restored by libvirt)"
+)
 
 
 def install_wrapper(target: Path = WRAPPER) -> None:
@@ -164,20 +167,24 @@ class SharedMemory:
         self._broker, self._reason = broker, ""
 
     def status(self) -> dict[str, Any]:
-        """Never starts the broker (a process that only reports must not take the socket)."""
+        """The active mode and why the others are not (for /healthz's admin view). Never
+        starts the broker (a process that only reports must not take the socket)."""
         with self._lock:
             started = self._started
-        held = len(self._fds)
+        report: dict[str, Any] = {"ksm": ksm_status(), "full_copy": FULL_COPY}
         if not started and self.settings.memory_sharing == "auto":
-            return {"mode": "auto", "detail": "decided when this worker starts its first VM"}
-        if self.active():
-            return {
-                "mode": "template-memory",
-                "detail": "clones map a sealed copy of their template's memory copy-on-write",
-                "templates_held": held,
-                "ksm": "off (an operator's opt-in: pages merged across tenants are a side channel)",
-            }
-        return {"mode": "off", "reason": self._reason}
+            return {"mode": "auto", "detail": "decided when this worker starts its first VM",
+                    **report}  # fmt: skip
+        if not self.active():
+            return {"mode": "off", "reason": self._reason, **report}
+        fallbacks = sorted({directory.name for directory, _identity in self._failed})
+        return {
+            "mode": "template-memory",
+            "detail": "clones map a sealed copy of their template's memory copy-on-write",
+            "templates_held": len(self._fds),
+            "templates_falling_back": fallbacks,
+            **report,
+        }
 
     def usable_for(self, template: templates.Template) -> bool:
         if not is_shareable(template) or not self.active():
@@ -303,6 +310,20 @@ class SharedMemory:
         finally:
             os.close(memory)
             shutil.rmtree(scratch.dir, ignore_errors=True)
+
+
+def ksm_status() -> str:
+    """KSM is never turned on by Shoal: pages merged across tenants leak through write timing."""
+    try:
+        running = KSM_RUN.read_text().strip() == "1"
+    except OSError:
+        return "off (this kernel has no KSM)"
+    if running:
+        return (
+            "on, set by the operator: QEMU's guest RAM is not marked mergeable by Shoal, but "
+            "pages merged across tenants are a timing side channel (docs/security.md)"
+        )
+    return "off (an operator's opt-in: pages merged across tenants are a side channel)"
 
 
 def qmp(

@@ -52,8 +52,8 @@ from workers.vm_errors import TemplateError
 
 log = logging.getLogger("shoal.templates")
 
-# Bump when what a template holds, or how it is made, changes.
-TEMPLATE_FORMAT = 1
+# Bump when what a template holds, or how it is made, changes (2: guest RAM not mergeable).
+TEMPLATE_FORMAT = 2
 # What a template's guest runs before it is saved: every clone starts with these imported.
 WARM_CODE = "import numpy, pandas, matplotlib\nimport matplotlib.pyplot\nimport gc\ngc.collect()\n"
 WARM_TIMEOUT_S = 300

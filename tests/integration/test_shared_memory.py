@@ -136,4 +136,4 @@ def test_the_worker_reports_template_memory_sharing(clones) -> None:
         time.sleep(0.5)
     assert mode["mode"] == "template-memory", mode
     assert mode["templates_held"] >= 1
-    assert mode["ksm"].startswith("off")
+    assert mode["ksm"].startswith("off") and mode["templates_falling_back"] == []

@@ -2,7 +2,8 @@
 
 One snapshot template is shared by the whole module (built once per run, under the run's own
 instance directory); most tests use clones of it, which restore in about a second. Only
-`test_cold_boot` boots a guest from scratch, with a shape that has no template. Every domain of
+`test_cold_boot` boots a guest from scratch, with a shape that has no template; a clone whose
+start on the template's shared memory fails falls back to reading the snapshot. Every domain of
 the test instance is destroyed at the end, even on failure, and the test checks that nothing is
 left behind.
 
@@ -30,6 +31,7 @@ from shoal import data_disk, images
 from shoal.ops import daemons, image_build
 from shoal.settings import Settings
 from workers import domain as dom
+from workers import shared_memory
 from workers.libvirt_conn import connection
 from workers.reconcile import our_domains
 from workers.vm import VMManager, VMSpec
@@ -300,6 +302,34 @@ def test_reconcile(settings, manager, clone):
     assert stray.domain_name not in our_domains(settings, connection())
     assert not stray.paths.dir.exists()
     assert out(kept, "print('kept')") == "kept"
+
+
+# --- memory sharing falls back (late: the module's template stops being shared) --------------
+
+
+def test_a_clone_whose_shared_start_fails_reads_the_snapshot_instead(settings, manager, clone):
+    shared = clone()
+    assert "restore_shared" in shared.timings, shared.timings  # this host can share
+    (device_state,) = (settings.instance_vm_dir / "templates").glob(
+        f"*/{shared_memory.DEVICE_STATE_FILE}"
+    )
+    original = device_state.read_bytes()
+    start = shared_memory.stream_offset(device_state)
+    # The device state QEMU is given is garbage: the shared start fails inside QEMU.
+    device_state.write_bytes(original[:start] + os.urandom(len(original) - start))
+    try:
+        vm = clone()
+    finally:
+        device_state.write_bytes(original)
+    assert "restore_shared" not in vm.timings and "restore" in vm.timings, vm.timings
+    assert vm.restored  # from the template's snapshot, not a cold boot
+    assert out(vm, "import sys; print('pandas' in sys.modules, 6 * 7)") == "True 42"
+    status = manager.status()["memory_sharing"]
+    assert status["mode"] == "template-memory", status  # other templates still share
+    assert status["templates_falling_back"] == [device_state.parent.name], status
+    again = clone()  # not tried again on the same template
+    assert "restore_shared" not in again.timings and "restore" in again.timings
+    assert out(again, "print('fine')") == "fine"
 
 
 # --- libvirtd restart (last: it restarts the daemon other tests use) -------------------------

@@ -78,6 +78,19 @@ def test_no_network_no_usb_no_balloon_no_graphics():
     assert devices.find("memballoon").get("model") == "none"
 
 
+def test_guest_ram_is_never_marked_mergeable():
+    """KSM, were the operator to run it, must not merge pages across tenants."""
+    (backing,) = parse(make_spec()).findall("memoryBacking")
+    assert backing.find("nosharepages") is not None
+
+
+def test_libvirt_reads_the_vcpu_features_in_two_commands_not_four_hundred():
+    root = parse(make_spec())
+    (capabilities,) = root.findall(f"{{{domain.QEMU_NS}}}capabilities")
+    (removed,) = capabilities.findall(f"{{{domain.QEMU_NS}}}del")
+    assert removed.get("capability") == "cpu-unavailable-features"
+
+
 def test_network_only_when_asked():
     interface = parse(make_spec(network=True)).find("devices/interface")
     assert interface.get("type") == "user"
