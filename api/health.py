@@ -4,8 +4,10 @@
 tenant's key, it says only `{"status": "ok" | "degraded"}`: a load balancer needs no more, and
 the details (versions, host paths, the guest kernel's command line, session counts) help an
 attacker more than a tenant. With an admin key (shoal/admin_keys.py) it gives every part's state,
-what is down, Redis's memory pressure (`redis.memory`), and each worker's accelerator with a
-plain warning when guests run under TCG. /metrics needs an admin key: 401 without a valid key,
+what is down, Redis's memory pressure (`redis.memory`), each worker's accelerator with a
+plain warning when guests run under TCG, and each worker's memory: available, the reserve it
+keeps, and which memory-sharing mode its clones use and why the others are not
+(`workers.<host>.memory`). /metrics needs an admin key: 401 without a valid key,
 403 with a tenant's.
 """
 
@@ -52,6 +54,10 @@ def health_report() -> tuple[dict, bool]:
             "libvirt": driver,
         }
         report["workers"][host]["template"] = beat.get("template", "")
+        report["workers"][host]["memory"] = {
+            **beat.get("memory", {}),
+            "sharing": driver.get("memory_sharing", {}),
+        }
         accel = hosts.accelerator(beat)
         report["workers"][host]["accelerator"] = accel
         if accel.get("warning"):

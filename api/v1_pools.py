@@ -28,6 +28,7 @@ class PoolOut(Schema):
     memory_mib = fields.Integer()
     data_disk_mib = fields.Integer()
     ready_target = fields.Integer()
+    ready_max = fields.Integer()
     max_sessions = fields.Integer()
     cooldown_s = fields.Integer()
     max_lifetime_s = fields.Integer()

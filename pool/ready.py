@@ -2,9 +2,9 @@
 
 Lives in the host's worker process, the one owner of the host's VMs. `take` hands a ready VM to
 exactly one session (under a lock; a VM id leaves the ready list before anyone sees it);
-`replenish` tops every pool up to its `ready_target` with at most `max_parallel` restores at a
-time (our hosts have 2 cores), and a pool whose restores fail backs off exponentially instead of
-looping hot.
+`replenish` starts the restores each pool is due (pool/sizing.py decides how many) with at most
+`max_parallel` at a time (our hosts have 2 cores), and a pool whose restores fail backs off
+exponentially instead of looping hot; `let_go` hands back ready VMs a host no longer keeps.
 """
 
 from __future__ import annotations
@@ -70,14 +70,28 @@ class ReadyVMs:
                 for name, s in self._pools.items()
             }
 
-    def replenish(self, pools: Iterable[Pool]) -> int:
-        """Start restores for whatever each pool lacks; return how many were started."""
+    def held(self) -> dict[str, int]:
+        """Ready and starting VMs per pool."""
+        with self._lock:
+            return {name: len(s.ready) + s.starting for name, s in self._pools.items()}
+
+    def let_go(self, pool_name: str, count: int) -> list[str]:
+        """Up to `count` of the pool's ready VMs, the newest first, now the caller's to destroy."""
+        with self._lock:
+            ready = self._state(pool_name).ready
+            taken = ready[len(ready) - min(count, len(ready)) :]
+            del ready[len(ready) - len(taken) :]
+            return taken[::-1]
+
+    def replenish(self, goals: Iterable[tuple[Pool, int]]) -> int:
+        """Start restores until each (pool, goal) holds `goal` ready or starting VMs, unless the
+        pool is backing off; return how many were started."""
         started = 0
         now = time.monotonic()
-        for pool in pools:
+        for pool, goal in goals:
             with self._lock:
                 state = self._state(pool.name)
-                missing = pool.ready_target - len(state.ready) - state.starting
+                missing = goal - len(state.ready) - state.starting
                 if missing <= 0 or now < state.retry_at:
                     continue
                 state.starting += missing

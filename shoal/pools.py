@@ -19,6 +19,7 @@ class Pool:
     memory_mib: int = 512
     data_disk_mib: int = 1024
     ready_target: int = 0
+    ready_max: int = 0
     max_sessions: int = 100
     cooldown_s: int = 300
     max_lifetime_s: int = 86400
@@ -26,6 +27,11 @@ class Pool:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def ready_ceiling(self) -> int:
+        """The most ready VMs a host keeps for this pool (`ready_max`, never below the target)."""
+        return max(self.ready_target, self.ready_max)
 
 
 def _default_pool(settings: Settings) -> Pool:
@@ -52,6 +58,8 @@ def _parse(path: Path, settings: Settings) -> dict[str, Pool]:
             raise SystemExit(f"{path}: pool {name!r} has unknown keys {sorted(unknown)}")
         if table.get("network"):
             raise SystemExit(f"{path}: pool {name!r}: network egress is not supported yet")
+        if table.get("ready_max", 0) and table["ready_max"] < table.get("ready_target", 0):
+            raise SystemExit(f"{path}: pool {name!r}: ready_max is below ready_target")
         base = asdict(pools.get(name, Pool(name=name)))
         base.update(table)
         pools[name] = Pool(**base)

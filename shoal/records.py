@@ -90,6 +90,7 @@ class Heartbeat(TypedDict):
     pools: dict[str, PoolCounts]
     pool_errors: dict[str, str]
     driver: dict[str, Any]  # the VM driver's own status (libvirt, accelerator, cgroups)
+    memory: dict[str, int]  # available_mib, total_mib, reserve_mib (shoal/host_memory.py)
 
 
 class BatchMeta(TypedDict):

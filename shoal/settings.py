@@ -141,6 +141,13 @@ class Settings:
         default=15.0, metadata={"doc": "a host is down after this long silent"}
     )
     host_max_vms: int = field(default=48, metadata={"doc": "VMs one host may run"})
+    host_memory_reserve_mib: int = field(
+        default=2048,
+        metadata={
+            "doc": "memory a host keeps free: a new VM starts only while the host's available "
+            "memory stays above this by the VM's size; ready VMs above target are let go below it"
+        },
+    )
     restore_parallel: int = field(
         default=2, metadata={"doc": "ready-VM restores a host runs at once"}
     )
@@ -249,6 +256,8 @@ class Settings:
                 f"{env_name('vm_disk_bytes_per_s')} and {env_name('vm_disk_iops')} must be 0 "
                 "(no cap) or above"
             )
+        if self.host_memory_reserve_mib < 0:
+            raise SystemExit(f"{env_name('host_memory_reserve_mib')} must be 0 or above")
         if self.memory_sharing not in ("auto", "off"):
             raise SystemExit(f"{env_name('memory_sharing')} must be auto or off")
         if not 1 <= self.redis_tenants_pct <= 95:

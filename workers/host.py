@@ -19,7 +19,9 @@ import time
 import redis
 
 from pool.ready import ReadyVMs, new_vm_id
+from pool.sizing import ready_changes
 from shoal import (
+    host_memory,
     images,
     keys,
     metrics,
@@ -27,7 +29,7 @@ from shoal import (
     replies,
     sessions,
 )
-from shoal.errors import HostStorageFull, SessionLost, ShoalError
+from shoal.errors import HostStorageFull, NoHostAvailable, SessionLost, ShoalError
 from shoal.pools import Pool, all_pools, get_pool
 from shoal.records import Heartbeat, SessionEntry
 from shoal.settings import Settings
@@ -165,6 +167,7 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
                 if state["last_error"]
             },
             "driver": self.vms.status(),
+            "memory": self.memory().as_dict(),
         }
         ttl = max(int(self.settings.heartbeat_ttl_s), 1)
         self.r.set(keys.host_heartbeat(self.host), json.dumps(status), ex=ttl)
@@ -211,14 +214,28 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
             self.vms.destroy(vm_id)  # nobody owns it yet but this host: never leave it running
             raise
 
+    def memory(self) -> host_memory.HostMemory:
+        return host_memory.read(self.settings.host_memory_reserve_mib)
+
     def replenish(self) -> None:
-        """Top every pool up to its ready target on this host (bounded, in the background)."""
+        """Bring every pool's ready VMs on this host to what its memory allows (pool/sizing.py):
+        start restores in the background, destroy the ready VMs let go."""
         if self._stop.is_set():
             return
-        live_vms = len(self.vms.list_vms())
-        if live_vms >= self.settings.host_max_vms:
-            return
-        self.ready.replenish(p for p in all_pools(self.settings).values() if p.ready_target > 0)
+        pools = [p for p in all_pools(self.settings).values() if p.ready_ceiling > 0]
+        held = self.ready.held()
+        changes = ready_changes(pools, held, self.memory())
+        for name, change in changes.items():
+            for vm_id in self.ready.let_go(name, -change) if change < 0 else ():
+                log.info("pool=%s vm=%s let go (host short of memory)", name, vm_id)
+                self.vms.destroy(vm_id)
+        room = self.settings.host_max_vms - len(self.vms.list_vms())
+        goals = []
+        for pool in pools:
+            start = min(max(changes[pool.name], 0), max(room, 0))
+            room -= start
+            goals.append((pool, held.get(pool.name, 0) + start))
+        self.ready.replenish(goals)
 
     # --- sessions ----------------------------------------------------------------------------
     def create_session(self, session_id: str, pool_name: str, reply_key: str) -> None:
@@ -247,6 +264,7 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         vm_id = self.ready.take(pool.name)
         warm = vm_id is not None
         if vm_id is None:
+            self._check_memory(pool)
             vm_id = new_vm_id()
             self.vms.create(vm_id, spec_for(pool))
         self.session_vm[session_id] = vm_id  # so that a failure from here on destroys it
@@ -268,6 +286,17 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         metrics.incr(self.r, "shoal_session_acquisitions_total", pool=pool.name,
                      source="ready" if warm else "cold")  # fmt: skip
         self.beat_once()  # placement and pool counts see the acquisition at once
+
+    def _check_memory(self, pool: Pool) -> None:
+        """Placement read a heartbeat seconds old; the host itself refuses a VM its memory
+        cannot hold above the reserve."""
+        memory = self.memory()
+        if memory.room_for(pool.memory_mib) < 1:
+            raise NoHostAvailable(
+                f"host {self.host} is short of memory for a {pool.memory_mib} MiB VM "
+                f"({memory.available_mib} MiB available, {memory.reserve_mib} MiB kept free): "
+                "retry when sessions end"
+            )
 
     def _vm_id(self, session_id: str) -> str:
         vm_id = self.session_vm.get(session_id)

@@ -27,7 +27,7 @@ def create_session(c: Context, tenant: str, pool_name: str, identifier: str = ""
     tenant's and the pool's caps is taken at once (TenantSessionLimit, PoolExhausted) and given
     back if the session is not made."""
     pool = get_pool(c.settings, pool_name)
-    host = choose_host(c.redis, pool.name)
+    host = choose_host(c.redis, pool)
     entry = sessions.create(
         c.redis, tenant, pool, host, identifier, tenant_cap=c.settings.tenant_max_sessions
     )

@@ -10,7 +10,9 @@ import subprocess
 
 import requests
 
+from shoal import host_memory
 from shoal.hosts import TCG_WARNING
+from shoal.settings import load
 from tests.integration.conftest import REPO, SHOAL, Stack, processes_of
 
 
@@ -28,6 +30,18 @@ def test_healthz_public_view_is_only_the_status(stack: Stack) -> None:
         assert response.status_code == 200 and response.json() == {"status": "ok"}
         assert_secure(response)
         assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_healthz_admin_view_has_each_workers_memory_and_sharing_mode(stack: Stack) -> None:
+    report = requests.get(f"{stack.url}/healthz", headers=stack.admin_headers(), timeout=10).json()
+    memory = report["workers"]["testhost"]["memory"]
+    assert memory["total_mib"] == host_memory.read(0).total_mib
+    assert 0 < memory["available_mib"] <= memory["total_mib"]
+    assert memory["reserve_mib"] == load(stack.env).host_memory_reserve_mib
+    sharing = memory["sharing"]
+    assert sharing["mode"] in ("template-memory", "auto"), sharing  # auto: no VM started yet
+    assert sharing["ksm"].startswith("off"), sharing  # never turned on by Shoal
+    assert "whole snapshot" in sharing["full_copy"]
 
 
 def test_healthz_admin_view_names_the_accelerator_and_up_said_it(stack: Stack) -> None:

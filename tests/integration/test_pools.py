@@ -40,7 +40,8 @@ def test_pools_are_listed_with_settings_and_counts(stack: Stack) -> None:
     response = requests.get(f"{stack.url}/v1/pools", headers=stack.headers(), timeout=10)
     pools = {p["name"]: p for p in response.json()["pools"]}
     assert {"default", "race", "tiny", "brief"} <= set(pools)
-    assert pools["race"]["ready_target"] == 3 and pools["tiny"]["max_sessions"] == 1
+    assert pools["race"]["ready_target"] == 2 and pools["race"]["ready_max"] == 3
+    assert pools["tiny"]["max_sessions"] == 1
     assert pools["default"]["network"] is False
     assert "testhost" in pools["default"]["hosts"]
 
@@ -61,6 +62,7 @@ def test_a_ready_vm_is_taken_and_the_pool_refills(stack: Stack) -> None:
 
 
 def test_concurrent_acquisitions_never_share_a_vm(stack: Stack) -> None:
+    # A target of 2, and a third ready VM since the host has the memory for it (ready_max).
     wait_until(lambda: pool_counts(stack, "race")["ready"] == 3, 120)
     with concurrent.futures.ThreadPoolExecutor(max_workers=5) as pool:
         session_ids = list(pool.map(lambda _: stack.new_session(pool="race"), range(5)))

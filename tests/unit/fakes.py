@@ -184,6 +184,7 @@ def publish_heartbeat(
     max_vms: int = 48,
     libvirt_ok: bool = True,
     ttl_s: float = 15.0,
+    memory: dict | None = None,
 ) -> None:
     """Register `host` and publish a heartbeat for it as workers/host.py beat_once does, with
     `ready` VMs per pool."""
@@ -200,6 +201,8 @@ def publish_heartbeat(
         "pool_errors": {},
         "driver": {"libvirt": {"ok": libvirt_ok}},
     }
+    if memory is not None:
+        beat["memory"] = memory
     r.sadd(keys.hosts(), host)
     r.set(keys.host_heartbeat(host), json.dumps(beat), px=int(ttl_s * 1000))
 

@@ -1,6 +1,7 @@
 """A host's ready VMs (pool/ready.py): each ready VM is handed out once, even to concurrent
 takers; replenishing tops each pool up to its target with at most `max_parallel` restores at a
-time; a pool whose restores fail backs off exponentially and says why.
+time; a pool whose restores fail backs off exponentially and says why; ready VMs let go leave
+newest first and are never handed out again.
 
 `start_vm` is a stand-in that returns (or raises) when told; the back-off runs on a fake clock.
 """
@@ -18,6 +19,10 @@ from pool.ready import BACKOFF_FIRST_S, BACKOFF_MAX_S, ReadyVMs
 from shoal.pools import Pool
 
 POOL = Pool(name="p", ready_target=3)
+
+
+def targets(pools: list[Pool]) -> list[tuple[Pool, int]]:
+    return [(pool, pool.ready_target) for pool in pools]
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
@@ -57,7 +62,7 @@ class Starts:
 def filled(pools: list[Pool], max_parallel: int = 2) -> tuple[ReadyVMs, Starts]:
     starts = Starts()
     ready = ReadyVMs(starts, max_parallel)
-    ready.replenish(pools)
+    ready.replenish(targets(pools))
     for pool in pools:
         wait_for(lambda p=pool: ready.counts()[p.name]["ready"] == p.ready_target)
     return ready, starts
@@ -107,22 +112,22 @@ def test_replenish_starts_what_is_missing_with_at_most_max_parallel_at_once() ->
     ready = ReadyVMs(starts, max_parallel=2)
     pools = [Pool(name="p", ready_target=4), Pool(name="q", ready_target=2)]
 
-    assert ready.replenish(pools) == 6
+    assert ready.replenish(targets(pools)) == 6
     wait_for(lambda: starts.active == 2)
     time.sleep(0.02)  # room for a third restore to sneak in, were the bound not kept
     assert starts.active == 2
     assert ready.counts()["p"]["starting"] == 4 and ready.counts()["q"]["starting"] == 2
-    assert ready.replenish(pools) == 0  # what is starting counts towards the target
+    assert ready.replenish(targets(pools)) == 0  # what is starting counts towards the target
 
     starts.gate.set()
     wait_for(lambda: ready.counts()["p"]["ready"] == 4 and ready.counts()["q"]["ready"] == 2)
     assert starts.most_active == 2
     assert ready.counts()["p"]["starting"] == 0
-    assert ready.replenish(pools) == 0
+    assert ready.replenish(targets(pools)) == 0
 
     ready.take("p")
     ready.take("p")
-    assert ready.replenish(pools) == 2
+    assert ready.replenish(targets(pools)) == 2
     wait_for(lambda: ready.counts()["p"]["ready"] == 4)
     assert len(starts.started) == 8
 
@@ -130,7 +135,7 @@ def test_replenish_starts_what_is_missing_with_at_most_max_parallel_at_once() ->
 def test_a_pool_without_a_target_starts_nothing() -> None:
     starts = Starts()
     ready = ReadyVMs(starts)
-    assert ready.replenish([Pool(name="p", ready_target=0)]) == 0
+    assert ready.replenish(targets([Pool(name="p", ready_target=0)])) == 0
     assert starts.started == []
 
 
@@ -158,7 +163,7 @@ def test_failing_restores_back_off_exponentially_up_to_the_cap(clock) -> None:
     delay = 0.0
     for failures in range(1, 10):
         clock.now += delay
-        assert ready.replenish([pool]) == 1
+        assert ready.replenish(targets([pool])) == 1
         wait_for(lambda n=failures: ready.counts()["p"]["failures"] == n)
         assert ready.counts()["p"] == {
             "ready": 0,
@@ -167,15 +172,15 @@ def test_failing_restores_back_off_exponentially_up_to_the_cap(clock) -> None:
             "last_error": "restore failed: no snapshot",
         }
         delay = min(BACKOFF_FIRST_S * 2 ** (failures - 1), BACKOFF_MAX_S)
-        assert ready.replenish([pool]) == 0  # backing off
+        assert ready.replenish(targets([pool])) == 0  # backing off
         clock.now += delay - 0.01
-        assert ready.replenish([pool]) == 0
+        assert ready.replenish(targets([pool])) == 0
         clock.now -= delay - 0.01
     assert delay == BACKOFF_MAX_S
 
     starts.error = None  # the restore works again: the failures are forgotten
     clock.now += delay
-    assert ready.replenish([pool]) == 1
+    assert ready.replenish(targets([pool])) == 1
     wait_for(lambda: ready.counts()["p"]["ready"] == 1)
     assert ready.counts()["p"] == {"ready": 1, "starting": 0, "failures": 0, "last_error": ""}
     assert starts.started
@@ -188,9 +193,20 @@ def test_a_failing_pool_does_not_hold_back_another(clock) -> None:
 
     ready = ReadyVMs(start_vm)
     pools = [Pool(name="broken", ready_target=1), Pool(name="fine", ready_target=2)]
-    assert ready.replenish(pools) == 3
+    assert ready.replenish(targets(pools)) == 3
     wait_for(lambda: ready.counts()["fine"]["ready"] == 2)
     wait_for(lambda: ready.counts()["broken"]["failures"] == 1)
     assert ready.counts()["broken"]["last_error"] == "no such image"
     ready.take("fine")
-    assert ready.replenish(pools) == 1  # only the healthy pool, while the other backs off
+    assert ready.replenish(targets(pools)) == 1  # only the healthy pool, while the other backs off
+
+
+def test_let_go_hands_back_the_newest_ready_vms_never_to_be_taken() -> None:
+    ready, starts = filled([Pool(name="p", ready_target=4)], max_parallel=1)
+    assert ready.held() == {"p": 4}
+    released = ready.let_go("p", 2)
+    assert released == starts.started[:1:-1]  # the two started last, newest first
+    assert ready.let_go("other", 3) == []
+    assert ready.held() == {"p": 2, "other": 0}
+    assert {ready.take("p"), ready.take("p")} == set(starts.started[:2])
+    assert ready.take("p") is None and ready.let_go("p", 5) == []
