@@ -242,7 +242,8 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         """Give the session a VM and answer its creator on `reply_key`; a failure marks the
         session lost and says why."""
         try:
-            self._give_vm(session_id, get_pool(self.settings, pool_name))
+            pool = get_pool(self.settings, pool_name)
+            warm = self._give_vm(session_id, pool)
             replies.send(self.r, reply_key, {"ok": True})
         except ShoalError as exc:
             replies.send_error(self.r, reply_key, exc)
@@ -257,9 +258,23 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
                 error = ShoalError(f"creating the session's VM failed: {exc}")
             self.mark_session_lost(session_id, error.message)
             replies.send_error(self.r, reply_key, error)
+        else:
+            self._acquired(pool, warm)
 
-    def _give_vm(self, session_id: str, pool: Pool) -> None:
-        """A ready VM when the pool has one, else one restored on demand."""
+    def _acquired(self, pool: Pool, warm: bool) -> None:
+        """Once the creator has its answer (none of this is on its path): count the
+        acquisition, refill the pool, and let placement see the new counts at once."""
+        try:
+            metrics.incr(self.r, "shoal_session_acquisitions_total", pool=pool.name,
+                         source="ready" if warm else "cold")  # fmt: skip
+            if warm:
+                self.replenish()
+            self.beat_once()
+        except Exception:
+            log.exception("host=%s after an acquisition from pool %s", self.host, pool.name)
+
+    def _give_vm(self, session_id: str, pool: Pool) -> bool:
+        """A ready VM when the pool has one (True), else one restored on demand (False)."""
         started = time.monotonic()
         vm_id = self.ready.take(pool.name)
         warm = vm_id is not None
@@ -281,11 +296,7 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
             (time.monotonic() - started) * 1000,
             "from the ready pool" if warm else "on demand",
         )
-        if warm:
-            self.replenish()
-        metrics.incr(self.r, "shoal_session_acquisitions_total", pool=pool.name,
-                     source="ready" if warm else "cold")  # fmt: skip
-        self.beat_once()  # placement and pool counts see the acquisition at once
+        return warm
 
     def _check_memory(self, pool: Pool) -> None:
         """Placement read a heartbeat seconds old; the host itself refuses a VM its memory
