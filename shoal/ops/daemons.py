@@ -17,6 +17,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -45,9 +46,23 @@ def libvirt_answers() -> bool:
     return result.returncode == 0
 
 
+def _daemon_env() -> dict[str, str]:
+    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
+
+
 def _start_daemon(argv: list[str]) -> None:
-    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C.UTF-8"}
-    subprocess.run(argv, check=True, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        argv, check=True, env=_daemon_env(), start_new_session=True, stdin=subprocess.DEVNULL
+    )
+
+
+def _start_reaped(argv: list[str]) -> None:
+    """Start a daemon below a reaper of its own (shoal/ops/reaper.py), left running."""
+    subprocess.Popen(
+        [sys.executable, "-m", "shoal.ops.reaper", *argv],
+        env=_daemon_env(), start_new_session=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
+    )  # fmt: skip
 
 
 def ensure_virtlogd() -> str:
@@ -75,12 +90,14 @@ def ensure_libvirtd(timeout_s: float = 30.0) -> str:
     if _running("libvirtd"):
         state = "already running"
     else:
+        # libvirtd and its QEMUs are reaped by a reaper of their own: a destroyed VM's
+        # process is gone at once, whoever PID 1 is.
         if hardware_virtualization():
-            _start_daemon(["libvirtd", "-d"])
+            _start_reaped(["libvirtd", "-d"])
             state = "started"
         else:
             hide_kvm = f"mount --bind {_no_kvm_device()} /dev/kvm && exec libvirtd -d"
-            _start_daemon(["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm])
+            _start_reaped(["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm])
             state = "started (with /dev/kvm hidden: no hardware virtualization, guests use TCG)"
     deadline = time.monotonic() + timeout_s
     while not libvirt_answers():
