@@ -38,9 +38,16 @@ class _PoolState:
 
 
 class ReadyVMs:
-    def __init__(self, start_vm: Callable[[str, Pool], None], max_parallel: int = 2) -> None:
-        """`start_vm(vm_id, pool)` restores (or boots) one VM and returns when its agent answers."""
+    def __init__(
+        self,
+        start_vm: Callable[[str, Pool], None],
+        max_parallel: int = 2,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """`start_vm(vm_id, pool)` restores (or boots) one VM and returns when its agent answers;
+        `on_ready()` is called after each VM joins its pool (the host tells placement)."""
         self._start_vm = start_vm
+        self._on_ready = on_ready
         self._lock = threading.Lock()
         self._pools: dict[str, _PoolState] = {}
         self._slots = threading.BoundedSemaphore(max_parallel)
@@ -126,3 +133,8 @@ class ReadyVMs:
             state.last_error = ""
             state.ready.append(vm_id)
         log.info("pool=%s vm=%s ready", pool.name, vm_id)
+        if self._on_ready is not None:
+            try:
+                self._on_ready()
+            except Exception:
+                log.exception("pool=%s announcing a ready VM failed", pool.name)

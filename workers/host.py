@@ -78,7 +78,9 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         self.vms = vms or VMManager(settings)
         self.queues = SessionQueues()  # each session's work, one piece at a time
         self.session_vm: dict[str, str] = {}  # session id -> the id its VM has in self.vms
-        self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel)
+        # Each VM that joins a ready pool is announced at once: placement sends new sessions
+        # to hosts with ready VMs, and a heartbeat can be SHOAL_HEARTBEAT_S old.
+        self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel, self.beat_once)
         self._stop = threading.Event()
         # The default pool's snapshot template: "building", "ready" or "failed: <why>". Until it
         # is ready, /healthz says so: a session made before would cold-boot (seconds, not ms).

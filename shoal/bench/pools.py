@@ -31,6 +31,28 @@ def _wait_ready(b: Bench, pool: str, count: int) -> float:
     return time.monotonic() - started
 
 
+SETTLE_QUIET_S = 3.0  # ready counts unchanged this long: the hosts' initial fill is over
+SETTLE_MAX_S = 180.0
+
+
+def settle(b: Bench) -> float:
+    """Wait until every pool holds its ready target and the ready counts stop growing (the
+    hosts fill ready VMs up to ready_max when memory allows): restores running in the background
+    would slow whatever is measured first. Returns the seconds waited."""
+    started = time.monotonic()
+    last, quiet_since = None, started
+    while time.monotonic() - started < SETTLE_MAX_S:
+        pools = _pools(b).values()
+        counts = tuple(sorted((p["name"], p["counts"]["ready"]) for p in pools))
+        short = any(p["counts"]["ready"] < p["ready_target"] for p in pools)
+        if counts != last:
+            last, quiet_since = counts, time.monotonic()
+        elif not short and time.monotonic() - quiet_since >= SETTLE_QUIET_S:
+            break
+        time.sleep(POLL_S)
+    return time.monotonic() - started
+
+
 def refill(b: Bench) -> list[Result]:
     pool = _pools(b).get(REFILL_POOL)
     if not pool:

@@ -115,6 +115,8 @@ def main(settings: Settings, args) -> int:
         meta["accelerator"] = accelerator(health)
         meta["templates_at_start"] = ready_templates(health)
         meta["versions"] = versions(tgt.settings)
+        waited = pools.settle(bench)
+        progress(f"ready pools filled and quiet after {waited:.0f} s")
         for i, scenario in enumerate(chosen, 1):
             progress(f"[{i}/{len(chosen)}] {scenario.name}: {scenario.title}")
             started = time.monotonic()

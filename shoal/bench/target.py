@@ -28,12 +28,12 @@ from shoal.settings import REPO_ROOT, Settings, load
 INSTANCE = "bench"
 HOST_NAME = "benchhost"
 ONDEMAND_POOL = "bench-ondemand"  # same shape as `default` (so the same template), never warm
-REFILL_POOL = "bench-refill"  # same shape, 3 ready VMs: taken at once, then timed refilling
+REFILL_POOL = "bench-refill"  # same shape, 6 ready VMs: taken at once, then timed refilling
 BRIEF_POOL = "bench-brief"  # same shape, a 5 s idle cooldown: for expiry accuracy
 DENSITY_POOL = "bench-density"  # same shape, capped only by the hosts: for --density
 EXTRA_POOLS = (
     f"\n[pools.{ONDEMAND_POOL}]\nready_target = 0\n"
-    f"\n[pools.{REFILL_POOL}]\nready_target = 3\n"
+    f"\n[pools.{REFILL_POOL}]\nready_target = 6\n"
     f"\n[pools.{BRIEF_POOL}]\nready_target = 0\ncooldown_s = 5\n"
     f"\n[pools.{DENSITY_POOL}]\nready_target = 0\nmax_sessions = 100000\n"
 )

@@ -210,3 +210,22 @@ def test_let_go_hands_back_the_newest_ready_vms_never_to_be_taken() -> None:
     assert ready.held() == {"p": 2, "other": 0}
     assert {ready.take("p"), ready.take("p")} == set(starts.started[:2])
     assert ready.take("p") is None and ready.let_go("p", 5) == []
+
+
+def test_each_vm_that_joins_its_pool_is_announced() -> None:
+    starts = Starts()
+    announced: list[int] = []
+    ready = ReadyVMs(starts, 2, on_ready=lambda: announced.append(len(ready.ids())))
+    ready.replenish(targets([Pool(name="p", ready_target=3)]))
+    wait_for(lambda: len(announced) == 3)
+    assert sorted(announced) == [1, 2, 3]  # each after its VM was in the pool
+
+
+def test_a_failing_announcement_keeps_the_vm() -> None:
+    def fail() -> None:
+        raise RuntimeError("redis down")
+
+    ready = ReadyVMs(Starts(), 2, on_ready=fail)
+    ready.replenish(targets([Pool(name="p", ready_target=1)]))
+    wait_for(lambda: ready.counts()["p"]["ready"] == 1)
+    assert ready.take("p") is not None
