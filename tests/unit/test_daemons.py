@@ -18,6 +18,7 @@ def started(monkeypatch) -> list[dict]:
         return subprocess.CompletedProcess(argv, 0)
 
     monkeypatch.setattr(daemons.subprocess, "run", fake_run)
+    monkeypatch.setattr(daemons.subprocess, "Popen", fake_run)
     monkeypatch.setattr(daemons, "_running", lambda name: False)
     monkeypatch.setenv("SHOAL_HOME", "/tmp/some-instance")
     monkeypatch.setenv("SHOAL_REDIS_URL", "redis://127.0.0.1:1/0")
@@ -37,7 +38,9 @@ def test_libvirtd_starts_clean_and_on_its_own(started, monkeypatch) -> None:
     monkeypatch.setattr(daemons, "hardware_virtualization", lambda: True)
     monkeypatch.setattr(daemons, "libvirt_answers", lambda: True)
     daemons.ensure_libvirtd()
-    (call,) = [c for c in started if c["argv"][0] == "libvirtd"]
+    (call,) = [c for c in started if "libvirtd" in c["argv"]]
+    # Below a reaper of its own (shoal/ops/reaper.py), which reaps the QEMUs it daemonizes.
+    assert call["argv"][1:] == ["-m", "shoal.ops.reaper", "libvirtd", "-d"]
     assert call["start_new_session"] is True
     assert not any(name.startswith("SHOAL_") for name in call["env"])
 
