@@ -127,6 +127,10 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
         self.user_uid, self.user_gid = uid, gid
         # In the guest: the session's cgroup, its memory and pids limits (confine.py).
         self.cgroup = confine.setup() if system else None
+        # Read back from the live system once, before any user code ran: nothing unprivileged
+        # can change it, and a restored clone answers its first hello without re-reading /proc
+        # (~30 ms of first-run code under TCG, on the path of every on-demand session).
+        self.confinement = confine.report(self.cgroup) if system else None
         self.data_dir = files.DataDir(data_dir, uid, gid)
         for sub in ("mpl", "ipython", "cache"):
             path = os.path.join(state_dir, sub)
@@ -335,8 +339,8 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             "data_disk_error": self._data_disk_error(),
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
-        if self.system:
-            fields["confinement"] = confine.report(self.cgroup)
+        if self.confinement is not None:
+            fields["confinement"] = self.confinement
         if message.get("packages", True):
             fields["packages"] = self.packages()
         self.answer(rid, **fields)
