@@ -50,14 +50,16 @@ shoal_python() {
 
 shoal_install_venv() {
   local stamp=.venv/.shoal-installed want
-  want=$(sha256sum pyproject.toml | cut -c1-16)
+  want=$(cat pyproject.toml clients/python/pyproject.toml | sha256sum | cut -c1-16)
   if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return 0
   fi
   echo "shoal: installing Shoal into .venv"
   [ -x .venv/bin/python ] || "$(shoal_python)" -m venv .venv
   mkdir -p .shoal/logs
-  if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]'; } \
+  # The client SDK (clients/python, its own package) too: the tests drive a live Shoal with it.
+  if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]' \
+      && .venv/bin/pip install -e clients/python; } \
       >.shoal/logs/install.log 2>&1; then
     echo "shoal: installing the Python packages failed; the end of .shoal/logs/install.log:" >&2
     tail -n 30 .shoal/logs/install.log >&2

@@ -1,0 +1,224 @@
+"""What the sync and async clients share: configuration, the API's routes as plain request
+descriptions, the retry rule, and turning answers into objects or exceptions. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+import os
+import random
+import ssl
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from shoal_client import errors
+from shoal_client.models import BatchItem
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+RETRY_STATUSES = frozenset({429, 503})
+BACKOFF_FIRST_S = 0.25
+BACKOFF_MAX_S = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    url: str
+    api_key: str
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    verify: bool | str = True  # a CA bundle's path for a self-signed HTTPS listener
+
+    @classmethod
+    def resolve(
+        cls,
+        url: str | None,
+        api_key: str | None,
+        timeout_s: float,
+        max_retries: int,
+        ca_file: str | None,
+    ) -> Config:
+        """Arguments first, then SHOAL_URL / SHOAL_API_KEY / SHOAL_CA_FILE."""
+        key = api_key or os.environ.get("SHOAL_API_KEY", "")
+        if not key:
+            raise errors.ShoalError(
+                "NoApiKey", "pass api_key= or set SHOAL_API_KEY (`shoal keys create`)"
+            )
+        base = (url or os.environ.get("SHOAL_URL") or DEFAULT_URL).rstrip("/")
+        ca = ca_file or os.environ.get("SHOAL_CA_FILE")
+        return cls(base, key, timeout_s, max_retries, ca or True)
+
+    def tls(self) -> ssl.SSLContext | bool:
+        """What httpx verifies the server with: the system's CAs, or the given bundle."""
+        if isinstance(self.verify, str):
+            return ssl.create_default_context(cafile=self.verify)
+        return self.verify
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}", "User-Agent": "shoal-client/0.1"}
+
+    def http_options(self) -> dict[str, Any]:
+        """The arguments of httpx.Client / httpx.AsyncClient."""
+        return {"base_url": self.url, "headers": self.headers(), "timeout": self.timeout_s,
+                "verify": self.tls()}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request. `replayable`: sending it twice does no harm (a read, a PUT, a delete, or a
+    submit carrying an Idempotency-Key), so it may be retried after a failure mid-request;
+    anything else is retried only when the server refused it (429/503) or it never left."""
+
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    replayable: bool = True
+
+
+def seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+def file_path(path: str) -> str:
+    return quote(path.lstrip("/"), safe="/")
+
+
+# --- routes (docs/api.md) ---------------------------------------------------------------------
+def create_session(pool: str) -> Call:
+    return Call("POST", "/v1/sessions", json={"pool": pool}, replayable=False)
+
+
+def get_session(session_id: str) -> Call:
+    return Call("GET", f"/v1/sessions/{seg(session_id)}")
+
+
+def list_sessions() -> Call:
+    return Call("GET", "/v1/sessions")
+
+
+def delete_session(session_id: str) -> Call:
+    return Call("DELETE", f"/v1/sessions/{seg(session_id)}")
+
+
+def submit(
+    session_id: str,
+    code: str,
+    language: str,
+    timeout_s: float,
+    wait: bool,
+    max_output: int | None,
+    idempotency_key: str | None,
+) -> Call:
+    body: dict[str, Any] = {"code": code, "language": language, "timeout_s": timeout_s,
+                            "wait": wait}  # fmt: skip
+    if max_output is not None:
+        body["max_output"] = max_output
+    key = idempotency_key or f"shoal-client-{uuid.uuid4()}"
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/executions", json=body,
+                headers={"Idempotency-Key": key})  # fmt: skip
+
+
+def get_execution(execution_id: str) -> Call:
+    return Call("GET", f"/v1/executions/{seg(execution_id)}")
+
+
+def cancel_execution(execution_id: str) -> Call:
+    return Call("POST", f"/v1/executions/{seg(execution_id)}/cancel")
+
+
+def list_files(session_id: str, path: str, recursive: bool) -> Call:
+    params = {"path": path, "recursive": "true" if recursive else "false"}
+    return Call("GET", f"/v1/sessions/{seg(session_id)}/files", params=params)
+
+
+def file_call(method: str, session_id: str, path: str) -> Call:
+    return Call(method, f"/v1/sessions/{seg(session_id)}/files/{file_path(path)}")
+
+
+def submit_batch(
+    items: list[dict[str, Any]], pool: str, max_parallel: int, callback_url: str | None
+) -> Call:
+    body: dict[str, Any] = {"pool": pool, "max_parallel": max_parallel, "items": items}
+    if callback_url:
+        body["callback_url"] = callback_url
+    return Call("POST", "/v1/batches", json=body, replayable=False)
+
+
+def get_batch(batch_id: str, cursor: int | None = None, limit: int = 1000) -> Call:
+    params: dict[str, Any] = {"limit": limit}
+    if cursor is not None:
+        params["cursor"] = cursor
+    return Call("GET", f"/v1/batches/{seg(batch_id)}", params=params)
+
+
+def cancel_batch(batch_id: str) -> Call:
+    return Call("POST", f"/v1/batches/{seg(batch_id)}/cancel")
+
+
+def batch_item(
+    code: str,
+    language: str = "python",
+    *,
+    files: dict[str, bytes] | None = None,
+    collect: list[str] | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """One item of a batch, its files base64-encoded as the API takes them."""
+    item: dict[str, Any] = {"code": code, "language": language}
+    if files:
+        item["files"] = {path: base64.b64encode(data).decode() for path, data in files.items()}
+    if collect:
+        item["collect"] = list(collect)
+    if timeout_s is not None:
+        item["timeout_s"] = timeout_s
+    return item
+
+
+def pools(name: str | None = None) -> Call:
+    return Call("GET", "/v1/pools" + (f"/{seg(name)}" if name else ""))
+
+
+def usage() -> Call:
+    return Call("GET", "/v1/usage")
+
+
+# --- answers and retries ----------------------------------------------------------------------
+def check(status: int, body: Any, retry_after: str | None) -> None:
+    if status >= 400:
+        raise errors.from_response(status, body, retry_after)
+
+
+def retry_delay(
+    attempt: int, max_retries: int, status: int | None, retry_after: str | None
+) -> float | None:
+    """Seconds to wait before attempt `attempt + 1`, or None to give up. `status` None: the
+    request failed on the wire (the caller decides whether it may be replayed)."""
+    if attempt >= max_retries or (status is not None and status not in RETRY_STATUSES):
+        return None
+    try:
+        asked = float(retry_after) if retry_after else 0.0
+    except ValueError:
+        asked = 0.0
+    backoff = min(BACKOFF_FIRST_S * 2**attempt, BACKOFF_MAX_S) * (0.5 + random.random() / 2)
+    return max(asked, backoff)
+
+
+def connection_error(exc: Exception, url: str) -> errors.ShoalError:
+    return errors.ShoalError("ConnectionFailed", f"{url}: {type(exc).__name__}: {exc}")
+
+
+def newly_finished(batch: dict[str, Any], seen: set[int]) -> list[BatchItem]:
+    """The batch's items that ended since the last look (their indexes join `seen`)."""
+    found = []
+    for raw in batch.get("items", []):
+        item = BatchItem.parse(raw)
+        if item.done and item.index not in seen:
+            seen.add(item.index)
+            found.append(item)
+    return found
+
+
+def batch_over(batch: dict[str, Any], seen: set[int]) -> bool:
+    return batch.get("status") != "running" and len(seen) >= int(batch.get("total", 0))

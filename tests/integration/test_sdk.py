@@ -1,0 +1,189 @@
+"""The Python client SDK (clients/python, `shoal_client`) against the shared stack: the sync
+and async clients over every session, execution and file route, errors as exceptions with
+Shoal's codes, retries through a proxy that refuses connections or drops an answer (a retried
+submit runs its code once), the HTTPS listener with the instance's own CA, and configuration
+from SHOAL_URL / SHOAL_API_KEY."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from shoal_client import (
+    AsyncClient,
+    Client,
+    ExecutionFailed,
+    NotFound,
+    Unauthorized,
+    batch_item,
+)
+
+from tests.integration.conftest import Stack
+from tests.integration.flaky_proxy import FlakyProxy
+
+pytestmark = pytest.mark.guest
+
+COUNT_RUNS = "runs = globals().get('runs', 0) + 1\nruns"
+
+
+def test_a_session_runs_code_statefully_and_moves_files(stack: Stack, tmp_path: Path) -> None:
+    local = tmp_path / "in.bin"
+    local.write_bytes(os.urandom(3 << 20) + b"tail")
+    with Client(stack.url, stack.key) as client:
+        with client.session() as s:
+            assert s.run("x = 41").status == "succeeded"
+            assert s.run("x + 1").text == "42"
+            assert s.shell("echo hi; exit 3").exit_code == 3
+            failed = s.run("1 / 0")
+            assert failed.status == "failed" and failed.error["name"] == "ZeroDivisionError"
+            with pytest.raises(ExecutionFailed, match="ZeroDivisionError"):
+                failed.raise_for_status()
+            plot = s.run("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+            (image,) = plot.save_images(tmp_path / "plots")
+            assert image.read_bytes().startswith(b"\x89PNG")
+
+            assert s.files.upload("notes/a.txt", b"hello").size == 5
+            entry = s.files.upload("big/in.bin", local)
+            assert entry.size == local.stat().st_size and entry.type == "file"
+            assert s.run("open('notes/a.txt').read()").text == "'hello'"
+            listed = {f.path for f in s.files.list(recursive=True)}
+            assert {"notes/a.txt", "big/in.bin"} <= listed
+            assert s.files.download("notes/a.txt") == b"hello"
+            copy = s.files.download_to("big/in.bin", tmp_path / "out.bin")
+            assert _digest(copy) == _digest(local)
+            s.files.delete("notes/a.txt")
+            with pytest.raises(NotFound) as missing:
+                s.files.download("notes/a.txt")
+            assert missing.value.code == "FileNotFound" and missing.value.status == 404
+            assert s.id in {info.id for info in client.list_sessions()}
+        with pytest.raises(NotFound) as gone:  # the `with` deleted it
+            client.get_session(s.id)
+        assert gone.value.code == "SessionNotFound"
+
+
+def test_submit_poll_and_cancel(stack: Stack) -> None:
+    with Client(stack.url, stack.key) as client, client.session() as s:
+        queued = s.submit("import time; time.sleep(30)")
+        assert queued.status in ("queued", "running")
+        client.cancel(queued.id)
+        assert client.wait_for(queued.id, timeout_s=60).status == "cancelled"
+        quick = s.submit("6 * 7")
+        assert client.wait_for(quick.id, timeout_s=60).text == "42"
+        assert client.pool("default")["name"] == "default"
+        assert any(p["name"] == "default" for p in client.pools())
+        assert "pools" in client.usage()
+
+
+def test_the_async_client_has_the_same_surface(stack: Stack, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(stack.url, stack.key) as client:
+            async with await client.session() as s:
+                await s.run("y = 'async'")
+                assert (await s.run("y")).text == "'async'"
+                await s.files.upload("a/b.txt", b"bytes")
+                assert await s.files.download("a/b.txt") == b"bytes"
+                await s.files.download_to("a/b.txt", tmp_path / "b.txt")
+                assert [f.path for f in await s.files.list("a")] == ["a/b.txt"]
+                running = await s.submit("import time; time.sleep(30)")
+                await client.cancel(running.id)
+                assert (await client.wait_for(running.id, 60)).status == "cancelled"
+            with pytest.raises(NotFound):
+                await client.get_session(s.id)
+
+    asyncio.run(scenario())
+    assert (tmp_path / "b.txt").read_bytes() == b"bytes"
+
+
+def test_refused_connections_are_retried(stack: Stack) -> None:
+    proxy = FlakyProxy(urlparse(stack.url).port, drop_connections=2)
+    try:
+        with Client(proxy.url, stack.key) as client:
+            assert client.pool("default")["name"] == "default"
+        assert proxy.connections == 3
+    finally:
+        proxy.close()
+
+
+def test_a_submit_whose_answer_was_lost_is_retried_and_runs_once(stack: Stack) -> None:
+    with Client(stack.url, stack.key) as direct, direct.session() as s:
+        proxy = FlakyProxy(urlparse(stack.url).port, drop_answers=1)
+        try:
+            with Client(proxy.url, stack.key) as flaky:
+                assert flaky.run(s.id, COUNT_RUNS).text == "1"  # the retry got the first run
+            assert proxy.connections == 2
+        finally:
+            proxy.close()
+        assert s.run("runs").text == "1"  # the code ran once
+
+
+def test_errors_carry_the_code_and_a_wrong_key_is_unauthorized(stack: Stack) -> None:
+    with Client(stack.url, "shoal_never_issued") as client, pytest.raises(Unauthorized) as refused:
+        client.pools()
+    assert refused.value.code == "Unauthorized" and refused.value.status == 401
+    with Client(stack.url, stack.key) as client, pytest.raises(NotFound) as missing:
+        client.get_execution("exe_0000000000000000000")
+    assert missing.value.code == "ExecutionNotFound"
+
+
+def test_https_with_the_instances_ca_and_settings_from_the_environment(
+    stack: Stack, monkeypatch
+) -> None:
+    monkeypatch.setenv("SHOAL_URL", stack.tls_url)
+    monkeypatch.setenv("SHOAL_API_KEY", stack.key)
+    monkeypatch.setenv("SHOAL_CA_FILE", str(stack.home / "tls" / "ca.pem"))
+    with Client() as client:
+        assert client.config.url.startswith("https://")
+        assert client.pool("default")["name"] == "default"
+
+
+def test_a_batch_is_iterated_as_its_items_finish(stack: Stack) -> None:
+    items = [
+        batch_item("open('in.txt').read().upper()", files={"in.txt": b"abc"}),
+        batch_item("mkdir -p out && echo made > out/x.txt", "shell", collect=["out/*.txt"]),
+        batch_item("1 / 0"),
+    ]
+    with Client(stack.url, stack.key) as client:
+        batch = client.submit_batch(items, max_parallel=3)
+        finished = {item.index: item for item in client.iter_batch(batch["id"], poll_s=0.2)}
+        assert client.get_batch(batch["id"])["status"] == "completed"
+    assert sorted(finished) == [0, 1, 2]  # each once
+    assert finished[0].execution.text == "'ABC'"
+    assert finished[1].files == {"out/x.txt": b"made\n"}
+    assert finished[2].status == "failed" and finished[2].execution.error["name"] == (
+        "ZeroDivisionError"
+    )
+
+
+def test_shoal_run_runs_a_file_and_brings_files_back(stack: Stack, tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os\nrows = open('in.csv').read().splitlines()\n"
+        "os.makedirs('out', exist_ok=True)\nopen('out/n.txt', 'w').write(str(len(rows)))\n"
+        "print('rows', len(rows))\n"
+    )
+    data = tmp_path / "in.csv"
+    data.write_text("a\nb\nc\n")
+    env = {**os.environ, "SHOAL_URL": stack.url, "SHOAL_API_KEY": stack.key}
+    run = subprocess.run(
+        [Path(sys.executable).with_name("shoal-run"), str(script), "--files", str(data),
+         "--collect", "out/*", "--out", str(tmp_path / "got")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "rows 3\n"
+    assert (tmp_path / "got" / "out" / "n.txt").read_text() == "3"
+    failing = tmp_path / "fail.py"
+    failing.write_text("raise ValueError('nope')\n")
+    run = subprocess.run([Path(sys.executable).with_name("shoal-run"), str(failing)],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 1 and "ValueError" in run.stderr
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,109 @@
+"""The client SDK's logic without a server (clients/python; its tests against a live Shoal are
+tests/integration/test_sdk.py): the retry rule, errors from answers, parsing, configuration,
+and that the package imports nothing of the server."""
+
+from __future__ import annotations
+
+import ast
+import base64
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from shoal_client import _core, errors
+from shoal_client.models import Execution
+
+CLIENT_DIR = Path(__file__).resolve().parents[2] / "clients" / "python" / "shoal_client"
+SERVER_PACKAGES = {"shoal", "api", "workers", "pool", "tests"}
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    for source in CLIENT_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in SERVER_PACKAGES, (source.name, name)
+
+
+def test_refusals_are_retried_with_retry_after_and_other_errors_are_not() -> None:
+    assert _core.retry_delay(0, 4, 429, "3") == 3.0
+    assert 0.1 <= _core.retry_delay(0, 4, 503, None) <= 0.25
+    assert _core.retry_delay(0, 4, None, None) is not None  # a failure on the wire
+    assert _core.retry_delay(4, 4, 503, "1") is None  # retries spent
+    for status in (400, 404, 409, 500, 504):
+        assert _core.retry_delay(0, 4, status, "1") is None
+
+
+def test_only_submits_with_a_key_and_reads_may_be_replayed() -> None:
+    first = _core.submit("ses_1", "x", "python", 60, True, None, None)
+    assert first.replayable and first.headers["Idempotency-Key"].startswith("shoal-client-")
+    again = _core.submit("ses_1", "x", "python", 60, True, None, None)
+    assert again.headers["Idempotency-Key"] != first.headers["Idempotency-Key"]
+    assert _core.submit("s", "x", "python", 60, True, None, "mine").headers == {
+        "Idempotency-Key": "mine"
+    }
+    assert not _core.create_session("default").replayable
+    assert _core.get_session("ses_1").replayable
+
+
+def test_paths_and_ids_are_quoted() -> None:
+    assert _core.get_session("a/b").path == "/v1/sessions/a%2Fb"
+    assert _core.file_call("GET", "s", "/dir/a b.txt").path == "/v1/sessions/s/files/dir/a%20b.txt"
+
+
+def test_error_answers_become_typed_exceptions() -> None:
+    body = {"error": {"code": "SessionNotFound", "message": "no session 'x'"}}
+    found = errors.from_response(404, body, None)
+    assert isinstance(found, errors.NotFound) and found.code == "SessionNotFound"
+    limited = errors.from_response(429, {"error": {"code": "RateLimited", "message": "m"}}, "2")
+    assert isinstance(limited, errors.RateLimited) and limited.retry_after_s == 2.0
+    odd = errors.from_response(502, "<html>bad gateway</html>", None)
+    assert type(odd) is errors.ShoalError and odd.code == "UnexpectedResponse"
+
+
+def test_an_execution_parses_its_result_and_images(tmp_path: Path) -> None:
+    png = b"\x89PNG\r\n\x1a\nrest"
+    execution = Execution.parse({
+        "id": "exe_1", "session_id": "ses_1", "status": "succeeded", "stdout": "hi\n",
+        "result": {"text/plain": "42"}, "exit_code": None, "newer_field": 1,
+        "outputs": [{"type": "display", "data": {"image/png": base64.b64encode(png).decode()}}],
+    })  # fmt: skip
+    assert execution.text == "42" and execution.done and execution.raw["newer_field"] == 1
+    (written,) = execution.save_images(tmp_path)
+    assert written.read_bytes() == png
+    assert execution.raise_for_status() is execution
+
+
+def test_configuration_from_arguments_then_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("SHOAL_API_KEY", raising=False)
+    with pytest.raises(errors.ShoalError, match="SHOAL_API_KEY"):
+        _core.Config.resolve(None, None, 10, 1, None)
+    monkeypatch.setenv("SHOAL_URL", "https://shoal.example:8443/")
+    monkeypatch.setenv("SHOAL_API_KEY", "k")
+    config = _core.Config.resolve(None, None, 10, 1, None)
+    assert config.url == "https://shoal.example:8443" and config.verify is True
+    assert _core.Config.resolve("http://h:1", "k2", 10, 1, "/ca.pem").verify == "/ca.pem"
+
+
+def test_a_webhook_is_verified_with_the_tenants_secret() -> None:
+    from shoal_client import webhooks
+    from standardwebhooks import Webhook
+
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    body = '{"id": "exe_1", "status": "succeeded"}'
+    stamp = datetime.now(UTC)
+    headers = {
+        "Webhook-Id": "msg_1",
+        "Webhook-Timestamp": str(int(stamp.timestamp())),
+        "Webhook-Signature": Webhook(secret).sign("msg_1", stamp, body),
+    }
+    assert webhooks.verify(secret, body.encode(), headers)["status"] == "succeeded"
+    other = "whsec_" + base64.b64encode(b"x" * 32).decode()
+    with pytest.raises(webhooks.InvalidWebhook):
+        webhooks.verify(other, body, headers)
+    with pytest.raises(webhooks.InvalidWebhook):
+        webhooks.verify(secret, body.replace("succeeded", "failed"), headers)
