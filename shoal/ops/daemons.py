@@ -56,9 +56,10 @@ def _start_daemon(argv: list[str]) -> None:
     )
 
 
-def _start_reaped(argv: list[str]) -> None:
-    """Start a daemon below a reaper of its own (shoal/ops/reaper.py), left running."""
-    subprocess.Popen(
+def _start_reaped(argv: list[str]) -> subprocess.Popen:
+    """Start a daemon below a reaper of its own (shoal/ops/reaper.py), left running; the
+    reaper ends only when nothing is left below it (the daemon failed to start, or stopped)."""
+    return subprocess.Popen(
         [sys.executable, "-m", "shoal.ops.reaper", *argv],
         env=_daemon_env(), start_new_session=True, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/",
@@ -87,20 +88,26 @@ def _no_kvm_device() -> Path:
 
 def ensure_libvirtd(timeout_s: float = 30.0) -> str:
     """Start libvirtd unless it runs; wait until it answers."""
+    reaper: subprocess.Popen | None = None
     if _running("libvirtd"):
         state = "already running"
     else:
         # libvirtd and its QEMUs are reaped by a reaper of their own: a destroyed VM's
         # process is gone at once, whoever PID 1 is.
         if hardware_virtualization():
-            _start_reaped(["libvirtd", "-d"])
+            reaper = _start_reaped(["libvirtd", "-d"])
             state = "started"
         else:
             hide_kvm = f"mount --bind {_no_kvm_device()} /dev/kvm && exec libvirtd -d"
-            _start_reaped(["unshare", "-m", "--propagation", "private", "sh", "-c", hide_kvm])
+            reaper = _start_reaped(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                    hide_kvm])  # fmt: skip
             state = "started (with /dev/kvm hidden: no hardware virtualization, guests use TCG)"
     deadline = time.monotonic() + timeout_s
     while not libvirt_answers():
+        if reaper is not None and reaper.poll() is not None:
+            raise RuntimeError(
+                "libvirtd exited as it started: run `libvirtd` in a terminal to see why"
+            )
         if time.monotonic() > deadline:
             raise RuntimeError(f"libvirtd did not answer on {LIBVIRT_URI} within {timeout_s} s")
         time.sleep(0.3)

@@ -75,3 +75,16 @@ def test_a_dead_private_redis_comes_back_on_its_port(tmp_path) -> None:
     port = free_port()
     write_secret(redis_conn.private_url_file(settings), f"redis://:pw@127.0.0.1:{port}/0\n")
     assert private_redis.previous_port(settings, wait_s=0) == port
+
+
+def test_a_libvirtd_that_exits_as_it_starts_is_reported_at_once(monkeypatch) -> None:
+    class Exited:
+        def poll(self) -> int:
+            return 1
+
+    monkeypatch.setattr(daemons, "_running", lambda name: False)
+    monkeypatch.setattr(daemons, "hardware_virtualization", lambda: True)
+    monkeypatch.setattr(daemons, "libvirt_answers", lambda: False)
+    monkeypatch.setattr(daemons.subprocess, "Popen", lambda argv, **kw: Exited())
+    with pytest.raises(RuntimeError, match="libvirtd exited as it started"):
+        daemons.ensure_libvirtd(timeout_s=30)
