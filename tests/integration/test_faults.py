@@ -303,21 +303,28 @@ def test_redis_restarted(faults: Stack) -> None:
     waiter = waiting_client(faults, session_id, "import time; time.sleep(1.5); y += 1; y")
     wait_until(lambda: status_of_session(faults, session_id) == "running", 30, what="running")
 
+    worker_log = processes.log_file(settings, "worker")
+    retried = "Redis unavailable storing its end"
+    retries_before = worker_log.read_text().count(retried)
     os.killpg(processes.running_pid(settings, "redis"), signal.SIGKILL)
     during = get(faults, f"/v1/sessions/{session_id}")
     assert during.status_code == 503, during.text
     assert during.json()["error"]["code"] == "StoreUnavailable", during.text
     assert "Redis" in during.json()["error"]["message"]
     assert during.headers["Retry-After"] == "2"
-    time.sleep(2.5)  # the execution ends while Redis is down
+    # Redis stays down until the execution has ended and the worker has tried to store its end
+    # (a fixed pause was not enough on a loaded host: the cell can start late under TCG).
+    wait_until(
+        lambda: worker_log.read_text().count(retried) > retries_before,
+        40,
+        what="the worker retrying to store the execution's end",
+    )
     faults.shoal("up", "--detach")
 
     waiter["thread"].join(60)
     assert waiter.get("status") == 200, waiter
     assert waiter["body"]["status"] == "succeeded", waiter["body"]
     assert waiter["body"]["result"]["text/plain"] == "2"
-    worker_log = processes.log_file(settings, "worker").read_text()
-    assert "Redis unavailable storing its end" in worker_log  # the end waited for Redis
     assert faults.execute(session_id, "y")["result"]["text/plain"] == "2"
     assert_recovered(faults)
 

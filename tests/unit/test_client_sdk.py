@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import ast
 import base64
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
-from shoal_client import _core, errors
+from shoal_client import Client, _core, errors
+from shoal_client._files import IncompleteDownload
 from shoal_client.models import Execution
+from shoal_client.run_cli import safe_target
 
 CLIENT_DIR = Path(__file__).resolve().parents[2] / "clients" / "python" / "shoal_client"
 SERVER_PACKAGES = {"shoal", "api", "workers", "pool", "tests"}
@@ -107,3 +111,77 @@ def test_a_webhook_is_verified_with_the_tenants_secret() -> None:
         webhooks.verify(other, body, headers)
     with pytest.raises(webhooks.InvalidWebhook):
         webhooks.verify(secret, body.replace("succeeded", "failed"), headers)
+
+
+def _scripted(statuses: list[int], seen: list[bytes]) -> httpx.MockTransport:
+    """A server answering each request with the next status (an upload's entry on 201), after
+    reading the whole body."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.read())
+        status = statuses.pop(0)
+        if status == 201:
+            return httpx.Response(201, json={"path": "f", "name": "f", "type": "file",
+                                             "size": len(seen[-1]), "modified_at": ""})  # fmt: skip
+        refusal = {"error": {"code": "StoreUnavailable", "message": "m"}}
+        return httpx.Response(status, headers={"Retry-After": "0"}, json=refusal)
+
+    return httpx.MockTransport(handle)
+
+
+def test_a_retried_upload_from_a_file_object_sends_the_whole_body_again() -> None:
+    seen: list[bytes] = []
+    source = io.BytesIO(b"head:" + b"x" * 3_000_000)
+    source.read(5)  # the upload starts where the file object stands
+    with Client("http://shoal", "k", transport=_scripted([503, 201], seen)) as client:
+        assert client.upload("s", "f", source).size == 3_000_000
+    assert seen == [b"x" * 3_000_000] * 2
+
+
+def test_a_body_that_cannot_be_sent_again_is_not_retried() -> None:
+    class OneWay(io.RawIOBase):
+        def __init__(self) -> None:
+            self.left = [b"once"]
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, size: int = -1) -> bytes:
+            return self.left.pop() if self.left else b""
+
+    seen: list[bytes] = []
+    transport = _scripted([503, 201], seen)
+    with (
+        Client("http://shoal", "k", transport=transport) as client,
+        pytest.raises(errors.Unavailable),
+    ):
+        client.upload("s", "f", OneWay())
+    assert seen == [b"once"]
+
+
+def test_a_short_download_leaves_no_file(tmp_path: Path) -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Length": "10"}, content=b"abc")
+
+    dest = tmp_path / "out.bin"
+    transport = httpx.MockTransport(handle)
+    with (
+        Client("http://shoal", "k", transport=transport) as client,
+        pytest.raises(IncompleteDownload),
+    ):
+        client.download_to("s", "f", dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_collected_paths_stay_under_the_output_directory(tmp_path: Path) -> None:
+    assert safe_target(tmp_path, "out/x.txt") == tmp_path / "out" / "x.txt"
+    for listed in ("../x", "/etc/passwd", "a/../../x", "a\\..\\x", ".", ""):
+        with pytest.raises(errors.ShoalError, match="not collected"):
+            safe_target(tmp_path, listed)
+
+
+def test_data_paths_and_retry_after_are_bounded() -> None:
+    assert _core.file_call("GET", "s", "/mnt/data/a.txt").path == "/v1/sessions/s/files/a.txt"
+    assert _core.retry_delay(0, 4, 503, "86400") == _core.RETRY_AFTER_MAX_S
+    waited = _core.submit("s", "x", "python", 200, True, None, None)
+    assert waited.timeout_s == 200 + _core.WAIT_MARGIN_S

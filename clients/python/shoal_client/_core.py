@@ -17,6 +17,9 @@ from shoal_client.models import BatchItem
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({429, 503})
+RETRY_AFTER_MAX_S = 60.0
+WAIT_MARGIN_S = 60.0
+DATA_DIR = "/mnt/data"
 BACKOFF_FIRST_S = 0.25
 BACKOFF_MAX_S = 10.0
 
@@ -75,6 +78,7 @@ class Call:
     params: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     replayable: bool = True
+    timeout_s: float | None = None  # this request's own, when it may wait longer
 
 
 def seg(value: str) -> str:
@@ -82,6 +86,9 @@ def seg(value: str) -> str:
 
 
 def file_path(path: str) -> str:
+    """A path under /mnt/data as the routes take it: relative (`/mnt/data/x` and `/x` mean `x`)."""
+    if path.startswith(DATA_DIR + "/"):
+        path = path[len(DATA_DIR) + 1 :]
     return quote(path.lstrip("/"), safe="/")
 
 
@@ -116,8 +123,10 @@ def submit(
     if max_output is not None:
         body["max_output"] = max_output
     key = idempotency_key or f"shoal-client-{uuid.uuid4()}"
+    # With `wait` the server holds the request while the code runs (and a grace after).
     return Call("POST", f"/v1/sessions/{seg(session_id)}/executions", json=body,
-                headers={"Idempotency-Key": key})  # fmt: skip
+                headers={"Idempotency-Key": key},
+                timeout_s=timeout_s + WAIT_MARGIN_S if wait else None)  # fmt: skip
 
 
 def get_execution(execution_id: str) -> Call:
@@ -198,7 +207,7 @@ def retry_delay(
     if attempt >= max_retries or (status is not None and status not in RETRY_STATUSES):
         return None
     try:
-        asked = float(retry_after) if retry_after else 0.0
+        asked = min(float(retry_after), RETRY_AFTER_MAX_S) if retry_after else 0.0
     except ValueError:
         asked = 0.0
     backoff = min(BACKOFF_FIRST_S * 2**attempt, BACKOFF_MAX_S) * (0.5 + random.random() / 2)

@@ -45,18 +45,23 @@ class AsyncClient:
     async def _send(
         self, call: Call, source: _files.Source | None = None, stream: bool = False
     ) -> httpx.Response:
-        replayable = call.replayable and (source is None or _files.body(source)[1])
+        body = None if source is None else _files.Body(source)
+        resendable = body is None or body.replayable  # see Client._send
+        replayable = call.replayable and resendable
         attempt = 0
         while True:
             try:
                 request = self._http.build_request(
                     call.method, call.path, json=call.json, params=call.params,
-                    headers={**call.headers, **_files.length_header(source)},
-                    content=None if source is None else _files.aiter_body(source),
+                    headers={**call.headers, **(body.headers() if body else {})},
+                    content=None if body is None else body.achunks(),
+                    timeout=call.timeout_s or self.config.timeout_s,
                 )  # fmt: skip
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                never_sent = resendable and isinstance(
+                    exc, httpx.ConnectError | httpx.ConnectTimeout
+                )
                 delay = _core.retry_delay(attempt, self.config.max_retries, None, None)
                 if delay is None or not (replayable or never_sent):
                     raise _core.connection_error(exc, self.config.url) from exc
@@ -65,6 +70,7 @@ class AsyncClient:
                 delay = _core.retry_delay(
                     attempt, self.config.max_retries, response.status_code, retry_after
                 )
+                delay = delay if resendable else None
                 if response.status_code < 400 or delay is None:
                     if response.status_code >= 400:
                         await response.aread()
@@ -145,17 +151,20 @@ class AsyncClient:
         return response.content
 
     async def download_to(self, session_id: str, path: str, dest: str | Path) -> Path:
+        """Stream a file to `dest`; on any failure `dest` is left as it was."""
         target = Path(dest)
         response = await self._send(_core.file_call("GET", session_id, path), stream=True)
         received = 0
         try:
-            with target.open("wb") as f:
+            with _files.replaced_atomically(target) as f:
                 async for chunk in response.aiter_bytes(_files.CHUNK):
                     await asyncio.to_thread(f.write, chunk)
                     received += len(chunk)
+                _files.expect_length(received, response.headers.get("Content-Length"), path)
+        except httpx.TransportError as exc:
+            raise _core.connection_error(exc, self.config.url) from exc
         finally:
             await response.aclose()
-        _files.expect_length(received, response.headers.get("Content-Length"), path)
         return target
 
     async def list_files(

@@ -48,18 +48,25 @@ class Client:
     def _send(
         self, call: Call, source: _files.Source | None = None, stream: bool = False
     ) -> httpx.Response:
-        replayable = call.replayable and (source is None or _files.body(source)[1])
+        body = None if source is None else _files.Body(source)
+        # A body that cannot be sent again (a file object that cannot seek back) is never
+        # retried once it may have been read.
+        resendable = body is None or body.replayable
+        replayable = call.replayable and resendable
         attempt = 0
         while True:
             try:
                 request = self._http.build_request(
                     call.method, call.path, json=call.json, params=call.params,
-                    headers={**call.headers, **_files.length_header(source)},
-                    content=None if source is None else _files.fresh(source),
+                    headers={**call.headers, **(body.headers() if body else {})},
+                    content=None if body is None else body.chunks(),
+                    timeout=call.timeout_s or self.config.timeout_s,
                 )  # fmt: skip
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+                never_sent = resendable and isinstance(
+                    exc, httpx.ConnectError | httpx.ConnectTimeout
+                )
                 delay = _core.retry_delay(attempt, self.config.max_retries, None, None)
                 if delay is None or not (replayable or never_sent):
                     raise _core.connection_error(exc, self.config.url) from exc
@@ -68,6 +75,7 @@ class Client:
                 delay = _core.retry_delay(
                     attempt, self.config.max_retries, response.status_code, retry_after
                 )
+                delay = delay if resendable else None
                 if response.status_code < 400 or delay is None:
                     if response.status_code >= 400:
                         response.read()
@@ -148,18 +156,21 @@ class Client:
         return response.content
 
     def download_to(self, session_id: str, path: str, dest: str | Path) -> Path:
-        """Stream a file to `dest` (the client holds one chunk at a time)."""
+        """Stream a file to `dest` (the client holds one chunk at a time); on any failure
+        `dest` is left as it was."""
         target = Path(dest)
         response = self._send(_core.file_call("GET", session_id, path), stream=True)
         received = 0
         try:
-            with target.open("wb") as f:
+            with _files.replaced_atomically(target) as f:
                 for chunk in response.iter_bytes(_files.CHUNK):
                     f.write(chunk)
                     received += len(chunk)
+                _files.expect_length(received, response.headers.get("Content-Length"), path)
+        except httpx.TransportError as exc:
+            raise _core.connection_error(exc, self.config.url) from exc
         finally:
             response.close()
-        _files.expect_length(received, response.headers.get("Content-Length"), path)
         return target
 
     def list_files(self, session_id: str, path: str = "", recursive: bool = False) -> list:

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path, PurePosixPath
 
+import httpx
+
 from shoal_client.client import Client, Session
 from shoal_client.errors import ShoalError
 from shoal_client.models import Execution
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.files:
             if not path.is_file():
                 raise FileNotFoundError(f"no local file {path}")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a script that is not text
         print(f"shoal-run: {exc}", file=sys.stderr)
         return 2
     language = "shell" if args.shell or args.script.suffix == ".sh" else "python"
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             _print(execution)
             for name in collect(session, args.collect, args.out):
                 print(f"shoal-run: collected {name}", file=sys.stderr)
-    except ShoalError as exc:
+    except (ShoalError, OSError, httpx.HTTPError) as exc:  # OSError: a short download, say
         print(f"shoal-run: {exc}", file=sys.stderr)
         return 2
     return 0 if execution.status == "succeeded" else 1
@@ -96,14 +98,24 @@ def collect(session: Session, globs: list[str], out: Path) -> list[str]:
     for entry in session.files.list(recursive=True):
         if entry.type != "file" or not any(fnmatch.fnmatch(entry.path, g) for g in globs):
             continue
-        relative = PurePosixPath(entry.path)
-        if relative.is_absolute() or ".." in relative.parts:
-            raise ShoalError("UnsafePath", f"the session listed {entry.path!r}: not collected")
-        target = out.joinpath(*relative.parts)
+        target = safe_target(out, entry.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         session.files.download_to(entry.path, target)
         names.append(entry.path)
     return names
+
+
+def safe_target(out: Path, listed: str) -> Path:
+    """Where a listed file goes under `out`; a path the session listed that would land
+    anywhere else (absolute, `..`, a backslash, a drive on Windows) is refused."""
+    relative = PurePosixPath(listed)
+    parts = relative.parts
+    if not parts or relative.is_absolute() or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        raise ShoalError("UnsafePath", f"the session listed {listed!r}: not collected")
+    target = out.joinpath(*parts)
+    if not target.resolve().is_relative_to(out.resolve()):
+        raise ShoalError("UnsafePath", f"the session listed {listed!r}: not collected")
+    return target
 
 
 if __name__ == "__main__":
