@@ -40,7 +40,7 @@ from workers.vm_errors import VMLost
 pytestmark = pytest.mark.guest
 
 SPEC = VMSpec(image="python", vcpus=1, memory_mib=512, data_disk_mib=256)
-HEARTBEAT_CATCH_UP_S = 4.0  # > SHOAL_HEARTBEAT_S (3 s)
+HEARTBEAT_CATCH_UP_S = 4.0  # several heartbeats of the test stacks (SHOAL_HEARTBEAT_S=1)
 # A shape without a template (so: a cold boot), with a CPU cap of half a core.
 COLD_SPEC = VMSpec(image="python", vcpus=1, memory_mib=384, data_disk_mib=256, cpu_quota=0.5)
 
@@ -348,7 +348,7 @@ def _restart_libvirtd() -> None:
     daemons.ensure_virtlogd()
     daemons.ensure_libvirtd()
     # Workers of the shared stack may have published a heartbeat saying libvirt was down while
-    # it restarted; placement gives such a host nothing until its next heartbeat (every 3 s).
+    # it restarted; placement gives such a host nothing until its next heartbeat (1 s there).
     # Leave the machine as the next test module expects it.
     time.sleep(HEARTBEAT_CATCH_UP_S)
 
