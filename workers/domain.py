@@ -232,7 +232,9 @@ def domain_xml(spec: DomainSpec) -> str:
     _sub(domain, "uuid", spec.uuid)
     _metadata(domain, spec.metadata)
     _sub(domain, "memory", str(spec.memory_mib), unit="MiB")
-    no_merging(domain)
+    # Guest RAM never marked mergeable (QEMU's mem-merge=off): were the operator to turn on KSM
+    # for other work, pages still would not be merged across tenants (a side channel).
+    _sub(_sub(domain, "memoryBacking"), "nosharepages")
     _sub(domain, "vcpu", str(spec.vcpus), placement="static")
     if spec.cpu_quota > 0:
         cputune = _sub(domain, "cputune")
@@ -293,18 +295,6 @@ def domain_xml(spec: DomainSpec) -> str:
     capabilities = _sub(domain, f"{{{QEMU_NS}}}capabilities")
     _sub(capabilities, f"{{{QEMU_NS}}}del", capability=SLOW_CPU_PROBE)
     return ET.tostring(domain, encoding="unicode")
-
-
-def no_merging(domain: ET.Element) -> None:
-    """Guest RAM never marked mergeable (QEMU's mem-merge=off): were the operator to turn on
-    KSM for other work, pages still would not be merged across tenants (a side channel)."""
-    backing = domain.find("memoryBacking")
-    if backing is None:
-        backing = ET.Element("memoryBacking")
-        memory = domain.find("memory")
-        domain.insert(list(domain).index(memory) + 1 if memory is not None else 0, backing)
-    if backing.find("nosharepages") is None:
-        ET.SubElement(backing, "nosharepages")
 
 
 def retarget_xml(

@@ -54,7 +54,6 @@ log = logging.getLogger("shoal.vm")
 MEMORY_FILE = "memory.ram"
 DEVICE_STATE_FILE = "device.save"
 WRAPPER = Path("/usr/local/libexec/shoal/qemu-wrapper")
-QEMU_NS = dom.QEMU_NS
 INCOMING_FD_NAME = "shoal-incoming"
 INCOMING_TIMEOUT_S = 30.0
 SEAL_WAIT_S = 10.0
@@ -96,11 +95,11 @@ def with_wrapper(xml: str, socket_path: Path, incoming: bool) -> str:
     if incoming:
         env["SHOAL_MEMORY_INCOMING"] = "1"
     emulator.text = str(WRAPPER)
-    for old in domain.findall(f"{{{QEMU_NS}}}commandline"):
+    for old in domain.findall(f"{{{dom.QEMU_NS}}}commandline"):
         domain.remove(old)
-    commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
+    commandline = ET.SubElement(domain, f"{{{dom.QEMU_NS}}}commandline")
     for name, value in env.items():
-        ET.SubElement(commandline, f"{{{QEMU_NS}}}env", name=name, value=value)
+        ET.SubElement(commandline, f"{{{dom.QEMU_NS}}}env", name=name, value=value)
     return ET.tostring(domain, encoding="unicode")
 
 

@@ -137,6 +137,11 @@ class Bench:
         kw.setdefault("timeout", REQUEST_TIMEOUT_S)
         return (http or self.http).request(method, self.url + path, **kw)
 
+    def pools(self) -> dict[str, dict]:
+        """The instance's pools (GET /v1/pools), by name."""
+        answer = self.request("GET", "/v1/pools").json()
+        return {p["name"]: p for p in answer.get("pools", [])}
+
     def new_session(self, http: requests.Session | None = None, pool: str = "default") -> str:
         response = self.request("POST", "/v1/sessions", http, json={"pool": pool})
         if response.status_code != 201:

@@ -84,8 +84,7 @@ def idle_cpu(pids: list[int], window_s: float) -> float:
 
 def density_pool(b: Bench) -> str:
     """The private instance's uncapped pool; `default` on an instance given by URL."""
-    pools = {p["name"] for p in b.request("GET", "/v1/pools").json().get("pools", [])}
-    return DENSITY_POOL if DENSITY_POOL in pools else "default"
+    return DENSITY_POOL if DENSITY_POOL in b.pools() else "default"
 
 
 def steps_up_to(limit: int) -> list[int]:

@@ -98,8 +98,7 @@ def _a_rate(b: Bench, r: Any, tenant: str | None) -> tuple[float, int]:
 
 
 def _ready_targets(b: Bench) -> dict[str, int]:
-    pools = b.request("GET", "/v1/pools").json().get("pools", [])
-    return {p["name"]: int(p.get("ready_target", 0)) for p in pools}
+    return {name: int(p.get("ready_target", 0)) for name, p in b.pools().items()}
 
 
 def _settle(b: Bench, targets: dict[str, int]) -> None:

@@ -15,10 +15,6 @@ WAIT_S = 180  # for a pool to fill, or a session to expire
 POLL_S = 0.25
 
 
-def _pools(b: Bench) -> dict[str, dict]:
-    return {p["name"]: p for p in b.request("GET", "/v1/pools").json().get("pools", [])}
-
-
 def _ready(b: Bench, pool: str) -> int:
     return int(b.request("GET", f"/v1/pools/{pool}").json()["counts"]["ready"])
 
@@ -42,7 +38,7 @@ def settle(b: Bench) -> float:
     started = time.monotonic()
     last, quiet_since = None, started
     while time.monotonic() - started < SETTLE_MAX_S:
-        pools = _pools(b).values()
+        pools = b.pools().values()
         counts = tuple(sorted((p["name"], p["counts"]["ready"]) for p in pools))
         short = any(p["counts"]["ready"] < p["ready_target"] for p in pools)
         if counts != last:
@@ -54,7 +50,7 @@ def settle(b: Bench) -> float:
 
 
 def refill(b: Bench) -> list[Result]:
-    pool = _pools(b).get(REFILL_POOL)
+    pool = b.pools().get(REFILL_POOL)
     if not pool:
         b.progress(f"  no pool {REFILL_POOL!r}: no refill figure")
         return []
@@ -82,7 +78,7 @@ def _epoch(iso: str) -> float:
 
 
 def expiry(b: Bench) -> list[Result]:
-    if BRIEF_POOL not in _pools(b):
+    if BRIEF_POOL not in b.pools():
         b.progress(f"  no pool {BRIEF_POOL!r}: no expiry figure")
         return []
     count = b.size(2, 5)

@@ -58,8 +58,7 @@ def _first_executions(b: Bench, pool: str, count: int, warm: bool) -> tuple[list
 def new_session(b: Bench) -> list[Result]:
     """Pool warm (the `default` pool's ready VMs), then pool empty (on-demand restore)."""
     count = b.size(3, 10)
-    pools = b.request("GET", "/v1/pools").json().get("pools", [])
-    targets = {p["name"]: p.get("ready_target", 0) for p in pools}
+    targets = {name: p.get("ready_target", 0) for name, p in b.pools().items()}
     results = []
     if targets.get("default", 0) > 0:
         first, create = _first_executions(b, "default", count, warm=True)
