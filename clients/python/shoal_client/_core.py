@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from shoal_client import errors
+import httpx
+
+from shoal_client import _files, errors
 from shoal_client.models import BatchItem
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -194,6 +196,45 @@ def usage() -> Call:
 
 
 # --- answers and retries ----------------------------------------------------------------------
+class Attempts:
+    """One request's attempts: what each one sends, and whether a failure is tried again. The
+    rule both clients share; only their I/O differs."""
+
+    def __init__(self, call: Call, source: _files.Source | None, config: Config) -> None:
+        self.call, self.config, self.attempt = call, config, 0
+        self.body = None if source is None else _files.Body(source)
+        # A body that cannot be sent again (a file object that cannot seek back) is never
+        # retried once it may have been read.
+        self.resendable = self.body is None or self.body.replayable
+
+    def request_args(self, for_async: bool) -> dict[str, Any]:
+        """The arguments of httpx's build_request for the next attempt (a fresh body)."""
+        call, body = self.call, self.body
+        content = None if body is None else body.achunks() if for_async else body.chunks()
+        return {"method": call.method, "url": call.path, "json": call.json,
+                "params": call.params, "content": content,
+                "headers": {**call.headers, **(body.headers() if body else {})},
+                "timeout": call.timeout_s or self.config.timeout_s}  # fmt: skip
+
+    def after_failure(self, exc: httpx.TransportError) -> float:
+        """Seconds to wait before trying again after a failure on the wire; raises the
+        client's error when the request may not (or need not) be sent again."""
+        never_sent = self.resendable and isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+        delay = retry_delay(self.attempt, self.config.max_retries, None, None)
+        if delay is None or not ((self.call.replayable and self.resendable) or never_sent):
+            raise connection_error(exc, self.config.url) from exc
+        self.attempt += 1
+        return delay
+
+    def after_answer(self, status: int, retry_after: str | None) -> float | None:
+        """Seconds to wait before trying again after an answer, or None to keep it."""
+        if status < 400 or not self.resendable:
+            return None
+        delay = retry_delay(self.attempt, self.config.max_retries, status, retry_after)
+        self.attempt += 1
+        return delay
+
+
 def check(status: int, body: Any, retry_after: str | None) -> None:
     if status >= 400:
         raise errors.from_response(status, body, retry_after)

@@ -48,42 +48,23 @@ class Client:
     def _send(
         self, call: Call, source: _files.Source | None = None, stream: bool = False
     ) -> httpx.Response:
-        body = None if source is None else _files.Body(source)
-        # A body that cannot be sent again (a file object that cannot seek back) is never
-        # retried once it may have been read.
-        resendable = body is None or body.replayable
-        replayable = call.replayable and resendable
-        attempt = 0
+        tries = _core.Attempts(call, source, self.config)
         while True:
             try:
-                request = self._http.build_request(
-                    call.method, call.path, json=call.json, params=call.params,
-                    headers={**call.headers, **(body.headers() if body else {})},
-                    content=None if body is None else body.chunks(),
-                    timeout=call.timeout_s or self.config.timeout_s,
-                )  # fmt: skip
+                request = self._http.build_request(**tries.request_args(for_async=False))
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                never_sent = resendable and isinstance(
-                    exc, httpx.ConnectError | httpx.ConnectTimeout
-                )
-                delay = _core.retry_delay(attempt, self.config.max_retries, None, None)
-                if delay is None or not (replayable or never_sent):
-                    raise _core.connection_error(exc, self.config.url) from exc
+                delay = tries.after_failure(exc)
             else:
                 retry_after = response.headers.get("Retry-After")
-                delay = _core.retry_delay(
-                    attempt, self.config.max_retries, response.status_code, retry_after
-                )
-                delay = delay if resendable else None
-                if response.status_code < 400 or delay is None:
+                delay = tries.after_answer(response.status_code, retry_after)
+                if delay is None:
                     if response.status_code >= 400:
                         response.read()
                         _core.check(response.status_code, _json_of(response), retry_after)
                     return response
                 response.close()
             time.sleep(delay)
-            attempt += 1
 
     def _json(self, call: Call, source: _files.Source | None = None) -> Any:
         response = self._send(call, source)
