@@ -12,6 +12,7 @@ from api import (
     dynamic_spec,
     errors,
     health,
+    mcp_endpoint,
     openapi,
     request_bounds,
     security_headers,
@@ -44,10 +45,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.blp)
     app.register_blueprint(docs_page.blp)
     app.register_blueprint(dynamic_sessions.blp)
+    app.register_blueprint(mcp_endpoint.blp)
     api.register_blueprint(v1_sessions.blp)
     api.register_blueprint(v1_files.blp)
     api.register_blueprint(v1_pools.blp)
     api.register_blueprint(v1_batches.blp)
     dynamic_spec.document(app, api.spec, settings, dynamic_sessions.blp.name)
     logging.getLogger("shoal").setLevel(logging.INFO)
+    # The MCP SDK logs each request's session manager starting and stopping (api/mcp_endpoint.py
+    # makes one per request): its warnings and errors are enough.
+    logging.getLogger("mcp").setLevel(logging.WARNING)
     return app

@@ -115,6 +115,7 @@ def spec_options() -> dict:
         "security": [{BEARER: []}],
         "info": {
             "description": "Shoal's native API (/v1) and the dynamic-sessions API "
-            "(/pools/{pool}/...); docs/api.md"
+            "(/pools/{pool}/...); docs/api.md. The MCP endpoint POST /pools/{pool}/mcp speaks "
+            "JSON-RPC and lists its tools itself (docs/clients.md)."
         },
     }

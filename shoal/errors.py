@@ -89,6 +89,12 @@ class UnsupportedMediaType(ShoalError):
     code, status = "UnsupportedMediaType", 415
 
 
+class NotAcceptable(ShoalError):
+    """The request's Accept names no type the route answers in."""
+
+    code, status = "NotAcceptable", 406
+
+
 class PayloadTooLarge(ShoalError):
     """The request body is over the size limit."""
 
@@ -177,8 +183,9 @@ class StoreUnavailable(ShoalError):
 
 
 class HostStorageFull(ShoalError):
-    """The host has no disk space left in its VM directory for a new VM: nothing was started;
-    retry once the operator has freed space. A 503, with a Retry-After."""
+    """The host has no disk space left in its VM directory for a new VM (nothing was started)
+    or for an upload's bytes on their way in (the file is unchanged): retry once the operator
+    has freed space. A 503, with a Retry-After."""
 
     code, status = "HostStorageFull", 503
     retry_after_s = 30

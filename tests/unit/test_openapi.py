@@ -15,7 +15,16 @@ from shoal.executions import new_record
 from shoal.use_cases import pools as pool_cases
 from tests.unit.fakes import unit_app, unit_context, unit_settings
 
-UNDOCUMENTED = {"static", "health.healthz", "health.prometheus_metrics", "docs.page", "docs.asset"}
+# Outside the API document: health, metrics, the docs page, and the MCP endpoint (JSON-RPC: its
+# contract is the MCP specification, and it describes its tools itself, in tools/list).
+UNDOCUMENTED = {
+    "static",
+    "health.healthz",
+    "health.prometheus_metrics",
+    "docs.page",
+    "docs.asset",
+    "mcp.endpoint",
+}
 
 
 @pytest.fixture(scope="module")
