@@ -37,6 +37,13 @@ MAX_JSON_TO_GUEST = 2 << 20  # code up to 1 MiB plus envelope
 MAX_JSON_FROM_GUEST = 32 << 20  # an execute answer: images within its rich-output budget
 MAX_BLOB = 1 << 20  # one file chunk
 FILE_CHUNK = 256 << 10  # the chunk size both sides send
+# The transfer disk (workers/transfer_disk.py): host-to-guest upload bytes over a read-only
+# virtio-blk disk, a ring of TRANSFER_SLOTS segments; the guest finds it by its serial.
+TRANSFER_DISK_SERIAL = "shoal-transfer"
+TRANSFER_SEGMENT = 4 << 20  # the most one disk chunk names; each slot of the ring holds one
+TRANSFER_SLOTS = 8
+TRANSFER_DISK_BYTES = TRANSFER_SEGMENT * TRANSFER_SLOTS
+TRANSFER_BLOCK = 512  # disk chunk offsets are multiples of this (the guest reads with O_DIRECT)
 MAX_CODE_BYTES = 1 << 20
 DEFAULT_MAX_OUTPUT = 4096  # characters of stdout / stderr / each text part, as the reference
 MAX_OUTPUT_CAP = 1 << 20

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from shoal import protocol
@@ -133,6 +133,8 @@ class AgentClient:
         self.interrupt_grace_s = interrupt_grace_s
         self.answer_margin_s = answer_margin_s
         self.timeout_s = timeout_s
+        # Said by the agent's last hello: uploads may go through the VM's transfer disk.
+        self.has_transfer_disk = False
         self._ids = itertools.count(1)
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -190,6 +192,7 @@ class AgentClient:
             and all(isinstance(k, str) and isinstance(v, str) for k, v in pkgs.items())
         ):
             raise AgentProtocolError("malformed package list")
+        self.has_transfer_disk = answer.get("transfer_disk") is True
         return answer
 
     def ping(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -255,19 +258,62 @@ class AgentClient:
 
         timeout bounds each step (the go-ahead, each chunk's send, the final answer).
         """
+
+        def send(rid: int, header: dict, timeout: float) -> int:
+            size = protocol.FILE_CHUNK
+            for chunk in chunks:
+                view = memoryview(chunk)
+                for start in range(0, len(view), size):
+                    self._send(protocol.encode(header, view[start : start + size]), timeout)
+            return 0
+
+        return self._put({"op": protocol.OP_FILE_PUT, "path": path}, send, timeout)
+
+    def put_file_via_disk(
+        self, path: str, segments: Iterator[tuple[int, int]], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Upload whose bytes are in the VM's transfer disk (workers/transfer_disk.py): each
+        (offset, length) `segments` yields is named to the agent, which copies it into the file
+        and says so. `segments` is resumed only while fewer than TRANSFER_SLOTS segments await
+        the agent, so no slot of the ring is written before the guest copied it. Returns the
+        stat entry; timeout bounds each step, as in put_file."""
+
+        def send(rid: int, header: dict, timeout: float) -> int:
+            awaiting = 0
+            for offset, length in segments:
+                self._send(protocol.encode({**header, "disk": [offset, length]}), timeout)
+                awaiting += 1
+                while awaiting >= protocol.TRANSFER_SLOTS:
+                    self._copied(rid, timeout)
+                    awaiting -= 1
+            return awaiting
+
+        request = {"op": protocol.OP_FILE_PUT, "path": path, "via_disk": True}
+        return self._put(request, send, timeout)
+
+    def _put(
+        self,
+        request: dict[str, Any],
+        send: Callable[[int, dict, float], int],
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        """A file_put: the go-ahead, the body (`send(id, chunk header, timeout)`, which returns
+        how many copied-segment answers are still due), the end, then the file's entry."""
         timeout = self.timeout_s if timeout is None else timeout
-        rid = self._start({"op": protocol.OP_FILE_PUT, "path": path})
+        rid = self._start(request)
         try:
             ready = self._answer(rid, time.monotonic() + timeout)
             if ready.get("ready") is not True:
                 raise AgentProtocolError("file_put: no go-ahead")
             header = {"id": rid, "op": protocol.OP_CHUNK}
-            size = protocol.FILE_CHUNK
+            eof = protocol.encode({**header, "eof": True})
             try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    for start in range(0, len(view), size):
-                        self._send(protocol.encode(header, view[start : start + size]), timeout)
+                due = send(rid, header, timeout)
+            except AgentError:
+                # The guest refused a segment (its disk is full, say) and dropped the file; it
+                # keeps the request open until the end is sent.
+                self._send(eof, timeout)
+                raise
             except AgentClientError:
                 raise
             except BaseException:
@@ -276,13 +322,21 @@ class AgentClient:
                 with contextlib.suppress(AgentClientError):
                     self.interrupt(timeout)
                 raise
-            self._send(protocol.encode({**header, "eof": True}), timeout)
+            self._send(eof, timeout)
+            for _ in range(due):
+                self._copied(rid, timeout)
             answer = self._answer(rid, time.monotonic() + timeout)
         finally:
             self._finish(rid)
         if not _entry_ok(answer):
             raise AgentProtocolError("malformed file_put answer")
         return answer
+
+    def _copied(self, rid: int, timeout: float) -> None:
+        """The agent's word that it copied the oldest segment it was given."""
+        answer = self._answer(rid, time.monotonic() + timeout)
+        if answer.get("op") != protocol.OP_CHUNK or answer.get("copied") is not True:
+            raise AgentProtocolError("file_put: expected a copied segment")
 
     def get_file(self, path: str, timeout: float | None = None) -> Download:
         """Download: the agent's first answer (errors raise here), then an iterator of chunks."""

@@ -7,18 +7,21 @@ character); a snapshot template's is `t` and 11 hex digits. A template and its c
 have names of the same length, which the save-image rewrite in workers/templates.py needs.
 
 Files. Each VM owns one directory, <instance_vm_dir>/vms/<key>/, holding its data disk overlay,
-its agent socket and its console log; the directory is root's with the VM's own gid, 0710 (the
-VM may enter it but not change its entries, workers/vm_identity.py), its files are the VM's
-uid's, 0600; destroying the VM removes the directory. Every directory above it is 0711 and
-root's, so each VM's QEMU can traverse to its own.
+its transfer disk, its agent socket and its console log; the directory is root's with the VM's
+own gid, 0710 (the VM may enter it but not change its entries, workers/vm_identity.py), its
+files are the VM's uid's, 0600, but for the transfer disk (root's, 0640); destroying the VM
+removes the directory. Every directory above it is 0711 and root's, so each VM's QEMU can
+traverse to its own.
 
 XML. `domain_xml()` builds the whole definition from a `DomainSpec`; `retarget_xml()` turns a
-template's saved definition into a clone's (name, uuid, disk, socket, console, metadata, and
+template's saved definition into a clone's (name, uuid, disks, socket, console, metadata, and
 its own uid: never the template's).
 
 What a guest gets, and why:
 - direct kernel boot (<kernel>, <initrd>, <cmdline>), no firmware disk boot;
 - vda: the image's root ext4, read-only, shared by every VM; vdb: the VM's own qcow2 overlay;
+  vdc: its transfer disk, a raw file read-only to the guest that uploads' bytes come in by
+  (workers/transfer_disk.py; root's, the VM's group may read it, 0640);
 - one virtio-serial channel, org.shoal.agent.0, bound to a unix socket the host connects to;
 - ttyS0 written to a console log file. libvirt hands file chardevs to virtlogd
   (qemu.conf stdio_handler = "logd", the default), which rotates the file at its max_size
@@ -58,8 +61,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shoal.protocol import CHANNEL_NAME
+from shoal.protocol import CHANNEL_NAME, TRANSFER_DISK_SERIAL
 from shoal.settings import Settings
+from workers import transfer_disk
 from workers.vm_identity import VMIdentity, set_seclabel
 
 KEY_LEN = 12
@@ -75,6 +79,7 @@ ET.register_namespace("qemu", QEMU_NS)
 # properties instead, which tell it the same.
 SLOW_CPU_PROBE = "cpu-unavailable-features"
 
+TRANSFER_DISK_DEV = "vdc"
 DIR_MODE = 0o711
 # A unix socket path must fit in sun_path (108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
@@ -140,6 +145,11 @@ class VMPaths:
         return self.dir / "data.qcow2"
 
     @property
+    def transfer_disk(self) -> Path:
+        """Root's, read-only to the VM: uploads on their way in (workers/transfer_disk.py)."""
+        return self.dir / transfer_disk.FILE_NAME
+
+    @property
     def socket(self) -> Path:
         return self.dir / "agent.sock"
 
@@ -195,6 +205,7 @@ class DomainSpec:
     cmdline: str
     rootfs: Path
     data_disk: Path
+    transfer_disk: Path
     agent_socket: Path
     console_log: Path
     rootfs_format: str = "raw"
@@ -279,6 +290,12 @@ def domain_xml(spec: DomainSpec) -> str:
             _sub(iotune, "total_bytes_sec", str(spec.disk_bytes_per_s))
         if spec.disk_iops > 0:
             _sub(iotune, "total_iops_sec", str(spec.disk_iops))
+    transfer = _sub(devices, "disk", type="file", device="disk")
+    _sub(transfer, "driver", name="qemu", type="raw")
+    _sub(transfer, "source", file=str(spec.transfer_disk))
+    _sub(transfer, "target", dev=TRANSFER_DISK_DEV, bus="virtio")
+    _sub(transfer, "serial", TRANSFER_DISK_SERIAL)
+    _sub(transfer, "readonly")
     _sub(devices, "controller", type="usb", model="none")
     if spec.network:
         interface = _sub(devices, "interface", type="user")
@@ -297,20 +314,35 @@ def domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(domain, encoding="unicode")
 
 
+def _disk_source(domain: ET.Element, dev: str) -> ET.Element:
+    """The <source> of disk `dev`, its saved <backingStore> dropped (libvirt re-probes the
+    clone's own chain)."""
+    for disk in domain.findall("devices/disk"):
+        target = disk.find("target")
+        source = disk.find("source")
+        if target is not None and target.get("dev") == dev and source is not None:
+            backing = disk.find("backingStore")
+            if backing is not None:
+                disk.remove(backing)
+            return source
+    raise ValueError(f"template domain XML has no {dev} disk")
+
+
 def retarget_xml(
     xml: str,
     *,
     name: str,
     uuid: str,
     data_disk: Path,
+    transfer_disk: Path,
     agent_socket: Path,
     console_log: Path,
     metadata: Mapping[str, str],
     identity: VMIdentity,
 ) -> str:
     """A template's saved definition, made a clone's: its own name, uuid, data disk overlay,
-    agent socket, console log, metadata and uid/gid (the template's seclabel is replaced).
-    Everything that is guest ABI stays as saved."""
+    transfer disk, agent socket, console log, metadata and uid/gid (the template's seclabel is
+    replaced). Everything that is guest ABI stays as saved."""
     domain = ET.fromstring(xml)
 
     def one(path: str) -> ET.Element:
@@ -331,17 +363,8 @@ def retarget_xml(
     for key, value in sorted(metadata.items()):
         vm.set(key, str(value))
 
-    disk_source = None
-    for disk in domain.findall("devices/disk"):
-        target = disk.find("target")
-        if target is not None and target.get("dev") == "vdb":
-            disk_source = disk.find("source")
-            backing = disk.find("backingStore")
-            if backing is not None:  # libvirt re-probes the clone's own chain
-                disk.remove(backing)
-    if disk_source is None:
-        raise ValueError("template domain XML has no vdb disk")
-    disk_source.set("file", str(data_disk))
+    for dev, path in (("vdb", data_disk), (TRANSFER_DISK_DEV, transfer_disk)):
+        _disk_source(domain, dev).set("file", str(path))
 
     channel_source = None
     for channel in domain.findall("devices/channel"):

@@ -3,8 +3,9 @@
 Part of the host runtime (workers/host.py `HostRuntime`, which provides `r`, `rb`, `host`,
 `settings`, `queues`, `mark_session_lost`, `_vm` and `_done_seq`). Each runs at its session's
 next free moment (workers/session_queue.py) and answers its request on a reply key; bytes move
-through a Redis transfer (shoal/transfers.py) and over the agent's channel, never through a
-path on the host.
+through a Redis transfer (shoal/transfers.py), then over the agent's channel (downloads) or the
+VM's transfer disk (uploads, workers/transfer_disk.py), a file of the worker's own, never
+through a path the guest can name.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 import logging
 
 from shoal import replies, sessions, transfers
-from shoal.errors import SessionLost, ShoalError, from_agent
+from shoal.errors import HostStorageFull, SessionLost, ShoalError, from_agent
 from shoal.pools import get_pool
 from workers.agent_client import AgentClientError, AgentError
-from workers.vm_errors import AgentRefused, VMLost
+from workers.vm_errors import AgentRefused, VMLost, out_of_space
 
 log = logging.getLogger("shoal.host")
 
@@ -43,7 +44,7 @@ class FilesOnHost:
 
         def put(vm) -> dict:
             try:
-                return {"file": vm.agent.put_file(path, transfers.consume(self.rb, transfer_id))}
+                return {"file": vm.put_file(path, transfers.consume(self.rb, transfer_id))}
             except BaseException:
                 transfers.cancel(self.rb, transfer_id)
                 raise
@@ -106,5 +107,11 @@ class FilesOnHost:
             replies.send_error(self.r, reply_key, SessionLost(f"the session was lost: {why}"))
         except Exception as exc:  # the host's own fault: the waiting request hears it at once
             log.exception("session=%s host=%s file operation failed", session_id, self.host)
-            error = ShoalError(f"the file operation failed on the host ({type(exc).__name__})")
+            if out_of_space(exc):  # the upload's transfer disk could not be written
+                error: ShoalError = HostStorageFull(
+                    f"host {self.host} has no disk space left for the upload: retry once space "
+                    "is freed"
+                )
+            else:
+                error = ShoalError(f"the file operation failed on the host ({type(exc).__name__})")
             replies.send_error(self.r, reply_key, error)

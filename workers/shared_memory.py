@@ -34,7 +34,7 @@ import libvirt_qemu
 
 from shoal.settings import Settings
 from workers import domain as dom
-from workers import qemu_wrapper, templates
+from workers import qemu_wrapper, templates, transfer_disk
 from workers.template_memory import (
     Grant,
     MemoryBroker,
@@ -271,6 +271,7 @@ class SharedMemory:
             os.chown(scratch.dir, 0, identity.gid)
             overlay = scratch.dir / "data.qcow2"
             make_overlay(overlay, building / templates.DISK_FILE, "qcow2", identity)
+            transfer_disk.create(scratch.transfer_disk, identity)
             image = scratch.dir / "restore.save"
             shutil.copyfile(building / templates.STATE_FILE, image)
             xml = dom.retarget_xml(
@@ -278,6 +279,7 @@ class SharedMemory:
                 name=name,
                 uuid=uuid,
                 data_disk=overlay,
+                transfer_disk=scratch.transfer_disk,
                 agent_socket=scratch.socket,
                 console_log=scratch.console_log,
                 metadata={"template": name, "sharing": "1"},

@@ -48,12 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from shoal.settings import Settings
+from workers.transfer_disk import FILE_NAME as TRANSFER_DISK_FILE
 from workers.vm_errors import TemplateError
 
 log = logging.getLogger("shoal.templates")
 
-# Bump when what a template holds, or how it is made, changes (2: guest RAM not mergeable).
-TEMPLATE_FORMAT = 2
+# Bump when what a template holds, or how it is made, changes (2: guest RAM not mergeable;
+# 3: a transfer disk, vdc, whose device state the save holds).
+TEMPLATE_FORMAT = 3
 # What a template's guest runs before it is saved: every clone starts with these imported.
 WARM_CODE = "import numpy, pandas, matplotlib\nimport matplotlib.pyplot\nimport gc\ngc.collect()\n"
 WARM_TIMEOUT_S = 300
@@ -134,11 +136,12 @@ class Template:
 
 
 def seal(directory: Path) -> None:
-    """A template's files, root's and read-only for VMs: see the module docstring."""
+    """A template's files, root's and read-only for VMs: see the module docstring. The build
+    VM's transfer disk goes: every clone is given its own."""
     for path in directory.iterdir():
-        if path.is_symlink() or not path.is_file():
+        if path.is_symlink() or not path.is_file() or path.name == TRANSFER_DISK_FILE:
             if not path.is_dir():
-                path.unlink()  # a socket left behind
+                path.unlink()  # a socket left behind, the build VM's transfer disk
             continue
         os.chown(path, 0, 0)
         os.chmod(path, 0o644 if path.name == DISK_FILE else 0o600)

@@ -27,7 +27,7 @@ import shutil
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from shoal import protocol
 from shoal.settings import Settings
 from workers import accel as accel_mod
 from workers import domain as dom
-from workers import libvirt_conn, templates
+from workers import libvirt_conn, templates, transfer_disk
 from workers.agent_client import (
     AgentClient,
     AgentDisconnected,
@@ -139,6 +139,15 @@ class VM:
             reason = self.lost_reason or f"the agent channel closed ({exc})"
         self._mark_lost(reason)
         raise VMLost(f"VM {self.vm_id}: {reason}")
+
+    def put_file(self, path: str, chunks: Iterable[bytes]) -> dict[str, Any]:
+        """Upload `chunks` into the guest file `path`; its stat entry. The bytes go through
+        the VM's transfer disk when the guest has one (workers/transfer_disk.py), else over
+        the agent's channel. Agent errors raise as the agent client raises them."""
+        if not (self.agent.has_transfer_disk and self.paths.transfer_disk.exists()):
+            return self.agent.put_file(path, chunks)
+        with transfer_disk.Writer(self.paths.transfer_disk) as writer:
+            return self.agent.put_file_via_disk(path, writer.segments(chunks))
 
     def _mark_lost(self, reason: str) -> None:
         """The guest is not trusted again: refuse every later call, close its channel."""
@@ -317,6 +326,7 @@ class VMManager:
             raise VMLost(
                 f"VM {vm_id}: its domain was running but the agent did not answer ({exc})"
             ) from None
+        transfer_disk.empty(paths.transfer_disk)  # the last worker may have died mid-upload
         restored = metadata.get("restored") == "1"
         vm = VM(self.settings, vm_id, key, name, uuid, paths, spec, restored, agent)
         with self._lock:

@@ -30,7 +30,7 @@ import libvirt
 from shoal import data_disk, images
 from shoal.settings import Settings
 from workers import domain as dom
-from workers import libvirt_conn, shared_memory, templates, vm_identity
+from workers import libvirt_conn, shared_memory, templates, transfer_disk, vm_identity
 from workers.agent_client import (
     AgentClient,
     AgentDisconnected,
@@ -372,6 +372,7 @@ class DomainOps:
             cmdline=self.cmdline(),
             rootfs=artifacts.rootfs,
             data_disk=paths.data_disk,
+            transfer_disk=paths.transfer_disk,
             agent_socket=paths.socket,
             console_log=paths.console_log,
             tb_cache_mib=self.settings.tb_cache_mib,
@@ -401,6 +402,7 @@ class DomainOps:
             base = data_disk.data_disk_base(self.settings, spec.data_disk_mib)
             vm_identity.make_shared_read_only(base)  # the backing file of every VM's disk
             self.make_overlay(paths.data_disk, base, "raw", identity)
+            transfer_disk.create(paths.transfer_disk, identity)
         domain_spec = self.domain_spec(name, uuid, paths, spec, artifacts, metadata, identity)
         xml = dom.domain_xml(domain_spec)
         with self.step(who, "start", timings):
@@ -431,11 +433,13 @@ class DomainOps:
         down."""
         with self.step(who, "overlay", timings):
             self.make_overlay(paths.data_disk, template.data_disk, "qcow2", identity)
+            transfer_disk.create(paths.transfer_disk, identity)
         xml = dom.retarget_xml(
             template.xml,
             name=name,
             uuid=uuid,
             data_disk=paths.data_disk,
+            transfer_disk=paths.transfer_disk,
             agent_socket=paths.socket,
             console_log=paths.console_log,
             metadata=metadata,

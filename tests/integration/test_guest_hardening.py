@@ -1,9 +1,9 @@
 """The hardened guest, seen from user code (docs/security.md, "The hardened guest"): code runs in
 a real session on the shared stack and tries what an attacker would; each test asserts what it
-gets. No user namespaces, no setuid or setgid file, no ptrace, no other user's process in /proc;
-every user process in the session's cgroup, a fork bomb and an allocation past the memory limit
-contained (the agent survives, the session stays usable), background processes ended by the rule
-in docs/limits.md ("Inside the guest").
+gets. No user namespaces, no setuid or setgid file, no access to the transfer disk, no ptrace,
+no other user's process in /proc; every user process in the session's cgroup, a fork bomb and an
+allocation past the memory limit contained (the agent survives, the session stays usable),
+background processes ended by the rule in docs/limits.md ("Inside the guest").
 
 One session for the module, used in order: the memory test restarts its interpreter.
 """
@@ -63,6 +63,27 @@ def test_no_setuid_or_setgid_file(stack: Stack, session: str):
     su = sh(stack, session, "stat -c %A /usr/bin/su")["stdout"]
     assert su == "-rwxr-xr-x\n", su  # still there, no longer setuid
     assert sh(stack, session, "su -c id root")["exit_code"] != 0
+
+
+def test_user_code_cannot_read_or_write_the_transfer_disk(stack: Stack, session: str):
+    # The disk uploads come in by (docs/agent-protocol.md): root's alone in the guest, and
+    # read-only to the guest as a whole.
+    out = py(
+        stack,
+        session,
+        "import os\n"
+        "names = [n for n in os.listdir('/sys/block')\n"
+        "         if os.path.exists(f'/sys/block/{n}/serial')\n"
+        "         if open(f'/sys/block/{n}/serial').read().strip() == 'shoal-transfer']\n"
+        "print(names, open(f'/sys/block/{names[0]}/ro').read().strip())\n"
+        "for mode in (os.O_RDONLY, os.O_WRONLY):\n"
+        "    try:\n"
+        "        os.open('/dev/' + names[0], mode)\n"
+        "        print('opened')\n"
+        "    except PermissionError:\n"
+        "        print('refused')",
+    )
+    assert out == "['vdc'] 1\nrefused\nrefused\n", out
 
 
 def test_ptrace_is_refused(stack: Stack, session: str):

@@ -31,7 +31,7 @@ from shoal import data_disk, images
 from shoal.ops import daemons, image_build
 from shoal.settings import Settings
 from workers import domain as dom
-from workers import shared_memory
+from workers import shared_memory, transfer_disk
 from workers.libvirt_conn import connection
 from workers.reconcile import our_domains
 from workers.vm import VMManager, VMSpec
@@ -280,6 +280,7 @@ def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
     paths = dom.VMPaths(building)
     base = data_disk.data_disk_base(settings, SPEC.data_disk_mib)
     manager.domains.make_overlay(paths.data_disk, base, "raw", identity)
+    transfer_disk.create(paths.transfer_disk, identity)
     artifacts = images.locate(settings, "python")
     spec = manager.domains.domain_spec(
         name, str(uuid.uuid4()), paths, SPEC, artifacts, {}, identity

@@ -153,6 +153,9 @@ def test_each_vm_runs_under_its_own_uid(two_vms) -> None:
         for path in (vm.paths.data_disk, vm.paths.socket, vm.paths.console_log):
             st = path.stat()
             assert (st.st_uid, st.st_mode & 0o777) == (vm.uid, 0o600), path
+        # The transfer disk: root's, its group may read it (QEMU opens it read-only).
+        st = vm.paths.transfer_disk.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, vm.gid, 0o640)
 
 
 def test_a_vm_uid_opens_nothing_of_another_vm_and_no_shared_file_for_writing(two_vms) -> None:
@@ -164,15 +167,21 @@ def test_a_vm_uid_opens_nothing_of_another_vm_and_no_shared_file_for_writing(two
         (two.paths.console_log, "read"),
         (two.paths.console_log, "write"),
         (two.paths.socket, "connect"),
+        (two.paths.transfer_disk, "read"),
     ]
     template_state, template_disk, *template_memory = _template_files(settings, one)
     shared = [*_image_files(settings), template_disk, template_state, *template_memory]
     writes = [(path, how) for path in shared for how in ("write", "readwrite")]
     needed = [(path, "read") for path in [*_image_files(settings), template_disk]]
-    own = [(one.paths.data_disk, "readwrite"), (one.paths.console_log, "read")]
-    results = _as_uid(one.uid, one.gid, [*theirs, *writes, *needed, *own])
+    own = [
+        (one.paths.data_disk, "readwrite"),
+        (one.paths.console_log, "read"),
+        (one.paths.transfer_disk, "read"),
+    ]
+    refused = [*theirs, *writes, (one.paths.transfer_disk, "write")]
+    results = _as_uid(one.uid, one.gid, [*refused, *needed, *own])
     print(json.dumps(results, indent=1))
-    for path, how in [*theirs, *writes]:
+    for path, how in refused:
         assert results[f"{how} {path}"] == "EACCES", (path, how)
     for path, how in [*needed, *own]:
         assert results[f"{how} {path}"] == "ok", (path, how)

@@ -121,6 +121,9 @@ class FakeVM:
             raise answer
         return answer
 
+    def put_file(self, path: str, chunks: Any) -> dict:
+        return self.agent.put_file(path, chunks)
+
 
 class FakeVMManager:
     """Hands out FakeVMs; counts how often each was destroyed."""

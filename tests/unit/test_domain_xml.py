@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal import protocol
 from shoal.protocol import CHANNEL_NAME
 from shoal.settings import Settings
 from workers import accel, cgroups, domain, templates
@@ -31,6 +32,7 @@ def make_spec(**overrides) -> domain.DomainSpec:
         cmdline="console=ttyS0 root=/dev/vda ro shoal.tmp_mib=256",
         rootfs=Path("/var/cache/shoal/images/python-x/rootfs.ext4"),
         data_disk=base / "data.qcow2",
+        transfer_disk=base / "transfer.img",
         agent_socket=base / "agent.sock",
         console_log=base / "console.log",
         tb_cache_mib=48,
@@ -116,6 +118,15 @@ def test_root_is_read_only_vda_and_data_is_vdb_overlay():
     assert vdb.find("readonly") is None
     assert vdb.find("driver").get("type") == "qcow2"
     assert vdb.find("source").get("file").endswith("/0123456789ab/data.qcow2")
+
+
+def test_transfer_disk_is_read_only_vdc_found_by_its_serial_and_unthrottled():
+    vdc = disk(parse(make_spec(disk_bytes_per_s=1 << 20)), "vdc")
+    assert vdc.find("readonly") is not None
+    assert vdc.find("driver").get("type") == "raw"
+    assert vdc.findtext("serial") == protocol.TRANSFER_DISK_SERIAL
+    assert vdc.find("source").get("file").endswith("/0123456789ab/transfer.img")
+    assert vdc.find("iotune") is None
 
 
 def test_agent_channel_and_console():
@@ -233,6 +244,10 @@ SAVED = """<domain type='qemu'>
       <backingStore type='file'><format type='raw'/><source file='/base.ext4'/></backingStore>
       <target dev='vdb' bus='virtio'/>
     </disk>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/>
+      <source file='/t/.building-t0123456789a/transfer.img'/><backingStore/>
+      <target dev='vdc' bus='virtio'/><serial>shoal-transfer</serial><readonly/>
+    </disk>
     <serial type='file'><source path='/t/.building-t0123456789a/console.log' append='off'/>
       <target type='isa-serial' port='0'/></serial>
     <console type='file'><source path='/t/.building-t0123456789a/console.log' append='off'/>
@@ -250,6 +265,7 @@ def test_retarget_gives_the_clone_its_own_identity_and_files():
         name="shoal-abcd1234-host-0123456789ab",
         uuid=UUID,
         data_disk=Path("/v/k/data.qcow2"),
+        transfer_disk=Path("/v/k/transfer.img"),
         agent_socket=Path("/v/k/agent.sock"),
         console_log=Path("/v/k/console.log"),
         metadata={"session": "s-9", "restored": "1"},
@@ -260,6 +276,8 @@ def test_retarget_gives_the_clone_its_own_identity_and_files():
     assert root.findtext("uuid") == UUID
     assert disk(root, "vdb").find("source").get("file") == "/v/k/data.qcow2"
     assert disk(root, "vdb").find("backingStore") is None
+    assert disk(root, "vdc").find("source").get("file") == "/v/k/transfer.img"
+    assert disk(root, "vdc").find("readonly") is not None
     assert disk(root, "vda").find("source").get("file") == "/img/rootfs.ext4"
     assert root.find("devices/channel/source").get("path") == "/v/k/agent.sock"
     assert root.find("devices/serial/source").get("path") == "/v/k/console.log"

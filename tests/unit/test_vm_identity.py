@@ -138,6 +138,7 @@ def spec(**overrides) -> domain.DomainSpec:
         cmdline="console=ttyS0",
         rootfs=Path("/img/rootfs.ext4"),
         data_disk=base / "data.qcow2",
+        transfer_disk=base / "transfer.img",
         agent_socket=base / "agent.sock",
         console_log=base / "console.log",
     )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import files
 from channel import BadRequest
+from transfer_disk import DiskRangeError, TransferDisk
 
 from shoal import protocol
 
@@ -39,11 +40,13 @@ class GetTransfer:
 
 
 class PutTransfer:
-    """A file_put being received: chunks go to a temporary file, renamed at the last one."""
+    """A file_put being received: chunks go to a temporary file, renamed at the last one. With
+    `via_disk`, each chunk names a byte range of the transfer disk instead of carrying bytes."""
 
-    def __init__(self, request_id: int, upload: files.Upload | None):
+    def __init__(self, request_id: int, upload: files.Upload | None, via_disk: bool = False):
         self.id = request_id
         self.upload = upload
+        self.via_disk = via_disk
         self.error: files.FileOpError | None = None
 
     def close(self) -> None:
@@ -60,6 +63,7 @@ class FileRequests:
     outbox: Outbox
     data_dir: files.DataDir
     transfer: GetTransfer | PutTransfer | None
+    transfer_disk: TransferDisk | None
 
     def op_file_stat(self, rid: int, message: dict) -> None:
         self.answer(rid, **self.data_dir.stat(message.get("path", "")))
@@ -109,8 +113,13 @@ class FileRequests:
             self.send({"id": t.id, "op": protocol.OP_CHUNK}, data)
 
     def op_file_put(self, rid: int, message: dict) -> None:
+        via_disk = message.get("via_disk", False)
+        if not isinstance(via_disk, bool):
+            raise BadRequest("via_disk must be a boolean")
+        if via_disk and self.transfer_disk is None:
+            raise BadRequest("this guest has no transfer disk")
         upload = self.data_dir.open_write(message.get("path"))
-        self.transfer = PutTransfer(rid, upload)
+        self.transfer = PutTransfer(rid, upload, via_disk)
         self.answer(rid, ready=True)
 
     def _chunk(self, rid: int, message: dict, blob: bytes) -> None:
@@ -118,14 +127,25 @@ class FileRequests:
         if not isinstance(t, PutTransfer) or t.id != rid:
             self.error(rid, protocol.E_INVALID, "chunk for no file_put in progress")
             return
-        if t.upload is not None and t.error is None:
+        disk_range = message.get("disk")
+        eof = message.get("eof") is True
+        if t.via_disk:  # a range of the disk, or nothing with the eof
+            wrong = bool(blob) or (disk_range is None and not eof)
+        else:
+            wrong = disk_range is not None
+        if wrong:
+            self._fail_put(t, files.FileOpError(protocol.E_INVALID, "chunk of the wrong kind"))
+        elif t.upload is not None and t.error is None and not (t.via_disk and disk_range is None):
             try:
-                t.upload.write(blob)
+                if t.via_disk:
+                    t.upload.write(self._disk_bytes(disk_range), direct=True)
+                else:
+                    t.upload.write(blob)
+                if t.via_disk:  # the host may write this range of the disk again
+                    self.send({"id": rid, "ok": True, "op": protocol.OP_CHUNK, "copied": True})
             except files.FileOpError as exc:
-                t.error = exc
-                t.upload = None  # write() already removed the partial file
-                self.error(rid, exc.code, exc.message)  # the host may stop early
-        if message.get("eof") is not True:
+                self._fail_put(t, exc)
+        if not eof:
             return
         self.transfer = None
         if t.error is not None:
@@ -138,3 +158,24 @@ class FileRequests:
         finally:
             t.upload = None
         self.answer(rid, **info)
+
+    def _disk_bytes(self, disk_range: object) -> memoryview:
+        """The bytes a disk chunk names: [offset, length] of the transfer disk."""
+        if not (isinstance(disk_range, list) and len(disk_range) == 2):
+            raise files.FileOpError(protocol.E_INVALID, "disk must be [offset, length]")
+        try:
+            return self.transfer_disk.read(*disk_range)
+        except DiskRangeError as exc:
+            raise files.FileOpError(protocol.E_INVALID, str(exc)) from None
+        except OSError as exc:
+            message = f"reading the transfer disk: {exc}"
+            raise files.FileOpError(protocol.E_INTERNAL, message) from None
+
+    def _fail_put(self, t: PutTransfer, exc: files.FileOpError) -> None:
+        """Answer the upload's first error (the host may stop early) and drop its temporary
+        file (if write() has not already)."""
+        if t.error is not None:
+            return
+        t.error = exc
+        t.close()
+        self.error(t.id, exc.code, exc.message)

@@ -64,6 +64,8 @@ from file_requests import FileRequests, GetTransfer, PutTransfer
 from kernel_process import Kernel, KernelSupervision, describe_death
 from shell import ShellExecutions
 from snapshot import IDENTITY_FILE, Snapshots
+from transfer_disk import TransferDisk, open_if_any
+from transfer_disk import find as find_transfer_disk
 
 from shoal import protocol
 
@@ -89,6 +91,7 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
         state_dir: str,
         system: bool,
         interrupt_grace: float = protocol.INTERRUPT_GRACE_S,
+        transfer_disk: TransferDisk | None = None,
     ):
         self.channel = channel
         channel.agent = self
@@ -108,6 +111,7 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
         self.kernel_start_at: float | None = None
         self.execution: Execution | None = None
         self.transfer: GetTransfer | PutTransfer | None = None
+        self.transfer_disk = transfer_disk  # uploads' bytes come by it, when there is one
         self.exec_seq = 0
         self.state_lost = False  # a used kernel died between executions: tell the next one
         self._packages: dict[str, str] | None = None
@@ -337,6 +341,7 @@ class Agent(HostLink, Executions, KernelSupervision, ShellExecutions, FileReques
             "user": self.user_name,
             "data_dir": protocol.DATA_DIR,
             "data_disk_error": self._data_disk_error(),
+            "transfer_disk": self.transfer_disk is not None,
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
         if self.confinement is not None:
@@ -463,6 +468,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="let reseed set the clock and credit entropy (default: only in the guest)",
     )
     p.add_argument("--interrupt-grace", type=float, default=protocol.INTERRUPT_GRACE_S)
+    p.add_argument(
+        "--transfer-disk",
+        help="uploads' bytes come from this file or device (default: in the guest, the disk "
+        f"whose serial is {protocol.TRANSFER_DISK_SERIAL!r}, if any)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -493,6 +503,7 @@ def main(argv: list[str] | None = None) -> None:
             os.path.abspath(args.state_dir),
             system,
             args.interrupt_grace,
+            open_if_any(args.transfer_disk or (find_transfer_disk() if guest else None)),
         )
         agent.run()
     except Exception:
