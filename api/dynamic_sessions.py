@@ -280,12 +280,15 @@ def delete_session(pool: str):
     return "", 204
 
 
+LISTED_STATES = (sessions.ACTIVE, sessions.SLEEPING, sessions.WAKING)
+
+
 def _pool_sessions(pool: str) -> list[dict]:
     get_pool(ctx().settings, pool)
     return [
         e
         for e in sessions.list_for_tenant(ctx().redis, g.tenant)
-        if e["pool"] == pool and e.get("identifier") and e["state"] == sessions.ACTIVE
+        if e["pool"] == pool and e.get("identifier") and e["state"] in LISTED_STATES
     ]
 
 

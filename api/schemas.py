@@ -48,12 +48,18 @@ class SessionOut(Schema):
     id = fields.String()
     pool = fields.String()
     host = fields.String(metadata={"description": "the worker host running its VM"})
-    state = fields.String(metadata={"description": "active | lost"})
+    state = fields.String(metadata={"description": "creating | active | sleeping | waking | lost"})
     identifier = fields.String(allow_none=True)
     created_at = fields.String()
     last_used_at = fields.String()
-    expires_at = fields.String()
+    expires_at = fields.String(
+        metadata={"description": "when it ends if left idle (asleep: its retention's end)"}
+    )
     reason = fields.String(metadata={"description": "why a lost session was lost"})
+    slept_at = fields.String(metadata={"description": "a sleeping session: when it fell asleep"})
+    sleep_expires_at = fields.String(
+        metadata={"description": "a sleeping session: when it is deleted unless woken"}
+    )
 
 
 class SessionList(Schema):

@@ -48,6 +48,24 @@ def delete_session(session_id: str):
     session_cases.delete_session(ctx(), entry)
 
 
+@blp.post("/sessions/<session_id>/sleep")
+@blp.response(202, SessionOut)
+def sleep_session(session_id: str):
+    """Save the session's VM to disk and free it; `state` turns `sleeping` once the image is
+    complete. The next request wakes it (docs/api.md, "Sleeping sessions")."""
+    entry = session_cases.sleep_session(ctx(), tenant_session(session_id))
+    return sessions.public_view(entry)
+
+
+@blp.post("/sessions/<session_id>/wake")
+@blp.response(202, SessionOut)
+def wake_session(session_id: str):
+    """Restore a sleeping session's VM ahead of the next request; `state` turns `active` once
+    it runs."""
+    entry = session_cases.wake_session(ctx(), tenant_session(session_id))
+    return sessions.public_view(entry)
+
+
 @blp.post("/sessions/<session_id>/executions")
 @blp.arguments(ExecutionCreate)
 @blp.response(200, ExecutionOut)

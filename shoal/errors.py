@@ -204,6 +204,20 @@ class NoHostAvailable(ShoalError):
     code, status = "NoHostAvailable", 503
 
 
+class SleepNotEnabled(ShoalError):
+    """The session's pool does not keep sleeping sessions (its on_idle is "destroy")."""
+
+    code, status = "SleepNotEnabled", 409
+
+
+class SleepingHostDown(ShoalError):
+    """The session sleeps on a host that is not answering: it is kept, not lost; retry once the
+    host is back."""
+
+    code, status = "SessionHostUnavailable", 503
+    retry_after_s = 30
+
+
 class HostTimeout(ShoalError):
     """The session's host did not answer in time."""
 

@@ -144,7 +144,8 @@ local function expire_after(key, seconds)
 end
 local now = tonumber(ARGV[6])
 local state = redis.call('HGET', KEYS[5], 'state')
-if state ~= 'active' and state ~= 'creating' and state ~= 'lost' then
+if state ~= 'active' and state ~= 'creating' and state ~= 'lost' and state ~= 'sleeping'
+   and state ~= 'waking' then
   return {'gone', state or ''}
 end
 local own = redis.call(

@@ -34,6 +34,11 @@ def session_deadlines() -> str:
     return f"{PREFIX}:sessions:deadlines"
 
 
+def sleep_deadlines() -> str:
+    """Sorted set: sleeping session ids scored by the end of their pool's sleep retention."""
+    return f"{PREFIX}:sessions:sleep-deadlines"
+
+
 def session_lifetimes() -> str:
     """Sorted set: live session ids scored by the end of their pool's max lifetime."""
     return f"{PREFIX}:sessions:lifetimes"

@@ -23,6 +23,8 @@ HELP = {
     "shoal_session_acquisitions_total": "Sessions created, by pool and source (ready or cold).",
     "shoal_session_expiries_total": "Sessions ended by idle expiry or max lifetime.",
     "shoal_sessions_lost_total": "Sessions lost because their VM or host died.",
+    "shoal_session_sleeps_total": "Sessions put to sleep (their VM saved to disk), by pool.",
+    "shoal_session_wakes_total": "Sleeping sessions woken, by pool.",
     "shoal_executions_total": "Executions finished, by pool and status.",
     "shoal_executions_overdue_total": "Executions ended lost long past any deadline (task lost).",
 }

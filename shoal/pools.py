@@ -10,6 +10,8 @@ from pathlib import Path
 from shoal.errors import PoolNotFound
 from shoal.settings import Settings
 
+ON_IDLE = ("destroy", "sleep")
+
 
 @dataclass(frozen=True)
 class Pool:
@@ -24,6 +26,8 @@ class Pool:
     cooldown_s: int = 300
     max_lifetime_s: int = 86400
     network: bool = False
+    on_idle: str = "destroy"  # or "sleep": at its cooldown a session's VM is saved, not ended
+    sleep_retention_s: int = 7 * 86400  # how long a sleeping session is kept
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +64,11 @@ def _parse(path: Path, settings: Settings) -> dict[str, Pool]:
             raise SystemExit(f"{path}: pool {name!r}: network egress is not supported yet")
         if table.get("ready_max", 0) and table["ready_max"] < table.get("ready_target", 0):
             raise SystemExit(f"{path}: pool {name!r}: ready_max is below ready_target")
+        if table.get("on_idle", "destroy") not in ON_IDLE:
+            raise SystemExit(f"{path}: pool {name!r}: on_idle must be one of {', '.join(ON_IDLE)}")
+        retention = table.get("sleep_retention_s", 1)
+        if not isinstance(retention, int) or isinstance(retention, bool) or retention <= 0:
+            raise SystemExit(f"{path}: pool {name!r}: sleep_retention_s must be a positive integer")
         base = asdict(pools.get(name, Pool(name=name)))
         base.update(table)
         pools[name] = Pool(**base)

@@ -73,6 +73,8 @@ class Task:
 
 CREATE_SESSION = Task("shoal.create_session", ("session_id", "pool_name", "reply_key"))
 DESTROY_SESSION = Task("shoal.destroy_session", ("session_id",))
+SLEEP_SESSION = Task("shoal.sleep_session", ("session_id", "pool_name"))
+WAKE_SESSION = Task("shoal.wake_session", ("session_id", "pool_name"))
 EXECUTE = Task("shoal.execute", ("execution_id", "pool_name", "record_json"))
 CANCEL = Task("shoal.cancel", ("execution_id",))
 FILE_OP = Task("shoal.file_op", ("session_id", "op", "args", "reply_key", "pool_name"))

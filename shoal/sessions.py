@@ -1,8 +1,9 @@
 """The session registry in Redis: which tenant owns a session, which host runs it, its state.
 
-States: `creating` (its VM is being made), `active`, `lost` (its VM or host died; kept so the
-client can read why), and tombstones `expired` / `deleted` kept a day so a late request gets a
-precise 404.
+States: `creating` (its VM is being made), `active`, `sleeping` (its VM saved to its host's
+disk, docs/api.md "Sleeping sessions"), `waking` (being restored from that), `lost` (its VM or
+host died; kept so the client can read why), and tombstones `expired` / `deleted` kept a day so
+a late request gets a precise 404.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from shoal.records import SessionEntry
 from shoal.timeutil import iso
 
 CREATING, ACTIVE, LOST, EXPIRED, DELETED = "creating", "active", "lost", "expired", "deleted"
-LIVE_STATES = (CREATING, ACTIVE, LOST)
+SLEEPING, WAKING = "sleeping", "waking"
+LIVE_STATES = (CREATING, ACTIVE, LOST, SLEEPING, WAKING)
+# The sessions whose VM, running or saved, its host keeps.
+HELD_STATES = (CREATING, ACTIVE, SLEEPING, WAKING)
 TOMBSTONE_TTL_S = 86400
 
 
@@ -161,7 +165,9 @@ def activate(r: redis.Redis, session_id: str, vm_id: str, warm: bool) -> bool:
 # ended one keeps its tombstone.
 _MARK_LOST = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'creating' and state ~= 'active' then return 0 end
+if state ~= 'creating' and state ~= 'active' and state ~= 'sleeping' and state ~= 'waking' then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'state', 'lost', 'reason', ARGV[1])
 return 1
 """
@@ -185,10 +191,99 @@ def touch(r: redis.Redis | redis.client.Pipeline, session_id: str, cooldown_s: i
 
 
 def due_for_expiry(r: redis.Redis, now: float, limit: int = 500) -> list[str]:
-    """Sessions idle past their cooldown or older than their pool's max lifetime."""
-    idle = r.zrangebyscore(keys.session_deadlines(), "-inf", now, start=0, num=limit)
-    old = r.zrangebyscore(keys.session_lifetimes(), "-inf", now, start=0, num=limit)
-    return sorted(set(idle) | set(old))
+    """Sessions idle past their cooldown, older than their pool's max lifetime, or asleep past
+    its sleep retention."""
+    due = set()
+    for key in (keys.session_deadlines(), keys.session_lifetimes(), keys.sleep_deadlines()):
+        due.update(r.zrangebyscore(key, "-inf", now, start=0, num=limit))
+    return sorted(due)
+
+
+# Atomically: an active session becomes sleeping; its idle and lifetime clocks stop (what is
+# left of its lifetime is kept), its retention clock starts. KEYS: the session, the idle
+# deadlines, the lifetimes, the sleep deadlines. ARGV: the session id, now, the end of its
+# retention, the image's size.
+_ASLEEP = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return 0 end
+local lifetime_end = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]))
+if lifetime_end then
+  redis.call('HSET', KEYS[1], 'lifetime_left', tostring(lifetime_end - tonumber(ARGV[2])))
+end
+redis.call('HSET', KEYS[1], 'state', 'sleeping', 'slept_at', ARGV[2],
+           'sleep_expires_at', ARGV[3], 'sleep_bytes', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+return 1
+"""
+
+# Atomically: a sleeping session is being restored; its retention does not end it meanwhile.
+# KEYS as _ASLEEP's; ARGV: the session id.
+_WAKING = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'sleeping' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'waking')
+redis.call('ZREM', KEYS[4], ARGV[1])
+return 1
+"""
+
+# Atomically: a wake that failed leaves the session asleep as it was (its image is kept).
+_BACK_TO_SLEEP = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'waking' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'sleeping')
+local retention_end = redis.call('HGET', KEYS[1], 'sleep_expires_at')
+if retention_end then redis.call('ZADD', KEYS[4], retention_end, ARGV[1]) end
+return 1
+"""
+
+# ... and, once restored, runs again: its idle clock restarts, its lifetime goes on from what
+# was left of it, its retention clock stops. (`active`: its host saved it but could not record
+# so.) KEYS as _ASLEEP's. ARGV: the session id, now, the idle deadline, a whole lifetime.
+_AWAKE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'waking' and state ~= 'sleeping' and state ~= 'active' then return 0 end
+local left = tonumber(redis.call('HGET', KEYS[1], 'lifetime_left')) or tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'active', 'last_used_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'slept_at', 'sleep_expires_at', 'sleep_bytes', 'lifetime_left')
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], tonumber(ARGV[2]) + left, ARGV[1])
+return 1
+"""
+
+
+def _clock_keys(session_id: str) -> list[str]:
+    return [
+        keys.session(session_id),
+        keys.session_deadlines(),
+        keys.session_lifetimes(),
+        keys.sleep_deadlines(),
+    ]
+
+
+def asleep(r: redis.Redis, session_id: str, retention_s: int, image_bytes: int) -> bool:
+    """Record that the session's VM is saved (its image complete on disk); False, changing
+    nothing, when the session was not active (deleted or lost meanwhile)."""
+    now = time.time()
+    args = [session_id, f"{now:.6f}", f"{now + retention_s:.6f}", image_bytes]
+    return bool(r.eval(_ASLEEP, 4, *_clock_keys(session_id), *args))
+
+
+def set_waking(r: redis.Redis, session_id: str) -> bool:
+    """A sleeping session is being restored; False when it was not sleeping."""
+    return bool(r.eval(_WAKING, 4, *_clock_keys(session_id), session_id))
+
+
+def back_to_sleep(r: redis.Redis, session_id: str) -> bool:
+    """A wake failed: the session sleeps on, its retention clock running again; False when it
+    was not waking (it ended meanwhile)."""
+    return bool(r.eval(_BACK_TO_SLEEP, 4, *_clock_keys(session_id), session_id))
+
+
+def awake(r: redis.Redis, session_id: str, pool: Pool) -> bool:
+    """The session runs again; False, changing nothing, when it ended meanwhile."""
+    now = time.time()
+    args = [session_id, f"{now:.6f}", now + pool.cooldown_s, pool.max_lifetime_s]
+    return bool(r.eval(_AWAKE, 4, *_clock_keys(session_id), *args))
 
 
 def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
@@ -203,6 +298,7 @@ def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
     pipe.expire(keys.session(session_id), TOMBSTONE_TTL_S)
     pipe.zrem(keys.session_deadlines(), session_id)
     pipe.zrem(keys.session_lifetimes(), session_id)
+    pipe.zrem(keys.sleep_deadlines(), session_id)
     pipe.srem(keys.pool_sessions(entry["pool"]), session_id)
     pipe.srem(keys.tenant_sessions(entry["tenant"]), session_id)
     pipe.srem(keys.host_sessions(entry["host"]), session_id)
@@ -248,4 +344,8 @@ def public_view(entry: SessionEntry) -> dict[str, Any]:
     }
     if entry["state"] == LOST:
         view["reason"] = entry.get("reason", "")
+    if entry["state"] == SLEEPING:
+        view["slept_at"] = iso(float(entry["slept_at"]))
+        view["sleep_expires_at"] = iso(float(entry["sleep_expires_at"]))
+        view["expires_at"] = view["sleep_expires_at"]
     return view

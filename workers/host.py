@@ -35,6 +35,7 @@ from shoal.records import Heartbeat, SessionEntry
 from shoal.settings import Settings
 from workers.host_executions import ExecutionsOnHost
 from workers.host_files import FilesOnHost
+from workers.host_sleep import SleepOnHost
 from workers.session_queue import SessionQueues
 from workers.vm import VMManager, VMSpec
 from workers.vm_errors import out_of_space
@@ -58,7 +59,7 @@ def spec_for(pool: Pool) -> VMSpec:
     )
 
 
-class HostRuntime(ExecutionsOnHost, FilesOnHost):
+class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost):
     """The host's VMs, its sessions and their work; executions and file operations live in
     workers/host_executions.py and workers/host_files.py."""
 
@@ -143,7 +144,8 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
     def _owned_vm_ids(self) -> set[str]:
         """The VMs this host must keep: its live sessions' (the registry's and those being
         handed over right now) and its ready pools'."""
-        owners = {entry.get("vm") or sid for sid, entry in self._live_sessions().items()}
+        held = self._live_sessions(sessions.HELD_STATES)  # sleeping ones keep their files
+        owners = {entry.get("vm") or sid for sid, entry in held.items()}
         return owners | set(self.session_vm.values()) | self.ready.ids()
 
     def beat_once(self) -> None:
@@ -174,8 +176,11 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         ttl = max(int(self.settings.heartbeat_ttl_s), 1)
         self.r.set(keys.host_heartbeat(self.host), json.dumps(status), ex=ttl)
 
-    def _live_sessions(self) -> dict[str, SessionEntry]:
-        """Registry entries of the sessions placed on this host that are not lost or gone."""
+    def _live_sessions(
+        self, states: tuple[str, ...] = (sessions.CREATING, sessions.ACTIVE)
+    ) -> dict[str, SessionEntry]:
+        """Registry entries of the sessions placed on this host in `states` (by default those
+        whose VM runs or is being made: not asleep, lost or gone)."""
         ids = sorted(sessions.host_session_ids(self.r, self.host))
         pipe = self.r.pipeline()
         for session_id in ids:
@@ -183,21 +188,21 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         return {
             session_id: entry
             for session_id, entry in zip(ids, pipe.execute(), strict=True)
-            if entry.get("state") in (sessions.CREATING, sessions.ACTIVE)
+            if entry.get("state") in states
         }
 
     def reconcile(self) -> None:
         """Adopt this host's live domains, destroy strays, mark vanished sessions lost."""
         vm_owner = {
             entry.get("vm") or session_id: session_id
-            for session_id, entry in self._live_sessions().items()
+            for session_id, entry in self._live_sessions(sessions.HELD_STATES).items()
         }
         known = set(vm_owner) | self.ready.ids()
         report = self.vms.reconcile(known)
         for vm_id in report.missing:
             session_id = vm_owner.get(vm_id)
-            if session_id is None:
-                continue
+            if session_id is None or self.vms.is_asleep(vm_id):
+                continue  # a sleeping session's VM has no domain: its image is its state
             log.warning("session=%s host=%s domain vanished: marked lost", session_id, self.host)
             self.mark_session_lost(session_id, "its VM vanished from the host")
         if report.destroyed:
@@ -341,8 +346,15 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost):
         return reason
 
     def _vm(self, session_id: str, pool: Pool):
+        """The session's running VM: this process's, adopted after a restart, or woken from
+        its sleep image (workers/host_sleep.py)."""
         vm_id = self._vm_id(session_id)
-        vm = self.vms.get(vm_id) or self.vms.attach(vm_id, spec_for(pool))
+        spec = spec_for(pool)
+        vm = self.vms.get(vm_id) or self.vms.attach(vm_id, spec)
+        if vm is None:
+            vm = self._wake(session_id, vm_id, pool, spec)
+        elif self.vms.is_asleep(vm_id):
+            self._finish_wake(session_id, vm_id, pool)  # a wake its worker did not record
         if vm is None:
             raise SessionLost(f"session {session_id} has no VM on host {self.host}")
         return vm

@@ -228,7 +228,7 @@ class ExecutionsOnHost:
         what waited in its session queues is only in Redis now): the queued ones run in their
         turn, in the background; one that was running ended with that worker (its answer went
         with it) and ends `lost`, never run twice."""
-        for session_id, entry in self._live_sessions().items():
+        for session_id, entry in self._live_sessions(sessions.HELD_STATES).items():
             queued = []
             for execution_id in self.r.zrange(keys.session_executions(session_id), 0, -1):
                 record = executions.load(self.r, execution_id)

@@ -58,6 +58,8 @@ INCOMING_FD_NAME = "shoal-incoming"
 INCOMING_TIMEOUT_S = 30.0
 SEAL_WAIT_S = 10.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+# A clone saved whole (put to sleep, workers/vm_sleep.py): every page goes into the image.
+SAVE_ALL_MEMORY = {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
 KSM_RUN = Path("/sys/kernel/mm/ksm/run")
 FULL_COPY = (
     "every clone of a template that cannot be shared reads its whole snapshot (a private copy "

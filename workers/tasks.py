@@ -77,6 +77,16 @@ def destroy_session(*, session_id: str) -> None:
     runtime().destroy_session(session_id)
 
 
+@shared_task(name=queue.SLEEP_SESSION.name)
+def sleep_session(*, session_id: str, pool_name: str) -> None:
+    runtime().sleep_session(session_id, pool_name)
+
+
+@shared_task(name=queue.WAKE_SESSION.name)
+def wake_session(*, session_id: str, pool_name: str) -> None:
+    runtime().wake_session(session_id, pool_name)
+
+
 @shared_task(name=queue.FILE_OP.name)
 def file_op(*, session_id: str, op: str, args: dict, reply_key: str, pool_name: str) -> None:
     runtime().file_op(session_id, op, args, reply_key, pool_name)

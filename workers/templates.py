@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.settings import Settings
+from workers import sleep_images
 from workers.transfer_disk import FILE_NAME as TRANSFER_DISK_FILE
 from workers.vm_errors import TemplateError
 
@@ -336,6 +337,10 @@ class TemplateStore:
             except (OSError, ValueError):
                 continue
             if meta.get("group") == group and meta.get("key") != keep:
+                if str(directory / DISK_FILE) in sleep_images.needed_backing_files(self.settings):
+                    log.info("keeping template %s: a sleeping session's disk is based on it",
+                             meta.get("key"))  # fmt: skip
+                    continue
                 log.info("removing template %s, replaced by %s", meta.get("key"), keep)
                 shutil.rmtree(directory, ignore_errors=True)
                 with contextlib.suppress(FileNotFoundError):

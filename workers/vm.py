@@ -38,7 +38,7 @@ from shoal import protocol
 from shoal.settings import Settings
 from workers import accel as accel_mod
 from workers import domain as dom
-from workers import libvirt_conn, templates, transfer_disk
+from workers import libvirt_conn, sleep_images, templates, transfer_disk, vm_sleep
 from workers.agent_client import (
     AgentClient,
     AgentDisconnected,
@@ -51,7 +51,7 @@ from workers.reconcile import reconcile as reconcile_domains
 from workers.template_builder import TemplateBuilder
 from workers.vm_domains import CONNECT_ATTEMPT_S, DomainOps, lookup
 from workers.vm_errors import AgentRefused, VMError, VMLost, out_of_space
-from workers.vm_identity import kvm_device_problem
+from workers.vm_identity import VMIdentity, kvm_device_problem
 from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 
 log = logging.getLogger("shoal.vm")
@@ -334,6 +334,79 @@ class VMManager:
         log.info("vm=%s host=%s attached to %s", vm_id, self.settings.host_name, name)
         return vm
 
+    # --- sleeping ----------------------------------------------------------------------------
+    def sleep(self, vm_id: str) -> vm_sleep.SleepImage:
+        """Save a running VM of this process to its sleep image and stop it; its directory
+        (disks, uid lease) stays for `wake` (workers/vm_sleep.py)."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            if vm is None or vm_id in self._busy:
+                raise VMError(f"VM {vm_id} is not running on this host")
+            self._busy.add(vm_id)
+        try:
+            try:
+                image = vm_sleep.save(
+                    self.domains, vm.domain_name, sleep_images.image_path(self.settings, vm.key)
+                )
+            except BaseException:
+                if not self.domains.is_active(vm.domain_name):
+                    self._forget_asleep(vm)  # saved after all: a wake will find its image
+                raise
+            self._forget_asleep(vm)
+        finally:
+            with self._lock:
+                self._busy.discard(vm_id)
+        log.info("vm=%s host=%s asleep: %d bytes in %.0f ms", vm_id, self.settings.host_name,
+                 image.bytes, image.seconds * 1000)  # fmt: skip
+        return image
+
+    def _forget_asleep(self, vm: VM) -> None:
+        with self._lock:
+            self._vms.pop(vm.vm_id, None)
+        vm.lost_reason = "the VM is asleep"
+        vm.agent.close()
+        vm.paths.socket.unlink(missing_ok=True)  # libvirt binds it afresh at wake
+
+    def drop_sleep_image(self, vm_id: str) -> None:
+        """Once the woken session is recorded awake: its image is of no more use."""
+        sleep_images.image_path(self.settings, dom.vm_key(vm_id)).unlink(missing_ok=True)
+
+    def is_asleep(self, vm_id: str) -> bool:
+        """Whether the VM has a sleep image on this host."""
+        return sleep_images.image_path(self.settings, dom.vm_key(vm_id)).is_file()
+
+    def wake(self, vm_id: str, spec: VMSpec) -> VM:
+        """Restore a sleeping VM as it was (clock and entropy reseeded); its image stays until
+        drop_sleep_image. VMError when there is no image or the restore fails."""
+        key = dom.vm_key(vm_id)
+        name = dom.domain_name(self.settings, key)
+        paths = dom.vm_paths(self.settings, key)
+        image = sleep_images.image_path(self.settings, key)
+        with self._lock:
+            if vm_id in self._vms or vm_id in self._busy:
+                raise VMError(f"VM {vm_id} is already running on this host")
+            self._busy.add(vm_id)
+        try:
+            if not image.is_file() or not paths.dir.is_dir():
+                raise VMError(f"VM {vm_id} has no sleep image on this host")
+            started = time.monotonic()
+            gid = paths.dir.stat().st_gid  # the directory is its uid's lease; uid == gid
+            agent = vm_sleep.restore(
+                self.domains, vm_id, name, paths, image, VMIdentity(gid, gid),
+                spec.memory_mib, self.settings.agent_ready_timeout_s,
+            )  # fmt: skip
+            uuid = self.libvirt.call(f"look up {name}", lambda c: c.lookupByName(name).UUIDString())
+            timings = {"wake": round((time.monotonic() - started) * 1000, 1)}
+            vm = VM(self.settings, vm_id, key, name, uuid, paths, spec, True, agent, timings)
+            with self._lock:
+                self._vms[vm_id] = vm
+        finally:
+            with self._lock:
+                self._busy.discard(vm_id)
+        log.info("vm=%s host=%s awake in %.0f ms", vm_id, self.settings.host_name,
+                 timings["wake"])  # fmt: skip
+        return vm
+
     # --- destroying --------------------------------------------------------------------------
     def destroy(self, vm_id: str) -> None:
         """Destroy the VM's domain and remove its files; idempotent."""
@@ -345,6 +418,7 @@ class VMManager:
         if vm is not None:
             vm.lost_reason = vm.lost_reason or "the VM was destroyed"
             vm.agent.close()
+        sleep_images.image_path(self.settings, key).unlink(missing_ok=True)
         self.domains.teardown(name, dom.vm_paths(self.settings, key))
         log.info(
             "vm=%s host=%s step=destroy ms=%.0f",
@@ -406,6 +480,12 @@ class VMManager:
             if self._another_hosts(dom.VMPaths(vms / key)):
                 continue
             shutil.rmtree(vms / key, ignore_errors=True)
+        asleep = sleep_images.sleep_dir(self.settings)
+        for image in sorted(asleep.glob("*.save")) if asleep.is_dir() else ():
+            if image.stem not in owned and not (vms / image.stem).is_dir():
+                log.warning("vm host=%s removing orphan sleep image %s", self.settings.host_name,
+                            image.name)  # fmt: skip
+                image.unlink(missing_ok=True)
         return destroyed
 
     def _another_hosts(self, paths: dom.VMPaths) -> bool:
@@ -441,6 +521,7 @@ class VMManager:
         if vms.is_dir():
             for directory in vms.iterdir():
                 shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(sleep_images.sleep_dir(self.settings), ignore_errors=True)
         return destroyed
 
     def paused_on_full_disk(self, vm_id: str) -> bool:

@@ -8,11 +8,12 @@ from typing import Any
 
 import redis
 
-from shoal import executions, keys, liveness, queue, sessions, storage
+from shoal import executions, keys, liveness, queue, storage
 from shoal.context import Context
-from shoal.errors import HostTimeout, SessionLost
+from shoal.errors import HostTimeout
 from shoal.hosts import live_hosts
 from shoal.records import ExecutionRecord, SessionEntry
+from shoal.use_cases.sessions import check_reachable
 
 # How often a request waiting on an execution checks that the session's host is still alive.
 LIVENESS_POLL_S = 5.0
@@ -53,11 +54,7 @@ def submit_execution(
     or all tenants, hold as many bytes in Redis as they may (shoal/storage.py). Given
     `wait_id`, the request also takes one of its tenant's wait slots (TooManyWaits when none is
     free), to give back with executions.end_wait."""
-    if entry["state"] == sessions.LOST:
-        raise SessionLost(
-            f"session {entry['id']} was lost ({entry.get('reason') or 'its VM died'}); "
-            "create a new session"
-        )
+    check_reachable(c, entry)
     record = executions.new_record(
         entry, params["code"], params["language"], params["timeout_s"], params["max_output"], 0
     )

@@ -17,11 +17,12 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 
-from shoal import liveness, queue, replies, sessions, transfers
+from shoal import liveness, queue, replies, transfers
 from shoal.context import Context
 from shoal.errors import SessionLost, ShoalError
 from shoal.hosts import live_hosts
 from shoal.records import SessionEntry
+from shoal.use_cases.sessions import check_reachable
 
 log = logging.getLogger("shoal.files")
 
@@ -29,11 +30,6 @@ log = logging.getLogger("shoal.files")
 FILE_OP_TIMEOUT_S = 60
 # How often a request waiting on the host checks that the host is still alive.
 LIVENESS_POLL_S = 5.0
-
-
-def _check_usable(entry: SessionEntry) -> None:
-    if entry["state"] == sessions.LOST:
-        raise SessionLost(f"session {entry['id']} was lost ({entry.get('reason')})")
 
 
 class _HostCheck:
@@ -69,7 +65,7 @@ def _start_transfer(c: Context, entry: SessionEntry, task: queue.Task, path: str
 
 def _ask_host(c: Context, entry: SessionEntry, task: queue.Task, **args: object) -> str:
     """Send a task about the session to its host, with a fresh reply key; return the key."""
-    _check_usable(entry)
+    check_reachable(c, entry)
     reply_key = replies.new_key()
     task.send(
         c.celery,

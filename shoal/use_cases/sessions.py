@@ -6,10 +6,15 @@ from __future__ import annotations
 import logging
 import time
 
-from shoal import metrics, queue, replies, sessions
+from shoal import keys, metrics, queue, replies, sessions
 from shoal.context import Context
-from shoal.errors import HostTimeout, SessionNotFound
-from shoal.keys import identifier as identifier_key
+from shoal.errors import (
+    HostTimeout,
+    SessionLost,
+    SessionNotFound,
+    SleepingHostDown,
+    SleepNotEnabled,
+)
 from shoal.placement import choose_host
 from shoal.pools import get_pool
 from shoal.records import SessionEntry
@@ -65,6 +70,51 @@ def expire_session(c: Context, entry: SessionEntry) -> None:
     log.info("session=%s host=%s expired after idling", entry["id"], entry["host"])
 
 
+def sleep_session(c: Context, entry: SessionEntry) -> SessionEntry:
+    """Ask the session's host to save its VM to disk; the session reads `sleeping` once the
+    image is complete. Already asleep (or being made): nothing to do. Only a pool that sleeps
+    (on_idle = "sleep") keeps sleeping sessions: their images hold the host's disk for days."""
+    check_reachable(c, entry)
+    pool = get_pool(c.settings, entry["pool"])
+    if pool.on_idle != "sleep":
+        raise SleepNotEnabled(
+            f"pool {pool.name!r} does not keep sleeping sessions (its on_idle is "
+            f'{pool.on_idle!r}); use a pool with on_idle = "sleep"'
+        )
+    if entry["state"] == sessions.ACTIVE:
+        queue.SLEEP_SESSION.send(
+            c.celery, host=entry["host"], session_id=entry["id"], pool_name=entry["pool"]
+        )
+    return entry
+
+
+def wake_session(c: Context, entry: SessionEntry) -> SessionEntry:
+    """Ask the session's host to wake its VM ahead of the next request (which would wake it
+    anyway); the session reads `active` once it runs."""
+    check_reachable(c, entry)
+    if entry["state"] == sessions.SLEEPING:
+        queue.WAKE_SESSION.send(
+            c.celery, host=entry["host"], session_id=entry["id"], pool_name=entry["pool"]
+        )
+    return entry
+
+
+def check_reachable(c: Context, entry: SessionEntry) -> None:
+    """SessionLost for a lost session; SleepingHostDown (503, Retry-After) for a sleeping one
+    whose host is not answering: it lives on that host's disk and is kept until it is back."""
+    if entry["state"] == sessions.LOST:
+        raise SessionLost(
+            f"session {entry['id']} was lost ({entry.get('reason') or 'its VM died'}); "
+            "create a new session"
+        )
+    asleep = entry["state"] in (sessions.SLEEPING, sessions.WAKING)
+    if asleep and not c.redis.exists(keys.host_heartbeat(entry["host"])):
+        raise SleepingHostDown(
+            f"session {entry['id']} sleeps on host {entry['host']}, which is not answering; "
+            "it is kept: retry once the host is back"
+        )
+
+
 def _end(c: Context, entry: SessionEntry, state: str) -> None:
     sessions.end(c.redis, entry, state)
     queue.DESTROY_SESSION.send(c.celery, host=entry["host"], session_id=entry["id"])
@@ -76,13 +126,13 @@ def session_for_identifier(
     """The live session behind `identifier` (per tenant and pool); made on first use, and made
     afresh once the old one expired, was deleted or was lost."""
     pool = get_pool(c.settings, pool_name)
-    ident_key = identifier_key(tenant, pool_name, identifier)
+    ident_key = keys.identifier(tenant, pool_name, identifier)
     deadline = time.monotonic() + queue.create_wait_s(c.settings)
     while True:
         session_id = c.redis.get(ident_key)
         entry = sessions.load(c.redis, session_id) if session_id else None
-        if entry and entry["state"] in (sessions.ACTIVE, sessions.CREATING):
-            return entry
+        if entry and entry["state"] in sessions.HELD_STATES:
+            return entry  # a sleeping one is woken by the request that follows
         if not create:
             raise SessionNotFound(f"no session with identifier {identifier!r}")
         lock = ident_key + ":lock"

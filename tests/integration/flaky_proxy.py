@@ -49,8 +49,12 @@ class FlakyProxy:
         if drop_answer:
             with contextlib.suppress(OSError):
                 upstream.recv(1)  # the server has answered: the work is done
-            client.close()
-            upstream.close()
+            # shutdown, not close alone: the other thread's recv holds the socket open, and the
+            # client would hear nothing until its read timeout.
+            for sock in (client, upstream):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
             return
         _pipe(upstream, client)
 

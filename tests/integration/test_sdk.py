@@ -1,8 +1,8 @@
 """The Python client SDK (clients/python, `shoal_client`) against the shared stack: the sync
-and async clients over every session, execution and file route, errors as exceptions with
-Shoal's codes, retries through a proxy that refuses connections or drops an answer (a retried
-submit runs its code once), the HTTPS listener with the instance's own CA, and configuration
-from SHOAL_URL / SHOAL_API_KEY."""
+and async clients over every session (sleep and wake included), execution and file route,
+errors as exceptions with Shoal's codes, retries through a proxy that refuses connections or
+drops an answer (a retried submit runs its code once), the HTTPS listener with the instance's
+own CA, and configuration from SHOAL_URL / SHOAL_API_KEY."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -67,6 +68,19 @@ def test_a_session_runs_code_statefully_and_moves_files(stack: Stack, tmp_path: 
         assert gone.value.code == "SessionNotFound"
 
 
+def test_a_session_sleeps_and_the_next_run_wakes_it(stack: Stack) -> None:
+    with Client(stack.url, stack.key) as client, client.session(pool="napping") as s:
+        s.run("kept = [1, 2, 3]")
+        assert s.sleep().id == s.id
+        deadline = time.monotonic() + 60
+        while s.refresh().state != "sleeping":
+            assert time.monotonic() < deadline, s.info
+            time.sleep(0.2)
+        assert client.get_session(s.id).slept_at == s.info.slept_at
+        assert s.run("sum(kept)").text == "6"  # woken by the run itself
+        assert s.refresh().state == "active" and s.info.slept_at is None
+
+
 def test_submit_poll_and_cancel(stack: Stack) -> None:
     with Client(stack.url, stack.key) as client, client.session() as s:
         queued = s.submit("import time; time.sleep(30)")
@@ -93,6 +107,16 @@ def test_the_async_client_has_the_same_surface(stack: Stack, tmp_path: Path) -> 
                 running = await s.submit("import time; time.sleep(30)")
                 await client.cancel(running.id)
                 assert (await client.wait_for(running.id, 60)).status == "cancelled"
+            async with await client.session(pool="napping") as napper:
+                await napper.run("z = 'asleep'")
+                await napper.sleep()
+                while (await napper.refresh()).state != "sleeping":
+                    await asyncio.sleep(0.2)
+                assert napper.info.slept_at and napper.info.sleep_expires_at
+                await napper.wake()
+                while (await napper.refresh()).state != "active":
+                    await asyncio.sleep(0.2)
+                assert (await napper.run("z")).text == "'asleep'"
             with pytest.raises(NotFound):
                 await client.get_session(s.id)
 

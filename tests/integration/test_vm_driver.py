@@ -35,7 +35,7 @@ from workers import shared_memory, transfer_disk
 from workers.libvirt_conn import connection
 from workers.reconcile import our_domains
 from workers.vm import VMManager, VMSpec
-from workers.vm_errors import VMLost
+from workers.vm_errors import VMError, VMLost
 
 pytestmark = pytest.mark.guest
 
@@ -243,6 +243,40 @@ def test_code_ignoring_sigint_still_times_out(clone):
     assert answer["interpreter_restarted"] is True
     assert elapsed < 2 + vm.agent.interrupt_grace_s + 6, elapsed  # the worker was not blocked
     assert out(vm, "print('fresh')") == "fresh"
+
+
+def test_a_vm_sleeps_and_wakes_as_it_was(settings, manager, clone):
+    vm = clone()
+    assert "restore_shared" in vm.timings, vm.timings  # woken as an ordinary VM: no broker
+    out(vm, "x = 41\nopen('/mnt/data/kept.txt', 'w').write('kept')\nimport os\nos.chdir('/tmp')")
+    vm.put_file("up.bin", [b"u" * 5000])
+    image = manager.sleep(vm.vm_id)
+    print(f"asleep in {image.seconds:.2f} s, {image.bytes / 1e6:.0f} MB")
+    assert not manager.domains.is_active(vm.domain_name) and manager.get(vm.vm_id) is None
+    st = image.path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+    st = image.path.parent.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)  # no VM's uid may enter
+    assert vm.paths.data_disk.is_file()  # its files, and its uid's lease, are kept
+    time.sleep(2)
+    woken = manager.wake(vm.vm_id, SPEC)
+    print(f"awake in {woken.timings}")
+    assert image.path.exists()  # until the host has recorded the session awake
+    manager.drop_sleep_image(vm.vm_id)
+    assert not image.path.exists()
+    assert woken.qemu_pid() is not None
+    kept = "open('/mnt/data/kept.txt').read()"
+    uploaded = "len(open('/mnt/data/up.bin').read())"
+    assert out(woken, f"print(x + 1, {kept}, os.getcwd(), {uploaded})") == "42 kept /tmp 5000"
+    guest_now = float(out(woken, "import time; print(time.time())"))
+    assert abs(guest_now - time.time()) < 2  # the clock was set at wake, not left behind
+    woken.put_file("again.bin", [b"a" * 3])  # the transfer disk works after a wake
+    assert out(woken, "print(open('/mnt/data/again.bin').read())") == "aaa"
+    with pytest.raises(VMError):
+        manager.wake(vm.vm_id, SPEC)  # already awake
+    manager.sleep(vm.vm_id)
+    manager.destroy(vm.vm_id)  # a sleeping VM's image goes with it
+    assert not image.path.exists() and not vm.paths.dir.exists()
 
 
 def test_destroy_leaves_nothing(settings, manager, template):

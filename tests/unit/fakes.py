@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -133,6 +134,8 @@ class FakeVMManager:
         self.destroyed: dict[str, int] = {}
         self.create_error: BaseException | None = None
         self.paused_full: set[str] = set()  # VMs paused on a full host disk
+        self.asleep: dict[str, FakeVM] = {}
+        self.wake_error: BaseException | None = None
 
     def create(self, vm_id: str, spec: Any) -> FakeVM:
         if self.create_error is not None:
@@ -149,15 +152,41 @@ class FakeVMManager:
     def destroy(self, vm_id: str) -> None:
         self.destroyed[vm_id] = self.destroyed.get(vm_id, 0) + 1
         self.vms.pop(vm_id, None)
+        self.asleep.pop(vm_id, None)
 
     def list_vms(self) -> list[FakeVM]:
         return list(self.vms.values())
+
+    def sleep(self, vm_id: str) -> Any:
+        """The VM leaves this manager, kept aside as workers/vm_sleep.py keeps its image."""
+        self.asleep[vm_id] = self.vms.pop(vm_id)
+        return SimpleNamespace(bytes=300 << 20, seconds=0.5)
+
+    def is_asleep(self, vm_id: str) -> bool:
+        return vm_id in self.asleep
+
+    def wake(self, vm_id: str, spec: Any) -> FakeVM:
+        if self.wake_error is not None:
+            raise self.wake_error
+        vm = self.vms[vm_id] = self.asleep[vm_id]  # its image stays until drop_sleep_image
+        vm.timings = {"wake": 900.0}
+        return vm
+
+    def drop_sleep_image(self, vm_id: str) -> None:
+        self.asleep.pop(vm_id, None)
 
     def paused_on_full_disk(self, vm_id: str) -> bool:
         return vm_id in self.paused_full
 
     def sweep(self, owned_vm_ids: Any) -> list[str]:
         return []
+
+    def reconcile(self, known_vm_ids: set[str]) -> Any:
+        """As workers/reconcile.py: known VMs with no domain here are reported missing (and the
+        directories of VMs not known would be removed)."""
+        self.reconciled_with = set(known_vm_ids)
+        missing = sorted(v for v in known_vm_ids if v not in self.vms)
+        return SimpleNamespace(missing=missing, destroyed=[])
 
     def status(self) -> dict:
         return {"libvirt": {"ok": True}}

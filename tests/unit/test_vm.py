@@ -62,6 +62,9 @@ class StubManager:
     def paused_on_full_disk(self, vm_id: str) -> bool:
         return False
 
+    def is_asleep(self, vm_id: str) -> bool:
+        return False
+
     def ensure_template(self, spec: VMSpec) -> None:
         pass
 

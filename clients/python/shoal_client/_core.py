@@ -111,6 +111,15 @@ def delete_session(session_id: str) -> Call:
     return Call("DELETE", f"/v1/sessions/{seg(session_id)}")
 
 
+def sleep_session(session_id: str) -> Call:
+    """Asking twice is harmless: a sleeping session stays asleep."""
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/sleep")
+
+
+def wake_session(session_id: str) -> Call:
+    return Call("POST", f"/v1/sessions/{seg(session_id)}/wake")
+
+
 def submit(
     session_id: str,
     code: str,

@@ -86,6 +86,15 @@ class AsyncClient:
     async def delete_session(self, session_id: str) -> None:
         await self._send(_core.delete_session(session_id))
 
+    async def sleep_session(self, session_id: str) -> SessionInfo:
+        """Save the session's VM to its host's disk; its state reads `sleeping` once saved, and
+        the next request wakes it with its variables and files (docs/api.md)."""
+        return SessionInfo.parse(await self._json(_core.sleep_session(session_id)))
+
+    async def wake_session(self, session_id: str) -> SessionInfo:
+        """Wake a sleeping session ahead of the next request (which would wake it anyway)."""
+        return SessionInfo.parse(await self._json(_core.wake_session(session_id)))
+
     # --- executions ---------------------------------------------------------------------------
     async def submit(
         self,
@@ -230,6 +239,14 @@ class AsyncSession:
 
     async def refresh(self) -> SessionInfo:
         self.info = await self.client.get_session(self.id)
+        return self.info
+
+    async def sleep(self) -> SessionInfo:
+        self.info = await self.client.sleep_session(self.id)
+        return self.info
+
+    async def wake(self) -> SessionInfo:
+        self.info = await self.client.wake_session(self.id)
         return self.info
 
     async def delete(self) -> None:

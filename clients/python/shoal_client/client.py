@@ -87,6 +87,15 @@ class Client:
     def delete_session(self, session_id: str) -> None:
         self._send(_core.delete_session(session_id))
 
+    def sleep_session(self, session_id: str) -> SessionInfo:
+        """Save the session's VM to its host's disk; its state reads `sleeping` once saved, and
+        the next request wakes it with its variables and files (docs/api.md)."""
+        return SessionInfo.parse(self._json(_core.sleep_session(session_id)))
+
+    def wake_session(self, session_id: str) -> SessionInfo:
+        """Wake a sleeping session ahead of the next request (which would wake it anyway)."""
+        return SessionInfo.parse(self._json(_core.wake_session(session_id)))
+
     # --- executions ---------------------------------------------------------------------------
     def submit(
         self,
@@ -233,6 +242,14 @@ class Session:
 
     def refresh(self) -> SessionInfo:
         self.info = self.client.get_session(self.id)
+        return self.info
+
+    def sleep(self) -> SessionInfo:
+        self.info = self.client.sleep_session(self.id)
+        return self.info
+
+    def wake(self) -> SessionInfo:
+        self.info = self.client.wake_session(self.id)
         return self.info
 
     def delete(self) -> None:

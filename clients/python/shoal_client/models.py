@@ -23,6 +23,8 @@ class SessionInfo:
     created_at: str
     expires_at: str
     raw: dict[str, Any] = field(repr=False)
+    slept_at: str | None = None  # a sleeping session's: when it fell asleep
+    sleep_expires_at: str | None = None  # ... and when it is deleted unless woken
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> SessionInfo:
@@ -34,6 +36,8 @@ class SessionInfo:
             created_at=data.get("created_at", ""),
             expires_at=data.get("expires_at", ""),
             raw=data,
+            slept_at=data.get("slept_at"),
+            sleep_expires_at=data.get("sleep_expires_at"),
         )
 
 
