@@ -169,11 +169,14 @@ def current_file_list(infos: list[dict]) -> dict:
 
 
 def session_view(entry: dict, expires_key: str = "expireAt") -> dict:
+    """A session as the reference service shows one; a sleeping session expires at the end of
+    its retention (docs/api.md, "Sleeping sessions")."""
     last_used = float(entry["last_used_at"])
+    expires = entry.get("sleep_expires_at") or last_used + int(entry.get("cooldown_s") or 300)
     return {
         "identifier": entry["identifier"],
         "createdAt": iso(float(entry["created_at"])),
         "lastAccessedAt": iso(last_used),
-        expires_key: iso(last_used + int(entry.get("cooldown_s") or 300)),
+        expires_key: iso(float(expires)),
         "etag": f'"{entry["id"]}-{entry["last_used_at"]}"',
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterator
 
 from flask import Response, request, stream_with_context
@@ -159,8 +160,18 @@ def get_file(session_id: str, path: str):
     info, chunks = file_cases.download_file(ctx(), tenant_session(session_id), path)
     response = Response(stream_with_context(chunks), mimetype="application/octet-stream")
     response.headers["Content-Length"] = str(info["size"])
-    response.headers["Content-Disposition"] = f'attachment; filename="{info["name"]}"'
+    response.headers["Content-Disposition"] = attachment(info["name"])
     return response
+
+
+def attachment(name: str) -> str:
+    """The Content-Disposition of a download. The name is the guest's, hence hostile: control
+    characters, quotes or a line break must not reach the header raw (gunicorn refuses such a
+    header, and a client would misread it). An ASCII fallback, and the exact name encoded as
+    RFC 6266 `filename*` for clients that read it."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    exact = urllib.parse.quote(name.encode("utf-8", "replace"), safe="")
+    return f"attachment; filename=\"{fallback or 'file'}\"; filename*=UTF-8''{exact}"
 
 
 @blp.delete("/sessions/<session_id>/files/<path:path>")

@@ -46,7 +46,10 @@ class UsageOut(Schema):
     pools = fields.Dict(
         keys=fields.String(),
         values=fields.Dict(),
-        metadata={"description": "pool -> {session_seconds, live_sessions}"},
+        metadata={
+            "description": "pool -> {session_seconds (awake), sleeping_seconds, live_sessions, "
+            "sleeping_sessions}"
+        },
     )
 
 
@@ -76,5 +79,6 @@ def get_pool_view(name: str):
 @blp.get("/usage")
 @blp.response(200, UsageOut)
 def usage():
-    """Session-seconds per pool (the reference service bills per session-hour)."""
+    """Session-seconds per pool (the reference service bills per session-hour), time asleep
+    apart."""
     return {"tenant": g.tenant, "pools": sessions.usage(ctx().redis, g.tenant)}

@@ -242,6 +242,10 @@ _AWAKE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'waking' and state ~= 'sleeping' and state ~= 'active' then return 0 end
 local left = tonumber(redis.call('HGET', KEYS[1], 'lifetime_left')) or tonumber(ARGV[4])
+local slept_at = tonumber(redis.call('HGET', KEYS[1], 'slept_at'))
+if slept_at then
+  redis.call('HINCRBYFLOAT', KEYS[1], 'slept_s', tostring(tonumber(ARGV[2]) - slept_at))
+end
 redis.call('HSET', KEYS[1], 'state', 'active', 'last_used_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'slept_at', 'sleep_expires_at', 'sleep_bytes', 'lifetime_left')
 redis.call('ZREM', KEYS[4], ARGV[1])
@@ -289,11 +293,15 @@ def awake(r: redis.Redis, session_id: str, pool: Pool) -> bool:
 def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
     """Leave a tombstone (`expired` or `deleted`) and drop the session from every index."""
     session_id = entry["id"]
-    if r.hget(keys.session(session_id), "state") not in LIVE_STATES:
+    current = r.hgetall(keys.session(session_id))
+    if current.get("state") not in LIVE_STATES:
         return  # already ended: every step below has been done
-    elapsed = max(time.time() - float(entry["created_at"]), 0.0)
+    awake, asleep = _metered(current or entry, time.time())
     pipe = r.pipeline()
-    pipe.hincrbyfloat(keys.usage(entry["tenant"]), entry["pool"], round(elapsed, 3))
+    pipe.hincrbyfloat(keys.usage(entry["tenant"]), entry["pool"], round(awake, 3))
+    if asleep:
+        sleeping_field = entry["pool"] + SLEEPING_SUFFIX
+        pipe.hincrbyfloat(keys.usage(entry["tenant"]), sleeping_field, round(asleep, 3))
     pipe.hset(keys.session(session_id), mapping={"state": state})
     pipe.expire(keys.session(session_id), TOMBSTONE_TTL_S)
     pipe.zrem(keys.session_deadlines(), session_id)
@@ -309,19 +317,40 @@ def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
     pipe.execute()
 
 
+# The usage hash's field of a pool's sleeping seconds: `<pool>` + this (a pool name has no `|`).
+SLEEPING_SUFFIX = "|sleeping"
+_USAGE_ROW = {"session_seconds": 0.0, "sleeping_seconds": 0.0, "live_sessions": 0,
+              "sleeping_sessions": 0}  # fmt: skip
+
+
+def _metered(entry: SessionEntry, now: float) -> tuple[float, float]:
+    """(seconds awake, seconds asleep) of a session from its creation to `now`."""
+    asleep = float(entry.get("slept_s") or 0)
+    if entry.get("state") in (SLEEPING, WAKING) and entry.get("slept_at"):
+        asleep += max(now - float(entry["slept_at"]), 0.0)
+    total = max(now - float(entry["created_at"]), 0.0)
+    return max(total - asleep, 0.0), asleep
+
+
 def usage(r: redis.Redis, tenant: str) -> dict[str, dict[str, float | int]]:
-    """Session-seconds per pool: ended sessions plus the live ones so far."""
-    ended = {pool: float(v) for pool, v in r.hgetall(keys.usage(tenant)).items()}
-    report: dict[str, dict[str, float | int]] = {
-        pool: {"session_seconds": seconds, "live_sessions": 0} for pool, seconds in ended.items()
-    }
+    """Per pool: session-seconds awake and asleep, of ended sessions plus the live ones so far,
+    and the live and sleeping sessions now."""
+    report: dict[str, dict[str, float | int]] = {}
+    for field_name, seconds in r.hgetall(keys.usage(tenant)).items():
+        pool, asleep_field, _rest = field_name.partition(SLEEPING_SUFFIX)
+        row = report.setdefault(pool, dict(_USAGE_ROW))
+        row["sleeping_seconds" if asleep_field else "session_seconds"] += float(seconds)
     now = time.time()
     for entry in list_for_tenant(r, tenant):
-        row = report.setdefault(entry["pool"], {"session_seconds": 0.0, "live_sessions": 0})
-        row["session_seconds"] += max(now - float(entry["created_at"]), 0.0)
+        row = report.setdefault(entry["pool"], dict(_USAGE_ROW))
+        awake, asleep = _metered(entry, now)
+        row["session_seconds"] += awake
+        row["sleeping_seconds"] += asleep
         row["live_sessions"] += 1
+        row["sleeping_sessions"] += int(entry["state"] in (SLEEPING, WAKING))
     for row in report.values():
         row["session_seconds"] = round(row["session_seconds"], 1)
+        row["sleeping_seconds"] = round(row["sleeping_seconds"], 1)
     return report
 
 
@@ -344,7 +373,7 @@ def public_view(entry: SessionEntry) -> dict[str, Any]:
     }
     if entry["state"] == LOST:
         view["reason"] = entry.get("reason", "")
-    if entry["state"] == SLEEPING:
+    if entry["state"] in (SLEEPING, WAKING) and entry.get("sleep_expires_at"):
         view["slept_at"] = iso(float(entry["slept_at"]))
         view["sleep_expires_at"] = iso(float(entry["sleep_expires_at"]))
         view["expires_at"] = view["sleep_expires_at"]

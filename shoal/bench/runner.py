@@ -27,6 +27,7 @@ from shoal.bench import (
     pools,
     report,
     sessions,
+    sleeping,
     target,
     vms,
 )
@@ -44,6 +45,7 @@ SCENARIOS: list[Scenario] = [
     *vms.SCENARIOS,
     executions.SCENARIOS[2],
     *files.SCENARIOS,
+    *sleeping.SCENARIOS,
     *batches.SCENARIOS,
     *neighbours.SCENARIOS,
     *density.SCENARIOS,

@@ -31,11 +31,13 @@ ONDEMAND_POOL = "bench-ondemand"  # same shape as `default` (so the same templat
 REFILL_POOL = "bench-refill"  # same shape, 6 ready VMs: taken at once, then timed refilling
 BRIEF_POOL = "bench-brief"  # same shape, a 5 s idle cooldown: for expiry accuracy
 DENSITY_POOL = "bench-density"  # same shape, capped only by the hosts: for --density
+SLEEP_POOL = "bench-sleep"  # same shape, sleeps (when asked: its cooldown is an hour)
 EXTRA_POOLS = (
     f"\n[pools.{ONDEMAND_POOL}]\nready_target = 0\n"
     f"\n[pools.{REFILL_POOL}]\nready_target = 6\n"
     f"\n[pools.{BRIEF_POOL}]\nready_target = 0\ncooldown_s = 5\n"
     f"\n[pools.{DENSITY_POOL}]\nready_target = 0\nmax_sessions = 100000\n"
+    f'\n[pools.{SLEEP_POOL}]\nready_target = 0\ncooldown_s = 3600\non_idle = "sleep"\n'
 )
 UP_TIMEOUT_S = 900
 TEMPLATE_TIMEOUT_S = 600

@@ -253,3 +253,27 @@ def test_a_restarted_worker_keeps_a_sleeping_sessions_files_and_does_not_lose_it
     assert sessions.load(c.redis, napper["id"])["state"] == sessions.SLEEPING
     assert "vm_1" not in vms.destroyed
     assert submit_and_run_ok(c, restarted, napper["id"])  # woken by the new worker
+
+
+def test_usage_meters_time_asleep_apart(c, napper, monkeypatch):
+    sid = napper["id"]
+    created = float(napper["created_at"])
+    clock = [created + 10]
+    monkeypatch.setattr(sessions.time, "time", lambda: clock[0])
+    sessions.asleep(c.redis, sid, 100, 1)  # 10 s awake, then asleep
+    clock[0] += 30
+    row = sessions.usage(c.redis, "t1")["nap"]
+    assert (row["session_seconds"], row["sleeping_seconds"]) == (10.0, 30.0)
+    assert (row["live_sessions"], row["sleeping_sessions"]) == (1, 1)
+    sessions.set_waking(c.redis, sid)
+    sessions.awake(c.redis, sid, get_pool(c.settings, "nap"))
+    clock[0] += 5
+    row = sessions.usage(c.redis, "t1")["nap"]
+    assert (row["session_seconds"], row["sleeping_seconds"], row["sleeping_sessions"]) == (
+        15.0, 30.0, 0,
+    )  # fmt: skip
+    session_cases.delete_session(c, sessions.load(c.redis, sid))
+    row = sessions.usage(c.redis, "t1")["nap"]
+    assert (row["session_seconds"], row["sleeping_seconds"], row["live_sessions"]) == (
+        15.0, 30.0, 0,
+    )  # fmt: skip
