@@ -126,6 +126,11 @@ def image_info(image: str) -> str:
     return f"{PREFIX}:image:{image}"
 
 
+def tenant_sleepers(tenant: str) -> str:
+    """Sorted set: the tenant's sleeping sessions, scored by when they fell asleep."""
+    return f"{PREFIX}:tenant:{tenant}:sleepers"
+
+
 def usage(tenant: str) -> str:
     """Hash: pool -> session-seconds of the tenant's ended sessions."""
     return f"{PREFIX}:usage:{tenant}"

@@ -214,6 +214,7 @@ redis.call('HSET', KEYS[1], 'state', 'sleeping', 'slept_at', ARGV[2],
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 return 1
 """
 
@@ -249,45 +250,63 @@ end
 redis.call('HSET', KEYS[1], 'state', 'active', 'last_used_at', ARGV[2])
 redis.call('HDEL', KEYS[1], 'slept_at', 'sleep_expires_at', 'sleep_bytes', 'lifetime_left')
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[2]) + left, ARGV[1])
 return 1
 """
 
 
-def _clock_keys(session_id: str) -> list[str]:
+def _clock_keys(session_id: str, tenant: str = "") -> list[str]:
     return [
         keys.session(session_id),
         keys.session_deadlines(),
         keys.session_lifetimes(),
         keys.sleep_deadlines(),
+        keys.tenant_sleepers(tenant),
     ]
 
 
-def asleep(r: redis.Redis, session_id: str, retention_s: int, image_bytes: int) -> bool:
+def asleep(
+    r: redis.Redis, session_id: str, tenant: str, retention_s: int, image_bytes: int
+) -> bool:
     """Record that the session's VM is saved (its image complete on disk); False, changing
     nothing, when the session was not active (deleted or lost meanwhile)."""
     now = time.time()
     args = [session_id, f"{now:.6f}", f"{now + retention_s:.6f}", image_bytes]
-    return bool(r.eval(_ASLEEP, 4, *_clock_keys(session_id), *args))
+    return bool(r.eval(_ASLEEP, 5, *_clock_keys(session_id, tenant), *args))
+
+
+def sleepers(r: redis.Redis, tenant: str) -> list[tuple[str, int]]:
+    """The tenant's sleeping sessions, oldest asleep first, with the bytes of their images."""
+    ids = r.zrange(keys.tenant_sleepers(tenant), 0, -1)
+    pipe = r.pipeline()
+    for session_id in ids:
+        pipe.hmget(keys.session(session_id), "state", "sleep_bytes")
+    return [
+        (session_id, int(size or 0))
+        for session_id, (state, size) in zip(ids, pipe.execute(), strict=True)
+        if state == SLEEPING
+    ]
 
 
 def set_waking(r: redis.Redis, session_id: str) -> bool:
     """A sleeping session is being restored; False when it was not sleeping."""
-    return bool(r.eval(_WAKING, 4, *_clock_keys(session_id), session_id))
+    return bool(r.eval(_WAKING, 5, *_clock_keys(session_id), session_id))
 
 
 def back_to_sleep(r: redis.Redis, session_id: str) -> bool:
     """A wake failed: the session sleeps on, its retention clock running again; False when it
     was not waking (it ended meanwhile)."""
-    return bool(r.eval(_BACK_TO_SLEEP, 4, *_clock_keys(session_id), session_id))
+    return bool(r.eval(_BACK_TO_SLEEP, 5, *_clock_keys(session_id), session_id))
 
 
 def awake(r: redis.Redis, session_id: str, pool: Pool) -> bool:
     """The session runs again; False, changing nothing, when it ended meanwhile."""
     now = time.time()
+    tenant = r.hget(keys.session(session_id), "tenant") or ""
     args = [session_id, f"{now:.6f}", now + pool.cooldown_s, pool.max_lifetime_s]
-    return bool(r.eval(_AWAKE, 4, *_clock_keys(session_id), *args))
+    return bool(r.eval(_AWAKE, 5, *_clock_keys(session_id, tenant), *args))
 
 
 def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
@@ -307,6 +326,7 @@ def end(r: redis.Redis, entry: SessionEntry, state: str) -> None:
     pipe.zrem(keys.session_deadlines(), session_id)
     pipe.zrem(keys.session_lifetimes(), session_id)
     pipe.zrem(keys.sleep_deadlines(), session_id)
+    pipe.zrem(keys.tenant_sleepers(entry["tenant"]), session_id)
     pipe.srem(keys.pool_sessions(entry["pool"]), session_id)
     pipe.srem(keys.tenant_sessions(entry["tenant"]), session_id)
     pipe.srem(keys.host_sessions(entry["host"]), session_id)

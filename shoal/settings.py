@@ -159,6 +159,13 @@ class Settings:
         default=24,
         metadata={"doc": "live sessions per tenant; never above half of SHOAL_HOST_MAX_VMS"},
     )
+    tenant_max_sleep_mib: int = field(
+        default=20 << 10,
+        metadata={
+            "doc": "disk a tenant's sleeping sessions may hold (MiB); past it its oldest "
+            "sleeping sessions end first (0: no cap)"
+        },
+    )
     tenant_rate: float = field(
         default=50.0, metadata={"doc": "requests per second per tenant (token bucket refill)"}
     )

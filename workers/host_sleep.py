@@ -16,13 +16,30 @@ from __future__ import annotations
 
 import logging
 
-from shoal import keys, metrics, sessions
+from shoal import keys, metrics, queue, sessions
+from shoal.celery_app import celery_for
 from shoal.errors import SessionLost, ShoalError
 from shoal.pools import Pool, get_pool
+from shoal.records import SessionEntry
 from workers.vm import VM, VMSpec
 from workers.vm_errors import VMError
 
 log = logging.getLogger("shoal.host")
+
+
+def oldest_to_end(held: list[tuple[str, int]], image_bytes: int, cap: int) -> list[str] | None:
+    """Of the sleeping sessions `held` ((id, bytes), oldest first), the oldest to end so that a
+    new image of `image_bytes` fits under `cap` with the rest; None when it cannot fit alone."""
+    if image_bytes > cap:
+        return None
+    total = sum(size for _id, size in held) + image_bytes
+    ending = []
+    for session_id, size in held:
+        if total <= cap:
+            break
+        ending.append(session_id)
+        total -= size
+    return ending
 
 
 class SleepOnHost:
@@ -53,7 +70,13 @@ class SleepOnHost:
             self._retry_later(session_id, pool_name)
             return
         try:
-            recorded = sessions.asleep(self.r, session_id, pool.sleep_retention_s, image.bytes)
+            if not self._make_room(entry, image.bytes):
+                self._end_instead(entry, vm_id, image.bytes)
+                return
+            tenant = entry["tenant"]
+            recorded = sessions.asleep(
+                self.r, session_id, tenant, pool.sleep_retention_s, image.bytes
+            )
         except Exception:  # the image stays: the next request for the session wakes it
             log.exception("session=%s host=%s recording its sleep failed", session_id, self.host)
             return
@@ -65,6 +88,42 @@ class SleepOnHost:
         metrics.incr(self.r, "shoal_session_sleeps_total", pool=pool.name)
         log.info("session=%s host=%s asleep (%d MB in %.1f s)", session_id, self.host,
                  image.bytes >> 20, image.seconds)  # fmt: skip
+
+    def _make_room(self, entry: SessionEntry, image_bytes: int) -> bool:
+        """Keep the tenant's sleeping sessions within SHOAL_TENANT_MAX_SLEEP_MIB with this image
+        among them: its oldest sleeping sessions end first. False when this image alone is over
+        the cap."""
+        cap = self.settings.tenant_max_sleep_mib << 20
+        if not cap:
+            return True
+        ending = oldest_to_end(sessions.sleepers(self.r, entry["tenant"]), image_bytes, cap)
+        if ending is None:
+            return False
+        for session_id in ending:
+            self._end_sleeper(session_id)
+        return True
+
+    def _end_sleeper(self, session_id: str) -> None:
+        """Expire a sleeping session to make room: its host removes its image and VM files."""
+        entry = sessions.load(self.r, session_id)
+        if entry is None or entry["state"] != sessions.SLEEPING:
+            return
+        sessions.end(self.r, entry, sessions.EXPIRED)
+        queue.DESTROY_SESSION.send(
+            celery_for(self.settings), host=entry["host"], session_id=session_id
+        )
+        log.info("session=%s host=%s ended: its tenant's sleeping sessions were over their cap",
+                 session_id, entry["host"])  # fmt: skip
+
+    def _end_instead(self, entry: SessionEntry, vm_id: str, image_bytes: int) -> None:
+        """An image larger than the tenant's whole cap: the session ends, as in a pool that does
+        not sleep."""
+        sessions.end(self.r, entry, sessions.EXPIRED)
+        self.vms.destroy(vm_id)
+        self.session_vm.pop(entry["id"], None)
+        log.warning("session=%s host=%s expired instead of sleeping: its image (%d MB) is over "
+                    "its tenant's cap on sleeping sessions", entry["id"], self.host,
+                    image_bytes >> 20)  # fmt: skip
 
     def _retry_later(self, session_id: str, pool_name: str) -> None:
         """The session stays active; its idle clock starts again, so the next try comes after

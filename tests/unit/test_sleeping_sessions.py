@@ -20,6 +20,7 @@ from tests.unit.fakes import (
     unit_context,
     unit_settings,
 )
+from workers import host_sleep
 from workers.host import HostRuntime
 from workers.vm_errors import VMError
 
@@ -80,7 +81,7 @@ def test_pools_sleep_only_when_asked_and_say_how_long(c, tmp_path):
 
 def test_asleep_stops_the_idle_and_lifetime_clocks_and_starts_retention(c, napper):
     sid = napper["id"]
-    assert sessions.asleep(c.redis, sid, 100, 300 << 20)
+    assert sessions.asleep(c.redis, sid, "t1", 100, 300 << 20)
     entry = sessions.load(c.redis, sid)
     assert entry["state"] == sessions.SLEEPING
     assert score(c, keys.session_deadlines(), sid) is None
@@ -89,7 +90,7 @@ def test_asleep_stops_the_idle_and_lifetime_clocks_and_starts_retention(c, nappe
     view = sessions.public_view(entry)
     assert view["state"] == "sleeping" and view["expires_at"] == view["sleep_expires_at"]
     assert view["slept_at"]
-    assert not sessions.asleep(c.redis, sid, 100, 1)  # only an active session falls asleep
+    assert not sessions.asleep(c.redis, sid, "t1", 100, 1)  # only an active session falls asleep
 
     assert sessions.set_waking(c.redis, sid)
     assert sessions.awake(c.redis, sid, get_pool(c.settings, "nap"))
@@ -100,7 +101,7 @@ def test_asleep_stops_the_idle_and_lifetime_clocks_and_starts_retention(c, nappe
 
 
 def test_an_ended_session_is_never_woken_back(c, napper):
-    sessions.asleep(c.redis, napper["id"], 100, 1)
+    sessions.asleep(c.redis, napper["id"], "t1", 100, 1)
     session_cases.delete_session(c, sessions.load(c.redis, napper["id"]))
     assert not sessions.set_waking(c.redis, napper["id"])
     assert not sessions.awake(c.redis, napper["id"], get_pool(c.settings, "nap"))
@@ -123,7 +124,7 @@ def test_beat_puts_an_idle_session_of_a_sleeping_pool_to_sleep(c, napper):
 def test_beat_ends_a_session_past_its_lifetime_or_its_retention(c, napper):
     assert expire_idle(c, now=float(napper["created_at"]) + 3601) == [napper["id"]]
     other = live_session(c, pool="nap")
-    sessions.asleep(c.redis, other["id"], 100, 1)
+    sessions.asleep(c.redis, other["id"], "t1", 100, 1)
     assert expire_idle(c, now=float(other["created_at"]) + 99) == []
     assert expire_idle(c, now=float(other["created_at"]) + 101) == [other["id"]]
     assert sessions.load(c.redis, other["id"])["state"] == sessions.EXPIRED
@@ -142,7 +143,7 @@ def test_a_pool_that_does_not_sleep_refuses_to_put_a_session_to_sleep(c):
 def test_time_asleep_does_not_count_against_the_lifetime(c, napper):
     sid = napper["id"]
     lifetime_end = score(c, keys.session_lifetimes(), sid)
-    sessions.asleep(c.redis, sid, 100, 1)
+    sessions.asleep(c.redis, sid, "t1", 100, 1)
     slept_at = float(sessions.load(c.redis, sid)["slept_at"])
     sessions.set_waking(c.redis, sid)
     assert score(c, keys.sleep_deadlines(), sid) is None  # retention cannot end it mid-wake
@@ -157,7 +158,7 @@ def test_sleep_and_wake_requests_go_to_the_host_only_when_they_change_something(
     assert len(c.celery.take(queue.SLEEP_SESSION.name)) == 1
     session_cases.wake_session(c, napper)  # awake already
     assert c.celery.take(queue.WAKE_SESSION.name) == []
-    sessions.asleep(c.redis, napper["id"], 100, 1)
+    sessions.asleep(c.redis, napper["id"], "t1", 100, 1)
     asleep = sessions.load(c.redis, napper["id"])
     session_cases.sleep_session(c, asleep)
     assert c.celery.take(queue.SLEEP_SESSION.name) == []
@@ -166,7 +167,7 @@ def test_sleep_and_wake_requests_go_to_the_host_only_when_they_change_something(
 
 
 def test_a_sleeping_session_on_a_silent_host_is_kept_and_answered_503(c, napper):
-    sessions.asleep(c.redis, napper["id"], 100, 1)
+    sessions.asleep(c.redis, napper["id"], "t1", 100, 1)
     c.redis.delete(keys.host_heartbeat(HOST))
     asleep = sessions.load(c.redis, napper["id"])
     for call in (
@@ -260,7 +261,7 @@ def test_usage_meters_time_asleep_apart(c, napper, monkeypatch):
     created = float(napper["created_at"])
     clock = [created + 10]
     monkeypatch.setattr(sessions.time, "time", lambda: clock[0])
-    sessions.asleep(c.redis, sid, 100, 1)  # 10 s awake, then asleep
+    sessions.asleep(c.redis, sid, "t1", 100, 1)  # 10 s awake, then asleep
     clock[0] += 30
     row = sessions.usage(c.redis, "t1")["nap"]
     assert (row["session_seconds"], row["sleeping_seconds"]) == (10.0, 30.0)
@@ -277,3 +278,42 @@ def test_usage_meters_time_asleep_apart(c, napper, monkeypatch):
     assert (row["session_seconds"], row["sleeping_seconds"], row["live_sessions"]) == (
         15.0, 30.0, 0,
     )  # fmt: skip
+
+
+def test_the_oldest_sleeping_sessions_end_first_to_make_room():
+    held = [("old", 300), ("mid", 300), ("new", 300)]
+    assert host_sleep.oldest_to_end(held, 300, 1000) == ["old"]
+    assert host_sleep.oldest_to_end(held, 300, 1200) == []
+    assert host_sleep.oldest_to_end(held, 900, 1000) == ["old", "mid", "new"]
+    assert host_sleep.oldest_to_end(held, 1001, 1000) is None  # it cannot fit even alone
+
+
+def sleeping_session(c, vms, runtime, vm_id: str) -> str:
+    entry = live_session(c, pool="nap")
+    vms.create(vm_id, None)
+    runtime.session_vm[entry["id"]] = vm_id
+    c.redis.hset(keys.session(entry["id"]), "vm", vm_id)
+    runtime.sleep_session(entry["id"], "nap")
+    return entry["id"]
+
+
+def test_a_tenant_over_its_sleeping_bytes_loses_its_oldest_sleeper(c, vms, monkeypatch):
+    settings = unit_settings(pools_file=c.settings.pools_file, tenant_max_sleep_mib=700)
+    runtime = HostRuntime(settings, r=c.redis, rb=c.redis_bin, vms=vms)
+    monkeypatch.setattr(host_sleep, "celery_for", lambda _settings: c.celery)
+    first = sleeping_session(c, vms, runtime, "vm_a")  # each image: 300 MiB (FakeVMManager)
+    second = sleeping_session(c, vms, runtime, "vm_b")
+    assert [sid for sid, _size in sessions.sleepers(c.redis, "t1")] == [first, second]
+    third = sleeping_session(c, vms, runtime, "vm_c")
+    assert sessions.load(c.redis, first)["state"] == sessions.EXPIRED
+    (task,) = c.celery.take(queue.DESTROY_SESSION.name)
+    assert task.kwargs == {"session_id": first}  # its host removes its image
+    assert [sid for sid, _size in sessions.sleepers(c.redis, "t1")] == [second, third]
+
+
+def test_an_image_over_the_whole_cap_ends_its_session_instead(c, vms):
+    settings = unit_settings(pools_file=c.settings.pools_file, tenant_max_sleep_mib=200)
+    runtime = HostRuntime(settings, r=c.redis, rb=c.redis_bin, vms=vms)
+    session_id = sleeping_session(c, vms, runtime, "vm_big")
+    assert sessions.load(c.redis, session_id)["state"] == sessions.EXPIRED
+    assert vms.destroyed == {"vm_big": 1} and not vms.is_asleep("vm_big")
