@@ -159,6 +159,13 @@ class Settings:
         default=24,
         metadata={"doc": "live sessions per tenant; never above half of SHOAL_HOST_MAX_VMS"},
     )
+    host_max_sleep_mib: int = field(
+        default=100 << 10,
+        metadata={
+            "doc": "disk all sleeping sessions of a host may hold (MiB); past it a session "
+            "that would fall asleep ends instead (0: no cap)"
+        },
+    )
     tenant_max_sleep_mib: int = field(
         default=20 << 10,
         metadata={

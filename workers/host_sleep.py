@@ -64,6 +64,9 @@ class SleepOnHost:
                 return  # executions wait for it: they would wake it at once
             vm_id = self._vm_id(session_id)
             self._vm(session_id, pool)  # adopted, if this worker restarted since
+            if self._host_full(pool):
+                self._end_instead(entry, vm_id, "this host's sleeping sessions are at their cap")
+                return
             image = self.vms.sleep(vm_id)
         except Exception:
             log.exception("session=%s host=%s putting it to sleep failed", session_id, self.host)
@@ -71,7 +74,8 @@ class SleepOnHost:
             return
         try:
             if not self._make_room(entry, image.bytes):
-                self._end_instead(entry, vm_id, image.bytes)
+                why = f"its image ({image.bytes >> 20} MiB) is over its tenant's sleeping cap"
+                self._end_instead(entry, vm_id, why)
                 return
             tenant = entry["tenant"]
             recorded = sessions.asleep(
@@ -115,15 +119,19 @@ class SleepOnHost:
         log.info("session=%s host=%s ended: its tenant's sleeping sessions were over their cap",
                  session_id, entry["host"])  # fmt: skip
 
-    def _end_instead(self, entry: SessionEntry, vm_id: str, image_bytes: int) -> None:
-        """An image larger than the tenant's whole cap: the session ends, as in a pool that does
-        not sleep."""
+    def _host_full(self, pool: Pool) -> bool:
+        """Whether one more image (at most the pool's memory) would pass SHOAL_HOST_MAX_SLEEP_MIB.
+        A full host takes no more sleepers: it never ends another tenant's to make room."""
+        cap = self.settings.host_max_sleep_mib << 20
+        return bool(cap) and self.vms.sleeping_bytes() + (pool.memory_mib << 20) > cap
+
+    def _end_instead(self, entry: SessionEntry, vm_id: str, why: str) -> None:
+        """A session that cannot sleep ends, as in a pool that does not sleep."""
         sessions.end(self.r, entry, sessions.EXPIRED)
         self.vms.destroy(vm_id)
         self.session_vm.pop(entry["id"], None)
-        log.warning("session=%s host=%s expired instead of sleeping: its image (%d MB) is over "
-                    "its tenant's cap on sleeping sessions", entry["id"], self.host,
-                    image_bytes >> 20)  # fmt: skip
+        log.warning("session=%s host=%s expired instead of sleeping: %s", entry["id"], self.host,
+                    why)  # fmt: skip
 
     def _retry_later(self, session_id: str, pool_name: str) -> None:
         """The session stays active; its idle clock starts again, so the next try comes after

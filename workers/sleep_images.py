@@ -26,6 +26,18 @@ def image_path(settings: Settings, key: str) -> Path:
     return sleep_dir(settings) / f"{key}.save"
 
 
+def total_bytes(settings: Settings) -> int:
+    """The bytes of every sleep image of this instance on this host."""
+    directory = sleep_dir(settings)
+    total = 0
+    for image in directory.glob("*.save") if directory.is_dir() else ():
+        try:
+            total += image.stat().st_size
+        except FileNotFoundError:
+            continue
+    return total
+
+
 def backing_file(overlay: Path) -> str | None:
     """The backing file a qcow2 image names (its header, as written by qemu-img), or None."""
     try:

@@ -371,6 +371,10 @@ class VMManager:
         """Once the woken session is recorded awake: its image is of no more use."""
         sleep_images.image_path(self.settings, dom.vm_key(vm_id)).unlink(missing_ok=True)
 
+    def sleeping_bytes(self) -> int:
+        """What the sleep images on this host hold."""
+        return sleep_images.total_bytes(self.settings)
+
     def is_asleep(self, vm_id: str) -> bool:
         """Whether the VM has a sleep image on this host."""
         return sleep_images.image_path(self.settings, dom.vm_key(vm_id)).is_file()

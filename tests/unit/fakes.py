@@ -165,6 +165,9 @@ class FakeVMManager:
     def is_asleep(self, vm_id: str) -> bool:
         return vm_id in self.asleep
 
+    def sleeping_bytes(self) -> int:
+        return len(self.asleep) * (300 << 20)
+
     def wake(self, vm_id: str, spec: Any) -> FakeVM:
         if self.wake_error is not None:
             raise self.wake_error

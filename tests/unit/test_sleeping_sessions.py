@@ -317,3 +317,14 @@ def test_an_image_over_the_whole_cap_ends_its_session_instead(c, vms):
     session_id = sleeping_session(c, vms, runtime, "vm_big")
     assert sessions.load(c.redis, session_id)["state"] == sessions.EXPIRED
     assert vms.destroyed == {"vm_big": 1} and not vms.is_asleep("vm_big")
+
+
+def test_a_host_at_its_sleeping_cap_ends_a_session_instead_of_another_tenants(c, vms):
+    # 1 GiB: two images of 300 MiB fit; a third, which may be as large as its VM's 512 MiB, not.
+    settings = unit_settings(pools_file=c.settings.pools_file, host_max_sleep_mib=1024)
+    runtime = HostRuntime(settings, r=c.redis, rb=c.redis_bin, vms=vms)
+    kept = [sleeping_session(c, vms, runtime, vm_id) for vm_id in ("vm_1a", "vm_1b")]
+    ended = sleeping_session(c, vms, runtime, "vm_1c")
+    assert [sessions.load(c.redis, sid)["state"] for sid in kept] == [sessions.SLEEPING] * 2
+    assert sessions.load(c.redis, ended)["state"] == sessions.EXPIRED
+    assert vms.destroyed == {"vm_1c": 1}
