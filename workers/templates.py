@@ -329,6 +329,7 @@ class TemplateStore:
         return template
 
     def _remove_older(self, group: str, keep: str) -> None:
+        needed = sleep_images.needed_backing_files(self.settings)
         for directory in self.root.iterdir():
             if not directory.is_dir() or directory.name.startswith("."):
                 continue
@@ -337,7 +338,7 @@ class TemplateStore:
             except (OSError, ValueError):
                 continue
             if meta.get("group") == group and meta.get("key") != keep:
-                if str(directory / DISK_FILE) in sleep_images.needed_backing_files(self.settings):
+                if str(directory / DISK_FILE) in needed:
                     log.info("keeping template %s: a sleeping session's disk is based on it",
                              meta.get("key"))  # fmt: skip
                     continue

@@ -452,11 +452,15 @@ class DomainOps:
         with self.step(who, "agent", timings):
             agent, _hello = self.await_agent(who, name, paths, self.settings.agent_ready_timeout_s)
         with self.step(who, "reseed", timings):
-            try:
-                agent.reseed(time.time_ns(), os.urandom(64), identity=who)
-            except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
-                agent.close()
-                raise VMStartFailed(
-                    f"VM {who}: reseeding the restored guest failed: {exc}"
-                ) from None
+            self.reseed(who, agent, "restored")
         return agent
+
+    @staticmethod
+    def reseed(who: str, agent: AgentClient, how: str) -> None:
+        """Set the guest's clock and mix fresh entropy in, as after every restore of a saved
+        state (`how` names it in the error); VMStartFailed, the agent closed, when it fails."""
+        try:
+            agent.reseed(time.time_ns(), os.urandom(64), identity=who)
+        except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
+            agent.close()
+            raise VMStartFailed(f"VM {who}: reseeding the {how} guest failed: {exc}") from None

@@ -4,8 +4,9 @@ Sleep saves the running domain with libvirt (`virDomainSave`: guest memory and d
 into one image; QEMU then exits), and keeps the VM's directory as it is: its data disk overlay
 (the guest's files), its transfer disk and the uid lease the directory holds
 (workers/vm_identity.py), so the woken VM runs as the same uid on the same files. Wake restores
-the image under the same name, paused, confines it as every start does, resumes it, reseeds the
-guest's clock and entropy (as after any restore) and removes the image.
+the image under the same name, paused, confines it as every start does, resumes it and reseeds
+the guest's clock and entropy (as after any restore); the image is removed only once the session
+is recorded awake (workers/host_sleep.py), so a wake cut short can be finished or tried again.
 
 Images. `<instance_vm_dir>/sleeping/<key>.save`, written by libvirtd (root) and made 0600; the
 directory is root's, 0700: no VM's uid can enter it, so no guest reads another's memory. An
@@ -27,15 +28,9 @@ import libvirt
 
 from workers import domain as dom
 from workers import qemu_wrapper, shared_memory
-from workers.agent_client import (
-    AgentClient,
-    AgentDisconnected,
-    AgentError,
-    AgentProtocolError,
-    AgentTimeout,
-)
+from workers.agent_client import AgentClient
 from workers.vm_domains import DomainOps
-from workers.vm_errors import VMError, VMStartFailed
+from workers.vm_errors import VMError
 from workers.vm_identity import VMIdentity
 
 DIR_MODE = 0o700
@@ -78,8 +73,8 @@ def without_wrapper(xml: str) -> str:
 
 
 def save(domains: DomainOps, name: str, image: Path) -> SleepImage:
-    """Save the running domain `name` to `image`; the domain is gone afterwards. On failure
-    nothing half-written is left and the domain runs on (libvirt resumes it)."""
+    """Save the running domain `name` to `image`; the domain is gone afterwards. A save that
+    fails with the domain still running leaves no image (libvirt resumes the domain)."""
     _private_dir(image.parent)
     started = time.monotonic()
     xml = domains.libvirt.call(f"read {name}", lambda c: c.lookupByName(name).XMLDesc(0))
@@ -132,11 +127,7 @@ def restore(
         )
         domains.run_confined(name, paths, identity, memory_mib)
         agent, _hello = domains.await_agent(who, name, paths, timeout)
-        try:
-            agent.reseed(time.time_ns(), os.urandom(64), identity=who)
-        except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
-            agent.close()
-            raise VMStartFailed(f"VM {who}: reseeding the woken guest failed: {exc}") from None
+        domains.reseed(who, agent, "woken")
     except (VMError, OSError):
         domains.destroy_domain(name)
         domains.probes.remove_limits(name)
