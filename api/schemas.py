@@ -8,6 +8,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from shoal import webhooks
 from shoal.errors import ShoalError
 from shoal.protocol import MAX_CODE_BYTES
+from shoal.sessions import MAX_FORKS
 
 
 def _settings():
@@ -60,10 +61,19 @@ class SessionOut(Schema):
     sleep_expires_at = fields.String(
         metadata={"description": "a sleeping session: when it is deleted unless woken"}
     )
+    forked_from = fields.String(metadata={"description": "a fork: the session it was forked of"})
 
 
 class SessionList(Schema):
     sessions = fields.List(fields.Nested(SessionOut))
+
+
+class ForkCreate(StrictSchema):
+    count = fields.Integer(
+        load_default=1,
+        validate=validate.Range(1, MAX_FORKS),
+        metadata={"description": f"how many forks, 1 to {MAX_FORKS}"},
+    )
 
 
 class ExecutionCreate(StrictSchema):

@@ -18,7 +18,19 @@ blp.before_request(require_tenant)
 
 
 class BatchCreate(StrictSchema):
-    pool = fields.String(load_default="default", validate=validate.Length(1, 64))
+    pool = fields.String(
+        load_default=None,
+        validate=validate.Length(1, 64),
+        metadata={"description": "default: `default`, or from_session's pool"},
+    )
+    from_session = fields.String(
+        load_default=None,
+        validate=validate.Length(1, 64),
+        metadata={
+            "description": "a session of yours: each item without a session_id runs in a fork "
+            "of it (its variables and files as they were), ended after the item"
+        },
+    )
     items = fields.List(
         fields.Raw(),
         required=True,
@@ -65,6 +77,7 @@ class BatchItemOut(Schema):
 class BatchOut(Schema):
     id = fields.String()
     pool = fields.String()
+    from_session = fields.String(allow_none=True)
     status = fields.String(metadata={"description": "running | completed | cancelled"})
     max_parallel = fields.Integer()
     callback_url = fields.String(allow_none=True)

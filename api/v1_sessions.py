@@ -7,7 +7,14 @@ from flask_smorest import Blueprint
 
 from api.auth import require_json_body, require_tenant, tenant_session
 from api.context import ctx
-from api.schemas import ExecutionCreate, ExecutionOut, SessionCreate, SessionList, SessionOut
+from api.schemas import (
+    ExecutionCreate,
+    ExecutionOut,
+    ForkCreate,
+    SessionCreate,
+    SessionList,
+    SessionOut,
+)
 from shoal import executions, sessions, webhooks
 from shoal.use_cases import executions as execution_cases
 from shoal.use_cases import sessions as session_cases
@@ -64,6 +71,17 @@ def wake_session(session_id: str):
     it runs."""
     entry = session_cases.wake_session(ctx(), tenant_session(session_id))
     return sessions.public_view(entry)
+
+
+@blp.post("/sessions/<session_id>/fork")
+@blp.arguments(ForkCreate, required=False)  # no body: one fork
+@blp.response(201, SessionList)
+def fork_session(body: dict, session_id: str):
+    """New sessions whose variables, imports, files and working directory are this session's
+    at one instant; it runs on. Each counts against the tenant's session cap (docs/api.md,
+    "Forks")."""
+    forks = session_cases.fork_session(ctx(), g.tenant, tenant_session(session_id), body["count"])
+    return {"sessions": [sessions.public_view(fork) for fork in forks]}
 
 
 @blp.post("/sessions/<session_id>/executions")

@@ -144,8 +144,10 @@ def create(
     max_parallel: int,
     callback_url: str | None,
     batch_id: str | None = None,
+    from_session: str = "",
 ) -> dict[str, str]:
-    """Store a new batch (every item validated) and return its hash; the caller queues it."""
+    """Store a new batch (every item validated) and return its hash; the caller queues it.
+    `from_session`: each item without a session of its own runs in a fork of that session."""
     if not raw_items:
         raise ValidationFailed("items: a batch needs at least one item")
     if len(raw_items) > MAX_ITEMS:
@@ -171,6 +173,8 @@ def create(
         "finished_at": "",
         "total": str(len(raw_items)),
     }
+    if from_session:
+        meta["from_session"] = from_session
     # Counted against what the tenant holds in Redis before anything is stored: refused
     # (TenantStorageFull, StorageFull) when it does not fit.
     size = sum(_hash_bytes(h) for h in (meta, items, specs))
@@ -369,6 +373,7 @@ def payload(
         "pool": meta["pool"],
         "status": meta["status"],
         "max_parallel": int(meta["max_parallel"]),
+        "from_session": meta.get("from_session") or None,
         "callback_url": meta.get("callback_url") or None,
         "created_at": stamp(meta["created_at"]),
         "finished_at": stamp(meta.get("finished_at", "")),

@@ -29,6 +29,8 @@ BATCH_QUEUE = "shoal.batches"
 TASK_EXPIRY_S = 600
 # Sessions are made synchronously: the host gets this long beyond the agent's own deadline.
 CREATE_MARGIN_S = 30
+# What a fork request's waiter allows per fork beyond one VM's start (they start a few at a time).
+FORK_START_S = 5
 # A waiter gives an execution this long beyond its timeout and the interrupt grace: queueing
 # on the host and the VM kill that may follow.
 EXECUTION_WAIT_MARGIN_S = 30
@@ -75,6 +77,9 @@ CREATE_SESSION = Task("shoal.create_session", ("session_id", "pool_name", "reply
 DESTROY_SESSION = Task("shoal.destroy_session", ("session_id",))
 SLEEP_SESSION = Task("shoal.sleep_session", ("session_id", "pool_name"))
 WAKE_SESSION = Task("shoal.wake_session", ("session_id", "pool_name"))
+FORK_SESSION = Task(
+    "shoal.fork_session", ("session_id", "pool_name", "fork_ids", "reply_key", "reuse")
+)
 EXECUTE = Task("shoal.execute", ("execution_id", "pool_name", "record_json"))
 CANCEL = Task("shoal.cancel", ("execution_id",))
 FILE_OP = Task("shoal.file_op", ("session_id", "op", "args", "reply_key", "pool_name"))
@@ -88,6 +93,14 @@ RUN_BATCH = Task("shoal.run_batch", ("batch_id",), BATCH_QUEUE, None)
 def create_wait_s(settings: Settings) -> float:
     """How long the creator of a session waits for its host to give it a VM."""
     return settings.agent_ready_timeout_s + CREATE_MARGIN_S
+
+
+def fork_wait_s(settings: Settings, count: int) -> float:
+    """How long the creator of `count` forks waits for them: the parent's execution running
+    when they are asked for (the capture waits for it), the capture, then each fork's start
+    (FORK_START_S each, beyond what one VM's start may take)."""
+    longest_execution = settings.max_timeout_s + settings.interrupt_grace_s
+    return create_wait_s(settings) + longest_execution + FORK_START_S * count
 
 
 def execution_wait_s(settings: Settings, timeout_s: float) -> float:

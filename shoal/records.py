@@ -69,6 +69,7 @@ class SessionEntry(TypedDict):
     vm: NotRequired[str]  # the id of its VM on its host, once it has one
     warm: NotRequired[str]  # "1" when its VM came from the ready pool
     done_seq: NotRequired[str]  # the seq of its last finished execution
+    forked_from: NotRequired[str]  # the session it is a fork of
 
 
 class PoolCounts(TypedDict):
@@ -106,6 +107,7 @@ class BatchMeta(TypedDict):
     started_at: str
     finished_at: str
     total: str
+    from_session: NotRequired[str]  # items run in forks of this session
 
 
 class BatchItem(TypedDict, total=False):

@@ -26,6 +26,8 @@ LIVE_STATES = (CREATING, ACTIVE, LOST, SLEEPING, WAKING)
 # The sessions whose VM, running or saved, its host keeps.
 HELD_STATES = (CREATING, ACTIVE, SLEEPING, WAKING)
 TOMBSTONE_TTL_S = 86400
+# Forks one request may ask for (each is a session of its own, within the tenant's cap).
+MAX_FORKS = 16
 
 
 def new_id() -> str:
@@ -60,10 +62,12 @@ def create(
     host: str,
     identifier: str = "",
     tenant_cap: int | None = None,
+    forked_from: str = "",
 ) -> SessionEntry:
     """Register a new session (state `creating`) within the pool's max_sessions and, given
     `tenant_cap` (the default; the tenant's own cap wins), the tenant's cap: TenantSessionLimit
-    or PoolExhausted, registering nothing, when one is full. Check and take are one step."""
+    or PoolExhausted, registering nothing, when one is full. Check and take are one step.
+    `forked_from`: the session it is a fork of."""
     now = time.time()
     entry: SessionEntry = {
         "id": new_id(),
@@ -77,6 +81,8 @@ def create(
         "cooldown_s": str(pool.cooldown_s),
         "reason": "",
     }
+    if forked_from:
+        entry["forked_from"] = forked_from
     script_keys = [
         keys.session(entry["id"]),
         keys.tenant_sessions(tenant),
@@ -391,6 +397,8 @@ def public_view(entry: SessionEntry) -> dict[str, Any]:
         "expires_at": iso(last_used + int(entry.get("cooldown_s") or 300)),
         "identifier": entry.get("identifier") or None,
     }
+    if entry.get("forked_from"):
+        view["forked_from"] = entry["forked_from"]
     if entry["state"] == LOST:
         view["reason"] = entry.get("reason", "")
     if entry["state"] in (SLEEPING, WAKING) and entry.get("sleep_expires_at"):

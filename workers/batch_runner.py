@@ -4,7 +4,10 @@ The coordinator is a plain Celery task that drives the batch's items through the
 use cases the API calls (shoal/use_cases/): create a session, upload the item's files, submit
 the execution, wait for it, collect output files, delete the session. So an item is exactly
 what a client would do by hand, and every rule the API enforces (pool caps, tenant caps, the
-host's one-execution-at-a-time slot, the liveness check) applies to batch items too.
+host's one-execution-at-a-time slot, the liveness check) applies to batch items too. A batch
+`from_session` makes each item's session a fork of that session instead (POST
+/v1/sessions/{id}/fork): its host captures the session once and starts every item's fork from
+that capture while the session runs nothing else.
 
 Concurrency: up to `max_parallel` items at a time (a thread each), and never more sessions than
 the tenant's cap allows: an item waits while the tenant is at its cap (or the pool at its own)
@@ -225,8 +228,8 @@ class BatchRunner:
         batches.save_item(self.r, self.batch_id, item, self.ttl_s)
 
     def _new_session(self) -> SessionEntry | None:
-        """A fresh session from the batch's pool once the tenant (and the pool) have room;
-        None if the batch is cancelled while waiting.
+        """A fresh session from the batch's pool (or a fork) once the tenant (and the pool)
+        have room; None if the batch is cancelled while waiting.
 
         The wait is bounded: once SHOAL_BATCH_SESSION_WAIT_S pass with none of the tenant's
         sessions ending, it raises (the item ends `error`). Sessions ending, this batch's own
@@ -246,7 +249,7 @@ class BatchRunner:
             blocked: ShoalError = TenantSessionLimit()
             if room:
                 try:
-                    return session_cases.create_session(self.c, tenant, pool)
+                    return self._make_session(tenant, pool)
                 except (TenantSessionLimit, PoolExhausted, NoHostAvailable) as exc:
                     blocked = exc  # another client took the room first; wait for the next
                 finally:
@@ -259,6 +262,14 @@ class BatchRunner:
                 raise _wait_expired(blocked, cap, pool, limit)
             time.sleep(CAP_POLL_S)
         return None
+
+    def _make_session(self, tenant: str, pool: str) -> SessionEntry:
+        """A new session of the pool, or a fork of the batch's `from_session`."""
+        parent_id = self.meta.get("from_session")
+        if not parent_id:
+            return session_cases.create_session(self.c, tenant, pool)
+        parent = sessions.get_for_tenant(self.r, tenant, parent_id)
+        return session_cases.fork_session(self.c, tenant, parent, 1, reuse=True)[0]
 
     def _submit(self, entry: SessionEntry, params: dict) -> ExecutionRecord | None:
         """Submit once the session and the tenant have room for another unfinished execution

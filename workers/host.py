@@ -35,9 +35,11 @@ from shoal.records import Heartbeat, SessionEntry
 from shoal.settings import Settings
 from workers.host_executions import ExecutionsOnHost
 from workers.host_files import FilesOnHost
+from workers.host_forks import ForksOnHost
 from workers.host_sleep import SleepOnHost
+from workers.running_vm import VMSpec, spec_for
 from workers.session_queue import SessionQueues
-from workers.vm import VMManager, VMSpec
+from workers.vm import VMManager
 from workers.vm_errors import out_of_space
 
 log = logging.getLogger("shoal.host")
@@ -49,19 +51,9 @@ DISK_FULL_REASON = (
 )
 
 
-def spec_for(pool: Pool) -> VMSpec:
-    return VMSpec(
-        image=pool.image,
-        vcpus=pool.vcpus,
-        memory_mib=pool.memory_mib,
-        data_disk_mib=pool.data_disk_mib,
-        network=pool.network,
-    )
-
-
-class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost):
-    """The host's VMs, its sessions and their work; executions and file operations live in
-    workers/host_executions.py and workers/host_files.py."""
+class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost, ForksOnHost):
+    """The host's VMs, its sessions and their work; executions, file operations, sleep and
+    forks live in workers/host_executions.py, host_files.py, host_sleep.py and host_forks.py."""
 
     def __init__(
         self,
@@ -83,6 +75,7 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost):
         # to hosts with ready VMs, and a heartbeat can be SHOAL_HEARTBEAT_S old.
         self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel, self.beat_once)
         self._stop = threading.Event()
+        self._fork_threads, self._fork_lock, self._forks_reserved = None, threading.Lock(), 0
         # The default pool's snapshot template: "building", "ready" or "failed: <why>". Until it
         # is ready, /healthz says so: a session made before would cold-boot (seconds, not ms).
         self.template_state = "building"
@@ -345,10 +338,13 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost):
             self.session_vm.pop(session_id, None)
         return reason
 
-    def _vm(self, session_id: str, pool: Pool):
+    def _vm(self, session_id: str, pool: Pool, keep_fork_base: bool = False):
         """The session's running VM: this process's, adopted after a restart, or woken from
-        its sleep image (workers/host_sleep.py)."""
+        its sleep image (workers/host_sleep.py). What asks for it is about to change it, so a
+        fork base kept of it goes (workers/host_forks.py), unless `keep_fork_base`."""
         vm_id = self._vm_id(session_id)
+        if not keep_fork_base:
+            self.vms.fork_bases.drop(vm_id)
         spec = spec_for(pool)
         vm = self.vms.get(vm_id) or self.vms.attach(vm_id, spec)
         if vm is None:

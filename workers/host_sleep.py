@@ -21,7 +21,7 @@ from shoal.celery_app import celery_for
 from shoal.errors import SessionLost, ShoalError
 from shoal.pools import Pool, get_pool
 from shoal.records import SessionEntry
-from workers.vm import VM, VMSpec
+from workers.running_vm import VM, VMSpec
 from workers.vm_errors import VMError
 
 log = logging.getLogger("shoal.host")

@@ -223,13 +223,26 @@ class SharedMemory:
     ) -> None:
         """Start `name` paused with the template's memory mapped privately and its device
         state loaded; the caller confines and resumes it."""
-        broker = self._broker
-        assert broker is not None
         memory = self._template_fd(template)
         try:
-            broker.expect(identity.uid, Grant(memory, shared=False))
+            self.start_on(conn, name, xml, identity, memory, template.dir / DEVICE_STATE_FILE)
         finally:
             os.close(memory)
+
+    def start_on(
+        self,
+        conn: LibvirtConnection,
+        name: str,
+        xml: str,
+        identity: VMIdentity,
+        memory: int,
+        device_state: Path,
+    ) -> None:
+        """Start `name` paused on the sealed memfd `memory`, mapped privately, with the device
+        state saved beside it (a template's, or a fork's: workers/fork_base.py)."""
+        broker = self._broker
+        assert broker is not None
+        broker.expect(identity.uid, Grant(memory, shared=False))
         try:
             defined = with_wrapper(xml, broker.socket_path, incoming=True)
             conn.call(
@@ -239,16 +252,70 @@ class SharedMemory:
             )
         finally:
             broker.forget(identity.uid)
-        state = template.dir / DEVICE_STATE_FILE
-        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(device_state, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.lseek(fd, stream_offset(state), os.SEEK_SET)
+            os.lseek(fd, stream_offset(device_state), os.SEEK_SET)
             qmp(conn, name, "getfd", {"fdname": INCOMING_FD_NAME}, fd)
         finally:
             os.close(fd)
         qmp(conn, name, "migrate-set-capabilities", IGNORE_SHARED)
         qmp(conn, name, "migrate-incoming", {"uri": f"fd:{INCOMING_FD_NAME}"})
         wait_for_migration(conn, name)
+
+    def capture(
+        self,
+        conn: LibvirtConnection,
+        name: str,
+        image: Path,
+        xml: str,
+        identity: VMIdentity,
+        memory_mib: int,
+        device_state: Path,
+    ) -> int:
+        """A sealed memfd holding the memory saved in `image` (a whole save of domain `name`),
+        with its device state written to `device_state`: what `start_on` starts VMs from. The
+        domain is restored paused into the memfd, shared, and saved again with x-ignore-shared
+        (its QEMU never runs the guest). The caller closes the fd."""
+        memory = writable_memfd(f"shoal-fork-{name}", memory_mib << 20)
+        try:
+            self._restore_into(conn, name, image, xml, identity, memory, device_state)
+            _seal_when_unmapped(memory)
+        except BaseException:
+            os.close(memory)
+            device_state.unlink(missing_ok=True)
+            raise
+        return memory
+
+    def _restore_into(
+        self,
+        conn: LibvirtConnection,
+        name: str,
+        image: Path,
+        xml: str,
+        identity: VMIdentity,
+        memory: int,
+        device_state: Path,
+    ) -> None:
+        """Restore `image` paused with its RAM on `memory` (shared), then save only its device
+        state (x-ignore-shared) to `device_state`; its QEMU is gone afterwards."""
+        broker = self._broker
+        assert broker is not None
+        defined = with_wrapper(xml, broker.socket_path, incoming=False)
+        broker.expect(identity.uid, Grant(memory, shared=True))
+        try:
+            conn.call(
+                f"restore {name} into shared memory",
+                lambda c: c.restoreFlags(str(image), defined, libvirt.VIR_DOMAIN_SAVE_PAUSED),
+                retry=False,
+            )
+        finally:
+            broker.forget(identity.uid)
+        qmp(conn, name, "migrate-set-capabilities", IGNORE_SHARED)
+        conn.call(
+            f"save {name}'s device state",
+            lambda c: c.lookupByName(name).saveFlags(str(device_state), None, 0),
+            retry=False,
+        )
 
     # --- a template ----------------------------------------------------------------------------
     def make_shareable(
@@ -264,8 +331,6 @@ class SharedMemory:
         """Write memory.ram and device.save into the template being built: its save image is
         restored, paused, into a shared memfd, whose device state is then saved with
         x-ignore-shared; the memfd is sealed and written out."""
-        broker = self._broker
-        assert broker is not None
         memory = writable_memfd(f"shoal-building-{name}", memory_mib << 20)
         scratch = dom.VMPaths(building / "sharing")
         try:
@@ -287,22 +352,8 @@ class SharedMemory:
                 metadata={"template": name, "sharing": "1"},
                 identity=identity,
             )
-            defined = with_wrapper(xml, broker.socket_path, incoming=False)
-            broker.expect(identity.uid, Grant(memory, shared=True))
-            try:
-                conn.call(
-                    f"restore {name} into shared memory",
-                    lambda c: c.restoreFlags(str(image), defined, libvirt.VIR_DOMAIN_SAVE_PAUSED),
-                    retry=False,
-                )
-            finally:
-                broker.forget(identity.uid)
-            qmp(conn, name, "migrate-set-capabilities", IGNORE_SHARED)
-            state = building / DEVICE_STATE_FILE
-            conn.call(
-                f"save {name}'s device state",
-                lambda c: c.lookupByName(name).saveFlags(str(state), None, 0),
-                retry=False,
+            self._restore_into(
+                conn, name, image, xml, identity, memory, building / DEVICE_STATE_FILE
             )
             _seal_when_unmapped(memory)
             _write_out(memory, building / MEMORY_FILE)

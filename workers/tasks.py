@@ -87,6 +87,13 @@ def wake_session(*, session_id: str, pool_name: str) -> None:
     runtime().wake_session(session_id, pool_name)
 
 
+@shared_task(name=queue.FORK_SESSION.name)
+def fork_session(
+    *, session_id: str, pool_name: str, fork_ids: list[str], reply_key: str, reuse: bool
+) -> None:
+    runtime().fork_session(session_id, pool_name, fork_ids, reply_key, reuse)
+
+
 @shared_task(name=queue.FILE_OP.name)
 def file_op(*, session_id: str, op: str, args: dict, reply_key: str, pool_name: str) -> None:
     runtime().file_op(session_id, op, args, reply_key, pool_name)

@@ -27,18 +27,15 @@ import shutil
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import libvirt
 
-from shoal import protocol
 from shoal.settings import Settings
 from workers import accel as accel_mod
 from workers import domain as dom
-from workers import libvirt_conn, sleep_images, templates, transfer_disk, vm_sleep
+from workers import fork_base, libvirt_conn, sleep_images, templates, transfer_disk, vm_sleep
 from workers.agent_client import (
     AgentClient,
     AgentDisconnected,
@@ -48,10 +45,12 @@ from workers.agent_client import (
 )
 from workers.reconcile import ReconcileReport, our_domains
 from workers.reconcile import reconcile as reconcile_domains
+from workers.running_vm import VM, VMSpec
 from workers.template_builder import TemplateBuilder
 from workers.vm_domains import CONNECT_ATTEMPT_S, DomainOps, lookup
-from workers.vm_errors import AgentRefused, VMError, VMLost, out_of_space
-from workers.vm_identity import VMIdentity, kvm_device_problem
+from workers.vm_errors import VMError, VMLost, out_of_space
+from workers.vm_forks import FORK_BASE_KEEP_S, ForkingVMs
+from workers.vm_identity import kvm_device_problem
 from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 
 log = logging.getLogger("shoal.vm")
@@ -59,112 +58,7 @@ log = logging.getLogger("shoal.vm")
 ATTACH_HELLO_S = 10.0
 
 
-@dataclass(frozen=True)
-class VMSpec:
-    """What a pool asks of its VMs."""
-
-    image: str = "python"
-    vcpus: int = 1
-    memory_mib: int = 512
-    data_disk_mib: int = 1024
-    network: bool = False
-    cpu_quota: float = 0.0  # cores for the whole QEMU process (cgroup cpu); 0: no cap
-
-    def shape(self) -> dict[str, Any]:
-        shape = asdict(self)
-        del shape["image"]
-        return shape
-
-
-class VM:
-    """One running VM owned by this process."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        vm_id: str,
-        key: str,
-        domain_name: str,
-        uuid: str,
-        paths: dom.VMPaths,
-        spec: VMSpec,
-        restored: bool,
-        agent: AgentClient,
-        timings: dict[str, float] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.vm_id = vm_id
-        self.key = key
-        self.domain_name = domain_name
-        self.uuid = uuid
-        self.paths = paths
-        self.spec = spec
-        self.restored = restored
-        self.agent = agent
-        self.timings = timings or {}
-        self.created_at = time.time()
-        self.lost_reason: str | None = None
-
-    def execute(
-        self,
-        code: str,
-        language: str = "python",
-        timeout_s: float = 60,
-        max_output: int = protocol.DEFAULT_MAX_OUTPUT,
-    ) -> dict[str, Any]:
-        """Run code in the guest; the agent's answer (status ok/error/timed_out/interrupted).
-
-        Raises VMLost when the guest does not answer in time, breaks the protocol or closes the
-        channel: the VM is then marked lost, and the caller must destroy it. AgentRefused when
-        the agent refuses the request (the VM is intact).
-        """
-        if self.lost_reason is not None:
-            raise VMLost(f"VM {self.vm_id}: {self.lost_reason}")
-        grace = self.agent.interrupt_grace_s + self.settings.interrupt_grace_s
-        budget = min(max(self.settings.max_rich_output_bytes, 0), protocol.MAX_RICH_OUTPUT_BYTES)
-        try:
-            return self.agent.execute(
-                code, language, timeout_s, max_output, grace_s=grace, max_rich_output_bytes=budget
-            )
-        except AgentError as exc:
-            raise AgentRefused(exc.code, exc.message) from None
-        except AgentTimeout:
-            reason = (
-                f"the execution did not end within its {timeout_s} s timeout plus {grace:.0f} s "
-                "(the agent interrupts at the timeout, then restarts the interpreter)"
-            )
-        except AgentProtocolError as exc:
-            reason = f"the guest broke the agent protocol ({exc})"
-        except AgentDisconnected as exc:
-            reason = self.lost_reason or f"the agent channel closed ({exc})"
-        self._mark_lost(reason)
-        raise VMLost(f"VM {self.vm_id}: {reason}")
-
-    def put_file(self, path: str, chunks: Iterable[bytes]) -> dict[str, Any]:
-        """Upload `chunks` into the guest file `path`; its stat entry. The bytes go through
-        the VM's transfer disk when the guest has one (workers/transfer_disk.py), else over
-        the agent's channel. Agent errors raise as the agent client raises them."""
-        if not (self.agent.has_transfer_disk and self.paths.transfer_disk.exists()):
-            return self.agent.put_file(path, chunks)
-        with transfer_disk.Writer(self.paths.transfer_disk) as writer:
-            return self.agent.put_file_via_disk(path, writer.segments(chunks))
-
-    def _mark_lost(self, reason: str) -> None:
-        """The guest is not trusted again: refuse every later call, close its channel."""
-        if self.lost_reason is None:
-            self.lost_reason = reason
-            log.error("vm=%s host=%s VM lost: %s", self.vm_id, self.settings.host_name, reason)
-        self.agent.close()
-
-    def qemu_pid(self) -> int | None:
-        """The pid of the domain's QEMU process (libvirt's pid file), or None."""
-        try:
-            return int(Path(f"/run/libvirt/qemu/{self.domain_name}.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-
-class VMManager:
+class VMManager(ForkingVMs):
     """Every VM of this instance on this host, as this worker process sees them."""
 
     def __init__(self, settings: Settings) -> None:
@@ -176,6 +70,8 @@ class VMManager:
         self._lock = threading.Lock()
         self._vms: dict[str, VM] = {}
         self._busy: set[str] = set()
+        self._capturing: dict[str, bool] = {}
+        self.fork_bases = fork_base.ForkBases(FORK_BASE_KEEP_S)
 
     @property
     def libvirt(self) -> libvirt_conn.LibvirtConnection:
@@ -297,7 +193,8 @@ class VMManager:
 
     def attach(self, vm_id: str, spec: VMSpec) -> VM | None:
         """After a worker restart: adopt the VM's still-running domain. None if there is no
-        such domain; VMLost if its agent does not answer (the caller destroys the VM)."""
+        such domain (a fork capture left running is destroyed: the VM is in its sleep image);
+        VMLost if its agent does not answer (the caller destroys the VM)."""
         existing = self.get(vm_id)
         if existing is not None:
             return existing
@@ -316,6 +213,11 @@ class VMManager:
             return None
         uuid, xml = found
         metadata = dom.read_metadata(xml)
+        if metadata.get(fork_base.CAPTURE_MARK):
+            # A fork capture its worker did not finish: the VM itself is its sleep image.
+            log.warning("vm=%s destroying the fork capture a worker left", vm_id)
+            self.domains.destroy_domain(name)
+            return None
         agent: AgentClient | None = None
         try:
             agent = AgentClient.connect(str(paths.socket), timeout=CONNECT_ATTEMPT_S)
@@ -343,6 +245,7 @@ class VMManager:
             if vm is None or vm_id in self._busy:
                 raise VMError(f"VM {vm_id} is not running on this host")
             self._busy.add(vm_id)
+        self.fork_bases.drop(vm_id)
         try:
             try:
                 image = vm_sleep.save(
@@ -360,12 +263,13 @@ class VMManager:
                  image.bytes, image.seconds * 1000)  # fmt: skip
         return image
 
-    def _forget_asleep(self, vm: VM) -> None:
+    def _forget_asleep(self, vm: VM, why: str = "the VM is asleep") -> None:
+        """A VM whose domain was saved and stopped: this VM object is done with."""
         with self._lock:
             self._vms.pop(vm.vm_id, None)
-        vm.lost_reason = "the VM is asleep"
+        vm.lost_reason = why
         vm.agent.close()
-        vm.paths.socket.unlink(missing_ok=True)  # libvirt binds it afresh at wake
+        vm.paths.socket.unlink(missing_ok=True)  # libvirt binds it afresh at the next start
 
     def drop_sleep_image(self, vm_id: str) -> None:
         """Once the woken session is recorded awake: its image is of no more use."""
@@ -394,9 +298,8 @@ class VMManager:
             if not image.is_file() or not paths.dir.is_dir():
                 raise VMError(f"VM {vm_id} has no sleep image on this host")
             started = time.monotonic()
-            gid = paths.dir.stat().st_gid  # the directory is its uid's lease; uid == gid
             agent = vm_sleep.restore(
-                self.domains, vm_id, name, paths, image, VMIdentity(gid, gid),
+                self.domains, vm_id, name, paths, image, self._identity_of(paths),
                 spec.memory_mib, self.settings.agent_ready_timeout_s,
             )  # fmt: skip
             uuid = self.libvirt.call(f"look up {name}", lambda c: c.lookupByName(name).UUIDString())
@@ -419,9 +322,12 @@ class VMManager:
         name = dom.domain_name(self.settings, key)
         with self._lock:
             vm = self._vms.pop(vm_id, None)
+            if vm_id in self._capturing:
+                self._capturing[vm_id] = True  # its capture ends by destroying it again
         if vm is not None:
             vm.lost_reason = vm.lost_reason or "the VM was destroyed"
             vm.agent.close()
+        self.fork_bases.drop(vm_id)
         sleep_images.image_path(self.settings, key).unlink(missing_ok=True)
         self.domains.teardown(name, dom.vm_paths(self.settings, key))
         log.info(
@@ -490,6 +396,7 @@ class VMManager:
                 log.warning("vm host=%s removing orphan sleep image %s", self.settings.host_name,
                             image.name)  # fmt: skip
                 image.unlink(missing_ok=True)
+        self._sweep_fork_leftovers()
         return destroyed
 
     def _another_hosts(self, paths: dom.VMPaths) -> bool:
@@ -526,6 +433,8 @@ class VMManager:
             for directory in vms.iterdir():
                 shutil.rmtree(directory, ignore_errors=True)
         shutil.rmtree(sleep_images.sleep_dir(self.settings), ignore_errors=True)
+        self.fork_bases.drop_all()
+        shutil.rmtree(fork_base.forks_dir(self.settings), ignore_errors=True)
         return destroyed
 
     def paused_on_full_disk(self, vm_id: str) -> bool:

@@ -43,7 +43,7 @@ from workers.vm_identity import VMIdentity
 from workers.vm_probes import HostProbes
 
 if TYPE_CHECKING:
-    from workers.vm import VMSpec
+    from workers.running_vm import VMSpec
 
 log = logging.getLogger("shoal.vm")
 

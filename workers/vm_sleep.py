@@ -45,7 +45,8 @@ class SleepImage:
     seconds: float
 
 
-def _private_dir(path: Path) -> None:
+def private_dir(path: Path) -> None:
+    """`path` made root's and 0700 (no VM's uid may enter)."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     os.chown(path, 0, 0)
     os.chmod(path, DIR_MODE)
@@ -75,7 +76,7 @@ def without_wrapper(xml: str) -> str:
 def save(domains: DomainOps, name: str, image: Path) -> SleepImage:
     """Save the running domain `name` to `image`; the domain is gone afterwards. A save that
     fails with the domain still running leaves no image (libvirt resumes the domain)."""
-    _private_dir(image.parent)
+    private_dir(image.parent)
     started = time.monotonic()
     xml = domains.libvirt.call(f"read {name}", lambda c: c.lookupByName(name).XMLDesc(0))
     if without_wrapper(xml) != xml:  # a clone started with x-ignore-shared: save every page

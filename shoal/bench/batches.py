@@ -26,21 +26,26 @@ def _one_by_one(b: Bench, count: int) -> float:
     return time.perf_counter() - started
 
 
-def _batch(b: Bench, count: int) -> tuple[float, dict]:
+def run_batch(b: Bench, body: dict, timeout_s: float = BATCH_TIMEOUT_S) -> tuple[float, dict]:
+    """POST the batch and poll it until it is over: (seconds, its last view)."""
     started = time.perf_counter()
-    response = b.request("POST", "/v1/batches", json={"items": [{"code": "1"}] * count})
+    response = b.request("POST", "/v1/batches", json=body)
     if response.status_code != 202:
         raise BenchError(f"POST /v1/batches: {response.status_code} {response.text[:300]}")
     batch_id = response.json()["id"]
-    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while True:
         view = b.request("GET", f"/v1/batches/{batch_id}", params={"limit": 1}).json()
         if view.get("status") != "running":
             return time.perf_counter() - started, view
         if time.monotonic() > deadline:
             b.request("POST", f"/v1/batches/{batch_id}/cancel")
-            raise BenchError(f"batch {batch_id} still running after {BATCH_TIMEOUT_S} s")
+            raise BenchError(f"batch {batch_id} still running after {timeout_s:.0f} s")
         time.sleep(POLL_S)
+
+
+def _batch(b: Bench, count: int) -> tuple[float, dict]:
+    return run_batch(b, {"items": [{"code": "1"}] * count})
 
 
 def batch(b: Bench) -> list[Result]:

@@ -23,7 +23,8 @@ AGENT_WARM_UP = 50  # a guest just booted is still translating its first code pa
 def cold_boot(b: Bench) -> list[Result]:
     if os.geteuid() != 0:
         raise BenchError("cold boot through the VM driver needs root")
-    from workers.vm import VMManager, VMSpec
+    from workers.running_vm import VMSpec
+    from workers.vm import VMManager
 
     settings = dataclasses.replace(b.settings, **NAMESPACE)
     manager = VMManager(settings)

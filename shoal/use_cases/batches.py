@@ -6,27 +6,43 @@ through the other use cases, exactly as a client would by hand.
 
 from __future__ import annotations
 
-from shoal import batch_turns, batches, executions, keys, leases, queue
+from shoal import batch_turns, batches, executions, keys, leases, queue, sessions
 from shoal.context import Context
-from shoal.errors import TooManyBatches
+from shoal.errors import SessionBusy, TooManyBatches, ValidationFailed
 from shoal.pools import get_pool
 from shoal.records import BatchMeta
 from shoal.use_cases.executions import cancel_execution
+from shoal.use_cases.sessions import check_reachable
 
 
 def submit_batch(
     c: Context,
     tenant: str,
-    pool: str,
+    pool: str | None,
     items: list,
     max_parallel: int,
     callback_url: str | None = None,
+    from_session: str | None = None,
 ) -> BatchMeta:
-    """Store the batch and queue its coordinator; return the batch's hash.
+    """Store the batch and queue its coordinator; return the batch's hash. With
+    `from_session` (a live session of the tenant), items run in forks of it, in its pool: the
+    batch's `pool` must be that pool or left out.
 
     A tenant has at most SHOAL_TENANT_MAX_BATCHES unfinished batches: its place is taken
     atomically before anything is stored (TooManyBatches beyond it) and given back when the
     batch finishes, or when its records expire if it never does."""
+    if from_session:
+        parent = sessions.get_for_tenant(c.redis, tenant, from_session)
+        if pool is not None and pool != parent["pool"]:
+            raise ValidationFailed(
+                f"pool: the batch runs in forks of {from_session}, a session of pool "
+                f"{parent['pool']!r}; leave pool out or name that one"
+            )
+        check_reachable(c, parent)
+        if parent["state"] == sessions.CREATING:
+            raise SessionBusy(f"session {from_session} is still being made")
+        pool = parent["pool"]
+    pool = pool or "default"
     get_pool(c.settings, pool)
     batch_id, cap = batches.new_id(), c.settings.tenant_max_batches
     unfinished = keys.tenant_batches(tenant)
@@ -37,8 +53,9 @@ def submit_batch(
         )
     try:
         meta = batches.create(
-            c.settings, c.redis, tenant, pool, items, max_parallel, callback_url, batch_id
-        )
+            c.settings, c.redis, tenant, pool, items, max_parallel, callback_url, batch_id,
+            from_session or "",
+        )  # fmt: skip
     except BaseException:
         leases.release(c.redis, unfinished, batch_id)
         raise

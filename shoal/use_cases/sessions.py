@@ -10,6 +10,7 @@ from shoal import keys, metrics, queue, replies, sessions
 from shoal.context import Context
 from shoal.errors import (
     HostTimeout,
+    SessionBusy,
     SessionLost,
     SessionNotFound,
     SleepingHostDown,
@@ -54,6 +55,53 @@ def create_session(c: Context, tenant: str, pool_name: str, identifier: str = ""
         raise
     entry["state"] = sessions.ACTIVE
     return entry
+
+
+def fork_session(
+    c: Context, tenant: str, entry: SessionEntry, count: int, reuse: bool = False
+) -> list[SessionEntry]:
+    """`count` new sessions whose interpreter state and files are the session's at one instant
+    (docs/api.md "Forks"), on its host, each within the tenant's and the pool's caps; the
+    session runs on. All or none: a failure ends the forks already registered. `reuse` (batches
+    from a session): a capture of an earlier fork serves if the session ran nothing since."""
+    check_reachable(c, entry)
+    if entry["state"] == sessions.CREATING:
+        raise SessionBusy(f"session {entry['id']} is still being made; fork it once it runs")
+    pool = get_pool(c.settings, entry["pool"])
+    forks: list[SessionEntry] = []
+    try:
+        for _ in range(count):
+            forks.append(
+                sessions.create(
+                    c.redis,
+                    tenant,
+                    pool,
+                    entry["host"],
+                    forked_from=entry["id"],
+                    tenant_cap=c.settings.tenant_max_sessions,
+                )  # fmt: skip
+            )
+        reply_key = replies.new_key()
+        timeout = queue.fork_wait_s(c.settings, count)
+        queue.FORK_SESSION.send(
+            c.celery,
+            host=entry["host"],
+            expires_s=timeout,
+            session_id=entry["id"],
+            pool_name=pool.name,
+            fork_ids=[fork["id"] for fork in forks],
+            reply_key=reply_key,
+            reuse=reuse,
+        )
+        replies.wait(c.redis, reply_key, timeout)
+    except Exception:
+        for fork in forks:  # a fork its host starts after all is destroyed at once
+            _end(c, fork, sessions.DELETED)
+        raise
+    for fork in forks:
+        fork["state"] = sessions.ACTIVE
+    log.info("session=%s forked %d time(s): %s", entry["id"], count, [f["id"] for f in forks])
+    return forks
 
 
 def delete_session(c: Context, entry: SessionEntry) -> None:

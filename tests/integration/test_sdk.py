@@ -81,6 +81,21 @@ def test_a_session_sleeps_and_the_next_run_wakes_it(stack: Stack) -> None:
         assert s.refresh().state == "active" and s.info.slept_at is None
 
 
+def test_a_session_forks_and_a_batch_runs_in_its_forks(stack: Stack) -> None:
+    with Client(stack.url, stack.key) as client, client.session() as s:
+        s.run("kept = [1, 2, 3]")
+        forks = s.fork(2)
+        try:
+            assert [f.info.forked_from for f in forks] == [s.id, s.id]
+            assert [f.run("sum(kept)").text for f in forks] == ["6", "6"]
+        finally:
+            for fork in forks:
+                fork.delete()
+        batch = client.submit_batch([{"code": "len(kept)"}], from_session=s.id)
+        items = list(client.iter_batch(batch["id"], poll_s=0.2))
+        assert [item.execution.text for item in items] == ["3"], items
+
+
 def test_submit_poll_and_cancel(stack: Stack) -> None:
     with Client(stack.url, stack.key) as client, client.session() as s:
         queued = s.submit("import time; time.sleep(30)")

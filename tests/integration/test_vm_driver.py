@@ -34,7 +34,8 @@ from workers import domain as dom
 from workers import shared_memory, transfer_disk
 from workers.libvirt_conn import connection
 from workers.reconcile import our_domains
-from workers.vm import VMManager, VMSpec
+from workers.running_vm import VMSpec
+from workers.vm import VMManager
 from workers.vm_errors import VMError, VMLost
 
 pytestmark = pytest.mark.guest
@@ -277,6 +278,51 @@ def test_a_vm_sleeps_and_wakes_as_it_was(settings, manager, clone):
     manager.sleep(vm.vm_id)
     manager.destroy(vm.vm_id)  # a sleeping VM's image goes with it
     assert not image.path.exists() and not vm.paths.dir.exists()
+
+
+def test_forks_start_as_the_parent_was_and_go_their_own_ways(settings, manager, clone):
+    parent = clone()
+    out(parent, "x = 41\nopen('/mnt/data/kept.txt', 'w').write('kept')")
+    out(parent, "import os\nos.chdir('/tmp')")
+    started = time.monotonic()
+    base = manager.base_for_forks(parent.vm_id, 2, reuse=True)
+    fork_ids = [new_vm_id(), new_vm_id()]
+    try:
+        forks = [manager.start_fork(base, fork_id, SPEC, parent.vm_id) for fork_id in fork_ids]
+    finally:
+        manager.fork_bases.release(base)
+    print(f"2 forks in {time.monotonic() - started:.2f} s: {[f.timings for f in forks]}")
+    try:
+        assert base.shares_memory and all("fork_start" in f.timings for f in forks)
+        st = base.dir.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)  # no VM's uid may enter
+        parent = manager.get(parent.vm_id)  # running again, from the base
+        state = "print(x, open('/mnt/data/kept.txt').read(), os.getcwd())"
+        for vm in (parent, *forks):
+            assert out(vm, state) == "41 kept /tmp"
+        # Each has its own uid, disk and VM id.
+        uids = {vm.paths.data_disk.stat().st_uid for vm in (parent, *forks)}
+        assert len(uids) == 3
+        identity = "print(open('/run/shoal/identity').read())"
+        assert [out(f, identity) for f in forks] == fork_ids
+        # Writes stay in the VM that made them.
+        out(forks[0], "x = 'a'\nopen('/mnt/data/only-a', 'w').write('a')")
+        out(forks[1], "x = 'b'")
+        assert out(parent, "print(x, os.path.exists('/mnt/data/only-a'))") == "41 False"
+        assert out(forks[1], "print(x, os.path.exists('/mnt/data/only-a'))") == "b False"
+        assert out(forks[0], "print(x, os.path.exists('/mnt/data/only-a'))") == "a True"
+        # Independent randomness, and the clock set at the start.
+        probe = "import random, uuid, numpy as np\nprint(random.random(), np.random.rand())"
+        assert len({out(vm, probe) for vm in (parent, *forks)}) == 3
+        assert abs(float(out(forks[0], "import time; print(time.time())")) - time.time()) < 2
+        # The base is kept for later forks until the parent changes or ends.
+        assert manager.base_for_forks(parent.vm_id, 1, reuse=True) is base
+        manager.fork_bases.release(base)
+    finally:
+        for fork_id in fork_ids:
+            manager.destroy(fork_id)
+    manager.destroy(parent.vm_id)
+    assert not base.dir.exists()
 
 
 def test_destroy_leaves_nothing(settings, manager, template):

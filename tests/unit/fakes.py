@@ -112,6 +112,7 @@ class FakeVM:
     answers: list[Any] = field(default_factory=list)
     agent: FakeAgent = field(default_factory=FakeAgent)
     ran: list[str] = field(default_factory=list)
+    forked_from: tuple[str, int] | None = None  # (parent VM, which capture of it)
 
     def execute(self, code: str, language: str, timeout_s: float, max_output: int) -> dict:
         self.ran.append(code)
@@ -126,6 +127,20 @@ class FakeVM:
         return self.agent.put_file(path, chunks)
 
 
+class FakeForkBases:
+    """ForkBases (workers/fork_base.py) as the host runtime uses it: kept and released bases."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, Any] = {}
+        self.released: list[Any] = []
+
+    def release(self, base: Any) -> None:
+        self.released.append(base)
+
+    def drop(self, parent_id: str) -> None:
+        self.kept.pop(parent_id, None)
+
+
 class FakeVMManager:
     """Hands out FakeVMs; counts how often each was destroyed."""
 
@@ -136,6 +151,10 @@ class FakeVMManager:
         self.paused_full: set[str] = set()  # VMs paused on a full host disk
         self.asleep: dict[str, FakeVM] = {}
         self.wake_error: BaseException | None = None
+        self.fork_bases = FakeForkBases()
+        self.captures = 0
+        self.capture_error: BaseException | None = None
+        self.fork_errors: dict[str, BaseException] = {}  # VM id -> what its start raises
 
     def create(self, vm_id: str, spec: Any) -> FakeVM:
         if self.create_error is not None:
@@ -180,6 +199,23 @@ class FakeVMManager:
 
     def paused_on_full_disk(self, vm_id: str) -> bool:
         return vm_id in self.paused_full
+
+    def base_for_forks(self, vm_id: str, count: int, reuse: bool = False) -> Any:
+        """A stand-in base: the parent's id and which capture it is (as workers/vm.py)."""
+        if reuse and self.fork_bases.kept.get(vm_id) is not None:
+            return self.fork_bases.kept[vm_id]
+        if self.capture_error is not None:
+            raise self.capture_error
+        self.captures += 1
+        base = self.fork_bases.kept[vm_id] = SimpleNamespace(parent=vm_id, capture=self.captures)
+        return base
+
+    def start_fork(self, base: Any, vm_id: str, spec: Any, parent_id: str) -> FakeVM:
+        if vm_id in self.fork_errors:
+            raise self.fork_errors[vm_id]
+        vm = self.vms[vm_id] = FakeVM(vm_id)
+        vm.forked_from = (parent_id, base.capture)
+        return vm
 
     def sweep(self, owned_vm_ids: Any) -> list[str]:
         return []

@@ -52,6 +52,16 @@ def test_only_submits_with_a_key_and_reads_may_be_replayed() -> None:
     }
     assert not _core.create_session("default").replayable
     assert _core.get_session("ses_1").replayable
+    fork = _core.fork_session("ses_1", 3)  # sent twice, it would make six
+    assert not fork.replayable and fork.json == {"count": 3}
+
+
+def test_a_batch_names_its_pool_only_when_asked() -> None:
+    plain = _core.submit_batch([{"code": "1"}], None, 8, None)
+    assert "pool" not in plain.json and "from_session" not in plain.json
+    forked = _core.submit_batch([{"code": "1"}], None, 8, None, from_session="ses_1")
+    assert forked.json["from_session"] == "ses_1" and "pool" not in forked.json
+    assert _core.submit_batch([], "gpu", 2, None).json["pool"] == "gpu"
 
 
 def test_paths_and_ids_are_quoted() -> None:

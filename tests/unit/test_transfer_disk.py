@@ -19,7 +19,7 @@ from tests.unit.test_agent import RunningAgent, make_root, read_raw
 from workers import domain as dom
 from workers import transfer_disk
 from workers.agent_client import AgentClient, AgentError, AgentProtocolError, AgentTimeout
-from workers.vm import VM
+from workers.running_vm import VM
 from workers.vm_identity import VMIdentity
 
 SEGMENT = protocol.TRANSFER_SEGMENT

@@ -21,10 +21,11 @@ import pytest
 from shoal import executions, keys, protocol, sessions
 from shoal.pools import get_pool
 from shoal.settings import Settings
+from tests.unit.fakes import FakeForkBases
 from workers.agent_client import AgentClient
 from workers.domain import VMPaths
 from workers.host import HostRuntime
-from workers.vm import VM, VMSpec
+from workers.running_vm import VM, VMSpec
 from workers.vm_errors import AgentRefused, VMLost
 
 OK_ANSWER = {
@@ -51,6 +52,7 @@ class StubManager:
     def __init__(self, vm: VM | None = None) -> None:
         self.vm = vm
         self.destroyed: list[str] = []
+        self.fork_bases = FakeForkBases()
 
     def get(self, vm_id: str) -> VM | None:
         return self.vm if self.vm is not None and vm_id == self.vm.vm_id else None

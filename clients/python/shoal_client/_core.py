@@ -20,6 +20,7 @@ from shoal_client.models import BatchItem
 DEFAULT_URL = "http://127.0.0.1:8080"
 RETRY_STATUSES = frozenset({429, 503})
 RETRY_AFTER_MAX_S = 60.0
+FORK_WAIT_S = 300.0  # the server's own wait for 16 forks, and more
 WAIT_MARGIN_S = 60.0
 DATA_DIR = "/mnt/data"
 BACKOFF_FIRST_S = 0.25
@@ -120,6 +121,13 @@ def wake_session(session_id: str) -> Call:
     return Call("POST", f"/v1/sessions/{seg(session_id)}/wake")
 
 
+def fork_session(session_id: str, count: int) -> Call:
+    """Not replayed: a request that reached the server and is sent again makes more forks. The
+    server may take a while (the capture, then each fork's start)."""
+    path, body = f"/v1/sessions/{seg(session_id)}/fork", {"count": count}
+    return Call("POST", path, json=body, replayable=False, timeout_s=FORK_WAIT_S)
+
+
 def submit(
     session_id: str,
     code: str,
@@ -158,11 +166,19 @@ def file_call(method: str, session_id: str, path: str) -> Call:
 
 
 def submit_batch(
-    items: list[dict[str, Any]], pool: str, max_parallel: int, callback_url: str | None
+    items: list[dict[str, Any]],
+    pool: str | None,
+    max_parallel: int,
+    callback_url: str | None,
+    from_session: str | None = None,
 ) -> Call:
-    body: dict[str, Any] = {"pool": pool, "max_parallel": max_parallel, "items": items}
+    body: dict[str, Any] = {"max_parallel": max_parallel, "items": items}
+    if pool is not None:
+        body["pool"] = pool
     if callback_url:
         body["callback_url"] = callback_url
+    if from_session:
+        body["from_session"] = from_session
     return Call("POST", "/v1/batches", json=body, replayable=False)
 
 

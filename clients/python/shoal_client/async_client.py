@@ -95,6 +95,12 @@ class AsyncClient:
         """Wake a sleeping session ahead of the next request (which would wake it anyway)."""
         return SessionInfo.parse(await self._json(_core.wake_session(session_id)))
 
+    async def fork_session(self, session_id: str, count: int = 1) -> list[AsyncSession]:
+        """`count` new sessions (1 to 16) whose variables and files are the session's at this
+        instant; it runs on (docs/api.md, "Forks")."""
+        answer = await self._json(_core.fork_session(session_id, count))
+        return [AsyncSession(self, SessionInfo.parse(s)) for s in answer["sessions"]]
+
     # --- executions ---------------------------------------------------------------------------
     async def submit(
         self,
@@ -172,14 +178,16 @@ class AsyncClient:
     async def submit_batch(
         self,
         items: list[dict[str, Any]],
-        pool: str = "default",
+        pool: str | None = None,
         *,
         max_parallel: int = 8,
         callback_url: str | None = None,
+        from_session: str | None = None,
     ) -> dict[str, Any]:
         """Start a batch (items from `shoal_client.batch_item(...)`, or dicts as the API takes
-        them); the batch object, its `id` to follow with `iter_batch`."""
-        call = _core.submit_batch(items, pool, max_parallel, callback_url)
+        them) in `pool` (the server's default: `default`), or with `from_session`, each item in
+        a fork of that session; the batch object, its `id` to follow with `iter_batch`."""
+        call = _core.submit_batch(items, pool, max_parallel, callback_url, from_session)
         return await self._json(call)
 
     async def get_batch(self, batch_id: str) -> dict[str, Any]:
@@ -248,6 +256,9 @@ class AsyncSession:
     async def wake(self) -> SessionInfo:
         self.info = await self.client.wake_session(self.id)
         return self.info
+
+    async def fork(self, count: int = 1) -> list[AsyncSession]:
+        return await self.client.fork_session(self.id, count)
 
     async def delete(self) -> None:
         await self.client.delete_session(self.id)

@@ -25,6 +25,7 @@ class SessionInfo:
     raw: dict[str, Any] = field(repr=False)
     slept_at: str | None = None  # a sleeping session's: when it fell asleep
     sleep_expires_at: str | None = None  # ... and when it is deleted unless woken
+    forked_from: str | None = None  # a fork's: the session it was forked of
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> SessionInfo:
@@ -38,6 +39,7 @@ class SessionInfo:
             raw=data,
             slept_at=data.get("slept_at"),
             sleep_expires_at=data.get("sleep_expires_at"),
+            forked_from=data.get("forked_from"),
         )
 
 
