@@ -1,27 +1,31 @@
 """Forks of a running VM (issue 15): new VMs whose memory and files are another VM's at one
 instant, while that VM runs on.
 
-Capture. The parent is saved whole, exactly as a sleep saves it (workers/vm_sleep.py), to its
-sleep image: until the capture is over the parent is, to this host, a VM asleep, so a worker that
-dies mid-capture leaves a session its next request wakes, not a lost one. `capture` then makes
-the fork *base* from that image: a frozen copy of the parent's data disk overlay and, when this
-host shares memory (workers/shared_memory.py), the image restored once, paused, into a memfd
-that is sealed afterwards, its device state saved apart (x-ignore-shared). The capture's QEMU
-never runs the guest; it writes to a scratch overlay on top of the parent's disk and binds its
-socket beside the parent's, and it is marked (`CAPTURE_MARK`) so a restarted worker destroys
-it rather than take it for the parent. The parent then starts again from the base
-(workers/vm_forks.py), and its image moves into the base (forks without shared memory restore
-copies of it).
+Capture, on a host that shares memory (workers/shared_memory.py), `capture_live`: the parent is
+live-migrated, whole, into a new *capture* domain whose RAM is a new memfd. The parent runs on
+while its memory is copied; at the end both are paused, the parent's data disk overlay is
+copied (a frozen copy: its files as its memory stands), and the parent is resumed, paused in
+all for a few ms. Nothing in it is restarted or reseeded: its variables, its open files and
+its generators' state are as they were. The capture saves its device state only
+(x-ignore-shared) and ends; its memfd is sealed. That memfd, the device state and the frozen
+disk are the fork *base*. The capture never runs the guest: its disk is an empty scratch disk
+(a disk's contents are no part of its device state) and its socket and console sit beside the
+parent's; a worker that dies meanwhile leaves a capture nobody owns (reconcile destroys it)
+and, at worst, a parent paused (attach confines and resumes it).
+
+Capture without shared memory, `capture_saved`: the parent is saved whole to its sleep image,
+as a sleep saves it (workers/vm_sleep.py), the base made from that image (its frozen disk, the
+image itself), and the parent restored from it: away for a save and a restore, reseeded after.
 
 Starting (`start`). Every fork starts like a template's clone: the sealed memory mapped
 privately, so the pages none of them writes stay one copy in the host's memory; the device
 state loaded; confined, resumed and reseeded (each fork's clock, kernel entropy and interpreter
-generators its own, `/run/shoal/identity` its own VM id). Without memory sharing, or when a
-start on it fails, a fork restores a copy of the whole image instead (its name and uuid
-rewritten inside, as templates.prepare_clone does for clones) and holds its memory whole.
+generators its own, `/run/shoal/identity` its own VM id). Without shared memory a fork
+restores a copy of the base's image (its name and uuid rewritten inside, as
+templates.prepare_clone does for clones) and holds its memory whole.
 
 Files. A base lives in `<instance_vm_dir>/forking-<host>/<parent key>-<token>/`, root's and
-0700: the image and the frozen disk hold the parent's memory and files, and no VM's uid may
+0700: the frozen disk (and the image) hold the parent's files and memory, and no VM's uid may
 enter. Each fork's data disk is its own copy of the frozen one (reflinked where the file system
 can, else copied sparsely), owned by the fork's uid and backed by the template disk every clone
 reads: no VM ever opens a file another VM may write. A fork costs a copy of what the parent
@@ -38,6 +42,7 @@ import os
 import shutil
 import threading
 import time
+import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +53,9 @@ from shoal.settings import Settings
 from workers import domain as dom
 from workers import templates, transfer_disk, vm_identity, vm_sleep
 from workers.agent_client import AgentClient
-from workers.libvirt_conn import LibvirtUnavailable
 from workers.template_memory import copy_sparse
 from workers.vm_domains import DomainOps
-from workers.vm_errors import VMError, VMStartFailed
+from workers.vm_errors import VMError, VMLost
 from workers.vm_identity import VMIdentity
 
 log = logging.getLogger("shoal.vm")
@@ -61,12 +65,11 @@ IMAGE_FILE = "state.save"
 DISK_FILE = "data.qcow2"
 DEVICE_STATE_FILE = "device.save"
 # The capture's QEMU (never resumed) uses these in the parent's own directory (the socket's name
-# no longer than agent.sock's, whose path length is checked).
+# no longer than agent.sock's, whose path length is checked); its disk is an empty scratch disk
+# (a disk's contents are no part of its device state).
 SOURCE_SOCKET = "fork.sock"
 SOURCE_LOG = "fork.log"
 SOURCE_DISK = "fork.qcow2"
-# In the capture domain's metadata: a restarted worker destroys such a domain (never attaches).
-CAPTURE_MARK = "fork_capture"
 
 
 def forks_dir(settings: Settings) -> Path:
@@ -127,30 +130,82 @@ def copy_file(source: Path, target: Path) -> None:
             os.close(fd)
 
 
-def capture(
+def capture_live(
     domains: DomainOps,
     workdir: Path,
-    image: Path,
+    name: str,
+    capture_name: str,
     paths: dom.VMPaths,
     identity: VMIdentity,
     memory_mib: int,
+    disk_mib: int,
+) -> ForkBase:
+    """The fork base, in `workdir` (which must not exist), of the running domain `name` whose
+    files are `paths`, on shared memory: `name` is live-migrated into a new domain
+    `capture_name` whose RAM is a new memfd, paused at the end for as long as its disk takes to
+    copy, then resumed; the capture saves its device state and ends. On failure nothing of the
+    base is left and `name` runs on (VMLost if it could not be resumed)."""
+    _make_workdir(workdir)
+    base = None
+    try:
+        xml = domains.libvirt.call(
+            f"read {name}",
+            lambda c: c.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
+        )
+        xml = vm_sleep.without_wrapper(xml)
+        base = ForkBase(workdir, name, _uuid_of(xml), xml, memory_mib)
+        scratch = paths.dir / SOURCE_DISK
+        domains.make_disk(scratch, disk_mib, identity)
+        capture_xml = dom.retarget_xml(
+            xml, name=capture_name, uuid=str(uuidlib.uuid4()), data_disk=scratch,
+            transfer_disk=paths.transfer_disk, agent_socket=paths.dir / SOURCE_SOCKET,
+            console_log=paths.dir / SOURCE_LOG, metadata=dom.read_metadata(xml),
+            identity=identity,
+        )  # fmt: skip
+        base.memory = domains.shared.migrate_into(
+            domains.libvirt, name, capture_name, capture_xml, identity, memory_mib
+        )
+        try:
+            copy_file(paths.data_disk, base.disk)  # paused: its files as its memory stands
+        finally:
+            _resume(domains, name)
+        domains.shared.save_device_state(
+            domains.libvirt, capture_name, base.memory, base.device_state
+        )
+    except BaseException:
+        if base is not None:
+            base.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    finally:
+        for leftover in (SOURCE_SOCKET, SOURCE_LOG, SOURCE_DISK):
+            (paths.dir / leftover).unlink(missing_ok=True)
+    return base
+
+
+def _resume(domains: DomainOps, name: str) -> None:
+    """The migrated parent running again (a few ms after its migration's last pause)."""
+    try:
+        domains.libvirt.call(f"resume {name}", lambda c: c.lookupByName(name).resume(),
+                             retry=False)  # fmt: skip
+    except VMError as exc:
+        raise VMLost(f"{name} could not be resumed after its fork capture: {exc}") from None
+
+
+def capture_saved(
+    domains: DomainOps, workdir: Path, image: Path, paths: dom.VMPaths, memory_mib: int
 ) -> ForkBase:
     """The fork base, in `workdir` (which must not exist), of the VM saved whole in `image`
-    whose files are `paths`. Its `image` is still to be moved in (`adopt_image`). On failure
-    nothing of it is left, `image` included untouched."""
-    vm_sleep.private_dir(workdir.parent)
-    workdir.mkdir(mode=vm_sleep.DIR_MODE)
+    whose files are `paths`, without shared memory (each fork restores a copy of the image).
+    Its `image` is still to be moved in (`adopt_image`). On failure nothing of it is left,
+    `image` untouched."""
+    _make_workdir(workdir)
     try:
         xml = domains.libvirt.call(f"read {image}", lambda c: c.saveImageGetXMLDesc(str(image), 0))
         xml = vm_sleep.without_wrapper(xml)
-        found = ET.fromstring(xml)
-        name, uuid = found.findtext("name") or "", found.findtext("uuid") or ""
-        if not name or not uuid:
-            raise VMError(f"the saved definition in {image} has no name or uuid")
-        base = ForkBase(workdir, name, uuid, xml, memory_mib)
+        name = ET.fromstring(xml).findtext("name") or ""
+        base = ForkBase(workdir, name, _uuid_of(xml), xml, memory_mib)
         copy_file(paths.data_disk, base.disk)
-        if domains.shared.active():
-            base.memory = _capture_memory(domains, base, image, paths, identity)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -162,40 +217,16 @@ def adopt_image(base: ForkBase, image: Path) -> None:
     os.replace(image, base.image)
 
 
-def _capture_memory(
-    domains: DomainOps, base: ForkBase, image: Path, paths: dom.VMPaths, identity: VMIdentity
-) -> int:
-    """The base's sealed memory, or -1 when it cannot be made (each fork restores the image).
-    The capture domain runs under the parent's name; it is gone afterwards, also on failure."""
-    scratch = paths.dir / SOURCE_DISK
-    xml = dom.retarget_xml(
-        base.xml,
-        name=base.parent_name,
-        uuid=base.parent_uuid,
-        data_disk=scratch,
-        transfer_disk=paths.transfer_disk,
-        agent_socket=paths.dir / SOURCE_SOCKET,
-        console_log=paths.dir / SOURCE_LOG,
-        metadata={**dom.read_metadata(base.xml), CAPTURE_MARK: "1"},
-        identity=identity,
-    )
-    try:
-        domains.make_overlay(scratch, paths.data_disk, "qcow2", identity)
-        return domains.shared.capture(
-            domains.libvirt, base.parent_name, image, xml, identity, base.memory_mib,
-            base.device_state,
-        )  # fmt: skip
-    except (VMError, OSError) as exc:
-        if isinstance(exc, LibvirtUnavailable):
-            raise
-        log.warning("fork of %s: its memory could not be shared, each fork reads its image: %s",
-                    base.parent_name, exc)  # fmt: skip
-        return -1
-    finally:
-        with contextlib.suppress(VMError):
-            domains.destroy_domain(base.parent_name)
-        for leftover in (SOURCE_SOCKET, SOURCE_LOG, SOURCE_DISK):
-            (paths.dir / leftover).unlink(missing_ok=True)
+def _make_workdir(workdir: Path) -> None:
+    vm_sleep.private_dir(workdir.parent)
+    workdir.mkdir(mode=vm_sleep.DIR_MODE)
+
+
+def _uuid_of(xml: str) -> str:
+    uuid = ET.fromstring(xml).findtext("uuid")
+    if not uuid:
+        raise VMError("the domain's definition has no uuid")
+    return uuid
 
 
 def give_disks(base: ForkBase, paths: dom.VMPaths, identity: VMIdentity) -> None:
@@ -216,21 +247,22 @@ def start(
     metadata: dict[str, str],
     timings: dict[str, float],
     agent_timeout_s: float,
-    image_fallback: bool = True,
 ) -> AgentClient:
-    """Start `name` (the parent again, or a fork whose disks are ready) from the base: running,
-    confined, its agent connected and reseeded. Without `image_fallback` only a start on the
-    base's memory is tried (VMStartFailed otherwise). On failure the domain is destroyed."""
+    """Start fork `name`, whose disks are ready, from the base: running, confined, its agent
+    connected and reseeded. On failure the domain is destroyed."""
     xml = dom.retarget_xml(
         base.xml, name=name, uuid=uuid, data_disk=paths.data_disk,
         transfer_disk=paths.transfer_disk, agent_socket=paths.socket,
         console_log=paths.console_log, metadata=metadata, identity=identity,
     )  # fmt: skip
     try:
-        if not (base.shares_memory and _start_shared(domains, base, who, name, paths, xml,
-                                                     identity, timings)):  # fmt: skip
-            if not image_fallback:
-                raise VMStartFailed(f"VM {who}: no start on its fork base's memory")
+        if base.shares_memory:
+            with domains.step(who, "fork_start", timings):
+                domains.shared.start_on(
+                    domains.libvirt, name, xml, identity, base.memory, base.device_state
+                )
+                domains.run_confined(name, paths, identity, base.memory_mib)
+        else:
             with domains.step(who, "fork_restore", timings):
                 _start_from_image(domains, base, name, uuid, paths, xml, identity)
         with domains.step(who, "agent", timings):
@@ -245,32 +277,6 @@ def start(
     return agent
 
 
-def _start_shared(
-    domains: DomainOps,
-    base: ForkBase,
-    who: str,
-    name: str,
-    paths: dom.VMPaths,
-    xml: str,
-    identity: VMIdentity,
-    timings: dict[str, float],
-) -> bool:
-    try:
-        with domains.step(who, "fork_start", timings):
-            domains.shared.start_on(
-                domains.libvirt, name, xml, identity, base.memory, base.device_state
-            )
-            domains.run_confined(name, paths, identity, base.memory_mib)
-        return True
-    except (VMError, OSError) as exc:
-        if isinstance(exc, LibvirtUnavailable):
-            raise
-        log.warning("vm=%s a start on its fork base's memory failed, reading the image: %s",
-                    who, exc)  # fmt: skip
-        domains.destroy_domain(name)
-        return False
-
-
 def _start_from_image(
     domains: DomainOps,
     base: ForkBase,
@@ -280,12 +286,10 @@ def _start_from_image(
     xml: str,
     identity: VMIdentity,
 ) -> None:
-    """The whole image restored: the parent's own, or a copy renamed for a fork."""
-    image = base.image
-    if name != base.parent_name:
-        image = paths.restore_image
-        copy_file(base.image, image)
-        templates.rewrite_save_image(image, {base.parent_name: name, base.parent_uuid: uuid})
+    """A copy of the whole image, renamed for the fork, restored."""
+    image = paths.restore_image
+    copy_file(base.image, image)
+    templates.rewrite_save_image(image, {base.parent_name: name, base.parent_uuid: uuid})
     try:
         domains.libvirt.call(
             f"restore {name}",
@@ -294,9 +298,7 @@ def _start_from_image(
         )
         domains.run_confined(name, paths, identity, base.memory_mib)
     finally:
-        if image != base.image:
-            with contextlib.suppress(FileNotFoundError):
-                image.unlink()
+        image.unlink(missing_ok=True)
 
 
 class ForkBases:

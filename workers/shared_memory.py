@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -55,6 +56,10 @@ MEMORY_FILE = "memory.ram"
 DEVICE_STATE_FILE = "device.save"
 WRAPPER = Path("/usr/local/libexec/shoal/qemu-wrapper")
 INCOMING_FD_NAME = "shoal-incoming"
+OUTGOING_FD_NAME = "shoal-outgoing"
+# A live migration into a fork's capture: as fast as the host can copy, a short final pause.
+MIGRATE_FAST = {"max-bandwidth": 64 << 30, "downtime-limit": 100}
+LIVE_MIGRATION_TIMEOUT_S = 60.0
 INCOMING_TIMEOUT_S = 30.0
 SEAL_WAIT_S = 10.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
@@ -240,18 +245,7 @@ class SharedMemory:
     ) -> None:
         """Start `name` paused on the sealed memfd `memory`, mapped privately, with the device
         state saved beside it (a template's, or a fork's: workers/fork_base.py)."""
-        broker = self._broker
-        assert broker is not None
-        broker.expect(identity.uid, Grant(memory, shared=False))
-        try:
-            defined = with_wrapper(xml, broker.socket_path, incoming=True)
-            conn.call(
-                f"start {name}",
-                lambda c: c.createXML(defined, libvirt.VIR_DOMAIN_START_PAUSED),
-                retry=False,
-            )
-        finally:
-            broker.forget(identity.uid)
+        self._start_incoming(conn, name, xml, identity, Grant(memory, shared=False))
         fd = os.open(device_state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.lseek(fd, stream_offset(device_state), os.SEEK_SET)
@@ -262,29 +256,66 @@ class SharedMemory:
         qmp(conn, name, "migrate-incoming", {"uri": f"fd:{INCOMING_FD_NAME}"})
         wait_for_migration(conn, name)
 
-    def capture(
+    def migrate_into(
         self,
         conn: LibvirtConnection,
+        source: str,
         name: str,
-        image: Path,
         xml: str,
         identity: VMIdentity,
         memory_mib: int,
-        device_state: Path,
     ) -> int:
-        """A sealed memfd holding the memory saved in `image` (a whole save of domain `name`),
-        with its device state written to `device_state`: what `start_on` starts VMs from. The
-        domain is restored paused into the memfd, shared, and saved again with x-ignore-shared
-        (its QEMU never runs the guest). The caller closes the fd."""
+        """Live-migrate the running domain `source` into a new domain `name` (defined by `xml`,
+        started paused, its RAM on a new memfd mapped shared): a writable memfd holding
+        `source`'s memory at the end of the migration, the caller's to close. `source` is left
+        paused (`resume` it), `name` paused with its whole state (`save_device_state`). On
+        failure `name` is destroyed and `source` runs on."""
         memory = writable_memfd(f"shoal-fork-{name}", memory_mib << 20)
         try:
-            self._restore_into(conn, name, image, xml, identity, memory, device_state)
-            _seal_when_unmapped(memory)
+            self._start_incoming(conn, name, xml, identity, Grant(memory, shared=True))
+            _migrate(conn, source, name)
         except BaseException:
             os.close(memory)
-            device_state.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                conn.call(f"destroy {name}", lambda c: c.lookupByName(name).destroy(), retry=False)
             raise
         return memory
+
+    def _start_incoming(
+        self, conn: LibvirtConnection, name: str, xml: str, identity: VMIdentity, grant: Grant
+    ) -> None:
+        """Start `name` paused, waiting for an incoming migration, its RAM on `grant`'s fd."""
+        broker = self._broker
+        assert broker is not None
+        broker.expect(identity.uid, grant)
+        try:
+            defined = with_wrapper(xml, broker.socket_path, incoming=True)
+            conn.call(
+                f"start {name}",
+                lambda c: c.createXML(defined, libvirt.VIR_DOMAIN_START_PAUSED),
+                retry=False,
+            )
+        finally:
+            broker.forget(identity.uid)
+
+    def save_device_state(
+        self, conn: LibvirtConnection, name: str, memory: int, device_state: Path
+    ) -> None:
+        """Save the paused domain `name`'s device state only (its RAM is `memory`, shared) and
+        seal `memory` once its QEMU is gone. On failure the domain is destroyed."""
+        try:
+            qmp(conn, name, "migrate-set-capabilities", IGNORE_SHARED)
+            conn.call(
+                f"save {name}'s device state",
+                lambda c: c.lookupByName(name).saveFlags(str(device_state), None, 0),
+                retry=False,
+            )
+            _seal_when_unmapped(memory)
+        except BaseException:
+            device_state.unlink(missing_ok=True)
+            with contextlib.suppress(Exception):
+                conn.call(f"destroy {name}", lambda c: c.lookupByName(name).destroy(), retry=False)
+            raise
 
     def _restore_into(
         self,
@@ -398,6 +429,34 @@ def qmp(
     return answer.get("return", {})
 
 
+def _migrate(conn: LibvirtConnection, source: str, target: str) -> None:
+    """Migrate `source` into `target` (started with -incoming defer) over a socket pair, whole
+    (no RAM left out), as fast as the host goes; both are paused once it completes. A failed or
+    overlong migration is cancelled: `source` runs on."""
+    out, into = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        qmp(conn, target, "getfd", {"fdname": INCOMING_FD_NAME}, into.fileno())
+        qmp(conn, source, "getfd", {"fdname": OUTGOING_FD_NAME}, out.fileno())
+    finally:
+        out.close()
+        into.close()
+    qmp(conn, target, "migrate-incoming", {"uri": f"fd:{INCOMING_FD_NAME}"})
+    qmp(conn, source, "migrate-set-capabilities", SAVE_ALL_MEMORY)
+    qmp(conn, source, "migrate-set-parameters", MIGRATE_FAST)
+    qmp(conn, source, "migrate", {"uri": f"fd:{OUTGOING_FD_NAME}"})
+    deadline = time.monotonic() + LIVE_MIGRATION_TIMEOUT_S
+    while True:
+        status = qmp(conn, source, "query-migrate").get("status")
+        if status == "completed":
+            break
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            with contextlib.suppress(VMStartFailed):
+                qmp(conn, source, "migrate_cancel")
+            raise VMStartFailed(f"migrating {source} into {target} ended {status}")
+        time.sleep(0.005)
+    wait_for_migration(conn, target)
+
+
 def wait_for_migration(conn: LibvirtConnection, name: str) -> None:
     deadline = time.monotonic() + INCOMING_TIMEOUT_S
     while True:
@@ -405,7 +464,7 @@ def wait_for_migration(conn: LibvirtConnection, name: str) -> None:
         if status == "completed":
             return
         if status == "failed" or time.monotonic() > deadline:
-            raise VMStartFailed(f"{name}: loading the template's device state ended {status}")
+            raise VMStartFailed(f"{name}: its incoming migration ended {status}")
         time.sleep(0.005)
 
 

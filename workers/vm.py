@@ -193,8 +193,9 @@ class VMManager(ForkingVMs):
 
     def attach(self, vm_id: str, spec: VMSpec) -> VM | None:
         """After a worker restart: adopt the VM's still-running domain. None if there is no
-        such domain (a fork capture left running is destroyed: the VM is in its sleep image);
-        VMLost if its agent does not answer (the caller destroys the VM)."""
+        such domain; VMLost if its agent does not answer (the caller destroys the VM). A domain
+        its worker left paused (a fork's capture cut short, a start before its resume) is
+        confined and resumed first, its clock and entropy reseeded."""
         existing = self.get(vm_id)
         if existing is not None:
             return existing
@@ -202,26 +203,30 @@ class VMManager(ForkingVMs):
         name = dom.domain_name(self.settings, key)
         paths = dom.vm_paths(self.settings, key)
 
-        def running(c: libvirt.virConnect) -> tuple[str, str] | None:
+        def running(c: libvirt.virConnect) -> tuple[str, str, bool] | None:
             domain = lookup(c, name)
             if domain is None or not domain.isActive():
                 return None
-            return domain.UUIDString(), domain.XMLDesc(0)
+            state, reason = domain.state()
+            left_paused = (
+                state == libvirt.VIR_DOMAIN_PAUSED and reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR
+            )
+            return domain.UUIDString(), domain.XMLDesc(0), left_paused
 
         found = self.libvirt.call(f"look up {name}", running)
         if found is None:
             return None
-        uuid, xml = found
+        uuid, xml, left_paused = found
         metadata = dom.read_metadata(xml)
-        if metadata.get(fork_base.CAPTURE_MARK):
-            # A fork capture its worker did not finish: the VM itself is its sleep image.
-            log.warning("vm=%s destroying the fork capture a worker left", vm_id)
-            self.domains.destroy_domain(name)
-            return None
+        if left_paused:
+            log.warning("vm=%s its domain was left paused: confining and resuming it", vm_id)
+            self.domains.run_confined(name, paths, self._identity_of(paths), spec.memory_mib)
         agent: AgentClient | None = None
         try:
             agent = AgentClient.connect(str(paths.socket), timeout=CONNECT_ATTEMPT_S)
             agent.hello(packages=False, timeout=ATTACH_HELLO_S)
+            if left_paused:
+                agent.reseed(time.time_ns(), identity=vm_id)
         except (AgentTimeout, AgentDisconnected, AgentProtocolError, AgentError) as exc:
             if agent is not None:
                 agent.close()

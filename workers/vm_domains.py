@@ -292,16 +292,20 @@ class DomainOps:
     def make_overlay(
         self, overlay: Path, backing: Path, backing_format: str, identity: VMIdentity
     ) -> None:
-        result = subprocess.run(
-            [
-                "qemu-img", "create", "-q", "-f", "qcow2",
-                "-b", str(backing), "-F", backing_format, str(overlay),
-            ],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        self._qcow2(overlay, ["-b", str(backing), "-F", backing_format], identity)
+
+    def make_disk(self, path: Path, size_mib: int, identity: VMIdentity) -> None:
+        """An empty qcow2 disk of `size_mib`, the VM's own."""
+        self._qcow2(path, [], identity, f"{size_mib}M")
+
+    @staticmethod
+    def _qcow2(path: Path, options: list[str], identity: VMIdentity, size: str = "") -> None:
+        command = ["qemu-img", "create", "-q", "-f", "qcow2", *options, str(path)]
+        result = subprocess.run([*command, *([size] if size else [])], capture_output=True,
+                                text=True)  # fmt: skip
         if result.returncode != 0:
-            raise VMStartFailed(f"qemu-img create {overlay} failed: {result.stderr.strip()}")
-        vm_identity.give(overlay, identity)
+            raise VMStartFailed(f"qemu-img create {path} failed: {result.stderr.strip()}")
+        vm_identity.give(path, identity)
 
     def await_agent(
         self, who: str, name: str, paths: dom.VMPaths, timeout: float

@@ -56,12 +56,13 @@ class ForkingVMs:
         marked in use: call `fork_bases.release` once its forks are up. With `reuse`, the base
         kept from an earlier such fork serves when the VM has run nothing since (the host drops
         a base when its VM runs anything), and a new one is kept; else the VM is captured
-        afresh, away meanwhile and running again afterwards.
+        afresh (workers/fork_base.py says how long it pauses).
 
         A failed capture leaves the VM running as it was; or, when it could not be started
         again, saved on this host as a sleeping VM is (VMError: the session's next request
-        wakes it); VMLost only when its state is gone. OSError(ENOSPC) when the host's disk
-        has no room for the capture and the forks' disks."""
+        wakes it); VMLost only when its state is gone or it could not be resumed.
+        OSError(ENOSPC) when the host's disk has no room for the capture and the forks'
+        disks."""
         if reuse:
             base = self.fork_bases.take(vm_id)
             if base is not None:
@@ -98,7 +99,41 @@ class ForkingVMs:
             )
 
     def _capture(self, parent: VM) -> fork_base.ForkBase:
+        """Live on shared memory (the parent paused for a few ms); else by a save (the parent
+        away for its save and restore)."""
         started = time.monotonic()
+        workdir = fork_base.forks_dir(self.settings) / f"{parent.key}-{secrets.token_hex(4)}"
+        if self.domains.shared.active():
+            base = self._capture_live(parent, workdir)
+        else:
+            base = self._capture_saved(parent, workdir)
+        log.info("vm=%s host=%s captured for forks (%s) in %.0f ms", parent.vm_id,
+                 self.settings.host_name, "live, memory shared" if base.shares_memory
+                 else "saved", (time.monotonic() - started) * 1000)  # fmt: skip
+        return base
+
+    def _capture_live(self, parent: VM, workdir: Path) -> fork_base.ForkBase:
+        capture_id = f"{parent.vm_id}.capture"  # owned while it runs: no sweep takes it
+        with self._lock:
+            self._busy.add(capture_id)
+        try:
+            return fork_base.capture_live(
+                self.domains, workdir, parent.domain_name,
+                dom.domain_name(self.settings, dom.vm_key(capture_id)), parent.paths,
+                self._identity_of(parent.paths), parent.spec.memory_mib,
+                parent.spec.data_disk_mib,
+            )  # fmt: skip
+        except VMLost:
+            self._forget_asleep(parent, "it could not be resumed after its fork capture")
+            raise
+        finally:
+            with self._lock:
+                self._busy.discard(capture_id)
+
+    def _capture_saved(self, parent: VM, workdir: Path) -> fork_base.ForkBase:
+        """Saved to its sleep image, the base made from it, restored from it: until it runs
+        again the parent is, to this host, a VM asleep (a worker dying meanwhile leaves a
+        session its next request wakes)."""
         domains, identity = self.domains, self._identity_of(parent.paths)
         image = sleep_images.image_path(self.settings, parent.key)
         try:
@@ -110,35 +145,20 @@ class ForkingVMs:
             self._recover(parent, image, identity)
             raise
         self._forget_asleep(parent, "the VM is being forked")
-        workdir = fork_base.forks_dir(self.settings) / f"{parent.key}-{secrets.token_hex(4)}"
-        timings: dict[str, float] = {}
         try:
-            with domains.step(parent.vm_id, "capture", timings):
-                base = fork_base.capture(
-                    domains, workdir, image, parent.paths, identity, parent.spec.memory_mib
-                )
+            base = fork_base.capture_saved(
+                domains, workdir, image, parent.paths, parent.spec.memory_mib
+            )
         except BaseException:
             self._recover(parent, image, identity)
             raise
         try:
-            agent = fork_base.start(
-                domains, base, parent.vm_id, parent.domain_name, parent.uuid, parent.paths,
-                identity, dom.read_metadata(base.xml), timings, self.settings.agent_ready_timeout_s,
-                image_fallback=False,
-            )  # fmt: skip
-        except BaseException as exc:
-            log.warning("vm=%s starting it from its fork base failed, restoring its image: %s",
-                        parent.vm_id, exc)  # fmt: skip
-            try:
-                agent = self._restore(parent, image, identity)
-            except BaseException:
-                base.close()
-                raise
+            agent = self._restore(parent, image, identity)
+        except BaseException:
+            base.close()
+            raise
         fork_base.adopt_image(base, image)
-        self._rejoin(parent, agent, timings)
-        log.info("vm=%s host=%s captured for forks (memory %s) in %.0f ms: %s", parent.vm_id,
-                 self.settings.host_name, "shared" if base.shares_memory else "in its image",
-                 (time.monotonic() - started) * 1000, timings)  # fmt: skip
+        self._rejoin(parent, agent, {})
         return base
 
     def _still_running(self, name: str) -> bool:

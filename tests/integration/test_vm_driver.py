@@ -14,8 +14,10 @@ when the cache lacks it (./scripts/test has built it already).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -280,48 +282,81 @@ def test_a_vm_sleeps_and_wakes_as_it_was(settings, manager, clone):
     assert not image.path.exists() and not vm.paths.dir.exists()
 
 
-def test_forks_start_as_the_parent_was_and_go_their_own_ways(settings, manager, clone):
-    parent = clone()
-    out(parent, "x = 41\nopen('/mnt/data/kept.txt', 'w').write('kept')")
-    out(parent, "import os\nos.chdir('/tmp')")
-    started = time.monotonic()
-    base = manager.base_for_forks(parent.vm_id, 2, reuse=True)
-    fork_ids = [new_vm_id(), new_vm_id()]
+FORK_SETUP = "x = 41\nopen('/mnt/data/kept.txt', 'w').write('kept')\nimport os, random"
+FORK_STATE = "print(x, open('/mnt/data/kept.txt').read(), os.getcwd())"
+
+
+def _forks(manager: VMManager, parent_id: str, count: int) -> tuple:
+    base = manager.base_for_forks(parent_id, count, reuse=True)
     try:
-        forks = [manager.start_fork(base, fork_id, SPEC, parent.vm_id) for fork_id in fork_ids]
+        forks = [manager.start_fork(base, new_vm_id(), SPEC, parent_id) for _ in range(count)]
     finally:
         manager.fork_bases.release(base)
+    return base, forks
+
+
+def test_forks_start_as_the_parent_was_and_go_their_own_ways(settings, manager, clone):
+    parent = clone()
+    out(parent, FORK_SETUP)
+    out(parent, "os.chdir('/tmp')\nrandom.seed(7)")
+    started = time.monotonic()
+    base, forks = _forks(manager, parent.vm_id, 2)
     print(f"2 forks in {time.monotonic() - started:.2f} s: {[f.timings for f in forks]}")
     try:
         assert base.shares_memory and all("fork_start" in f.timings for f in forks)
         st = base.dir.stat()
         assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)  # no VM's uid may enter
-        parent = manager.get(parent.vm_id)  # running again, from the base
-        state = "print(x, open('/mnt/data/kept.txt').read(), os.getcwd())"
+        assert manager.get(parent.vm_id) is parent  # it ran on: never restarted
         for vm in (parent, *forks):
-            assert out(vm, state) == "41 kept /tmp"
+            assert out(vm, FORK_STATE) == "41 kept /tmp"
+        # The parent's generators are untouched; each fork's are its own.
+        draw = "print(random.random())"
+        assert out(parent, draw) == str(random.Random(7).random())
+        assert len({out(vm, draw) for vm in (parent, *forks)}) == 3
         # Each has its own uid, disk and VM id.
         uids = {vm.paths.data_disk.stat().st_uid for vm in (parent, *forks)}
         assert len(uids) == 3
         identity = "print(open('/run/shoal/identity').read())"
-        assert [out(f, identity) for f in forks] == fork_ids
+        assert [out(f, identity) for f in forks] == [f.vm_id for f in forks]
         # Writes stay in the VM that made them.
         out(forks[0], "x = 'a'\nopen('/mnt/data/only-a', 'w').write('a')")
         out(forks[1], "x = 'b'")
         assert out(parent, "print(x, os.path.exists('/mnt/data/only-a'))") == "41 False"
         assert out(forks[1], "print(x, os.path.exists('/mnt/data/only-a'))") == "b False"
         assert out(forks[0], "print(x, os.path.exists('/mnt/data/only-a'))") == "a True"
-        # Independent randomness, and the clock set at the start.
-        probe = "import random, uuid, numpy as np\nprint(random.random(), np.random.rand())"
-        assert len({out(vm, probe) for vm in (parent, *forks)}) == 3
         assert abs(float(out(forks[0], "import time; print(time.time())")) - time.time()) < 2
         # The base is kept for later forks until the parent changes or ends.
         assert manager.base_for_forks(parent.vm_id, 1, reuse=True) is base
         manager.fork_bases.release(base)
+        # A fork, and a parent after its capture, sleep and wake like any VM.
+        for vm_id in (forks[1].vm_id, parent.vm_id):
+            manager.sleep(vm_id)
+            manager.drop_sleep_image(manager.wake(vm_id, SPEC).vm_id)
+        assert out(manager.get(forks[1].vm_id), "print(x)") == "b"
+        assert out(manager.get(parent.vm_id), "print(x)") == "41"
     finally:
-        for fork_id in fork_ids:
-            manager.destroy(fork_id)
+        for fork in forks:
+            manager.destroy(fork.vm_id)
     manager.destroy(parent.vm_id)
+    assert not base.dir.exists()
+    assert not list(settings.instance_vm_dir.glob("forking-*/*"))
+
+
+def test_forks_without_shared_memory_restore_the_parents_image(settings, template):
+    unshared = VMManager(dataclasses.replace(settings, memory_sharing="off"))
+    parent = unshared.create(new_vm_id(), SPEC)
+    forks = []
+    try:
+        out(parent, FORK_SETUP)
+        base, forks = _forks(unshared, parent.vm_id, 1)
+        assert not base.shares_memory and base.image.is_file()
+        assert "fork_restore" in forks[0].timings
+        parent = unshared.get(parent.vm_id)  # restored from its image
+        for vm in (parent, *forks):
+            assert out(vm, FORK_STATE) == "41 kept /mnt/data"
+    finally:
+        for vm in (*forks, parent):
+            unshared.destroy(vm.vm_id)
     assert not base.dir.exists()
 
 
@@ -347,8 +382,11 @@ def test_attach_after_a_worker_restart(settings, manager, clone):
     assert out(adopted, "print(remember)") == "me"
     assert fresh.attach(new_vm_id(), SPEC) is None
     adopted.agent.close()
+    # A worker that died with the domain paused (a fork's capture cut short): resumed.
+    connection().call("pause", lambda c: c.lookupByName(vm.domain_name).suspend())
     manager._vms.pop(vm.vm_id, None)  # hand it back to the module's manager for cleanup
-    assert manager.attach(vm.vm_id, SPEC) is not None
+    resumed = manager.attach(vm.vm_id, SPEC)
+    assert resumed is not None and out(resumed, "print(remember)") == "me"
 
 
 def _orphan_template_domain(settings: Settings, manager: VMManager) -> str:
