@@ -218,6 +218,14 @@ class SleepingHostDown(ShoalError):
     retry_after_s = 30
 
 
+class ForkFailed(ShoalError):
+    """The session's host could not make its forks (the worker's log says why): none was made,
+    the session runs on as it was."""
+
+    code, status = "ForkFailed", 503
+    retry_after_s = 5
+
+
 class HostTimeout(ShoalError):
     """The session's host did not answer in time."""
 

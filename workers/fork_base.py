@@ -108,10 +108,11 @@ class ForkBase:
         return self.memory >= 0
 
     def close(self) -> None:
-        """Free the base: its memfd (VMs started from it keep their mappings) and its files."""
-        if self.memory >= 0:
-            os.close(self.memory)
-            self.memory = -1
+        """Free the base: its memfd (VMs started from it keep their mappings) and its files.
+        Called once (ForkBases closes a base in the one thread that takes it out)."""
+        memory, self.memory = self.memory, -1
+        if memory >= 0:
+            os.close(memory)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -142,11 +143,12 @@ def capture_live(
 ) -> ForkBase:
     """The fork base, in `workdir` (which must not exist), of the running domain `name` whose
     files are `paths`, on shared memory: `name` is live-migrated into a new domain
-    `capture_name` whose RAM is a new memfd, paused at the end for as long as its disk takes to
-    copy, then resumed; the capture saves its device state and ends. On failure nothing of the
-    base is left and `name` runs on (VMLost if it could not be resumed)."""
+    `capture_name` (confined as a VM is) whose RAM is a new memfd, paused at the end for as
+    long as its disk takes to copy, then resumed; the capture saves its device state and ends.
+    On failure nothing of the base or the capture is left and `name` runs on (VMLost if it
+    cannot be resumed)."""
     _make_workdir(workdir)
-    base = None
+    base, migrating = None, False
     try:
         xml = domains.libvirt.call(
             f"read {name}",
@@ -154,21 +156,20 @@ def capture_live(
         )
         xml = vm_sleep.without_wrapper(xml)
         base = ForkBase(workdir, name, _uuid_of(xml), xml, memory_mib)
-        scratch = paths.dir / SOURCE_DISK
-        domains.make_disk(scratch, disk_mib, identity)
+        domains.make_disk(paths.dir / SOURCE_DISK, disk_mib, identity)
         capture_xml = dom.retarget_xml(
-            xml, name=capture_name, uuid=str(uuidlib.uuid4()), data_disk=scratch,
-            transfer_disk=paths.transfer_disk, agent_socket=paths.dir / SOURCE_SOCKET,
-            console_log=paths.dir / SOURCE_LOG, metadata=dom.read_metadata(xml),
-            identity=identity,
+            xml, name=capture_name, uuid=str(uuidlib.uuid4()),
+            data_disk=paths.dir / SOURCE_DISK, transfer_disk=paths.transfer_disk,
+            agent_socket=paths.dir / SOURCE_SOCKET, console_log=paths.dir / SOURCE_LOG,
+            metadata=dom.read_metadata(xml), identity=identity,
         )  # fmt: skip
+        migrating = True
         base.memory = domains.shared.migrate_into(
-            domains.libvirt, name, capture_name, capture_xml, identity, memory_mib
-        )
-        try:
-            copy_file(paths.data_disk, base.disk)  # paused: its files as its memory stands
-        finally:
-            _resume(domains, name)
+            domains.libvirt, name, capture_name, capture_xml, identity, memory_mib,
+            lambda: _confine_capture(domains, capture_name, memory_mib),
+        )  # fmt: skip
+        copy_file(paths.data_disk, base.disk)  # paused: its files as its memory stands
+        _ensure_running(domains, name)
         domains.shared.save_device_state(
             domains.libvirt, capture_name, base.memory, base.device_state
         )
@@ -176,18 +177,37 @@ def capture_live(
         if base is not None:
             base.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        if migrating:
+            with contextlib.suppress(VMError):
+                domains.destroy_domain(capture_name)
+            _ensure_running(domains, name)  # a migration that completed left it paused
         raise
     finally:
+        domains.remove_files(capture_name, None)  # its cgroups and libvirt's log of it
         for leftover in (SOURCE_SOCKET, SOURCE_LOG, SOURCE_DISK):
             (paths.dir / leftover).unlink(missing_ok=True)
     return base
 
 
-def _resume(domains: DomainOps, name: str) -> None:
-    """The migrated parent running again (a few ms after its migration's last pause)."""
+def _confine_capture(domains: DomainOps, name: str, memory_mib: int) -> None:
+    """The capture's QEMU under a VM's limits: the memory it fills and the CPU it spends
+    receiving count against them like the VM's own."""
+    domains.probes.apply_limits(
+        name, domains.qemu_pid(name), domains.memory_limit_bytes(memory_mib),
+        domains.settings.vm_pids_max,
+    )  # fmt: skip
+
+
+def _ensure_running(domains: DomainOps, name: str) -> None:
+    """`name` running (resumed if it is paused); VMLost when it is gone or will not run."""
+
+    def resume(c: libvirt.virConnect) -> None:
+        domain = c.lookupByName(name)
+        if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            domain.resume()
+
     try:
-        domains.libvirt.call(f"resume {name}", lambda c: c.lookupByName(name).resume(),
-                             retry=False)  # fmt: skip
+        domains.libvirt.call(f"resume {name}", resume)
     except VMError as exc:
         raise VMLost(f"{name} could not be resumed after its fork capture: {exc}") from None
 
@@ -375,5 +395,6 @@ class ForkBases:
             if self._users.get(id(base), 0) > 0 or base in self._kept.values():
                 return
             self._users.pop(id(base), None)
-            self._live.pop(id(base), None)
+            if self._live.pop(id(base), None) is None:
+                return  # another thread took it out first, and closes it
         base.close()

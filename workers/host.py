@@ -229,7 +229,7 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost, ForksOnHost):
             for vm_id in self.ready.let_go(name, -change) if change < 0 else ():
                 log.info("pool=%s vm=%s let go (host short of memory)", name, vm_id)
                 self.vms.destroy(vm_id)
-        room = self.settings.host_max_vms - len(self.vms.list_vms())
+        room = self.settings.host_max_vms - len(self.vms.list_vms()) - self._forks_reserved
         goals = []
         for pool in pools:
             start = min(max(changes[pool.name], 0), max(room, 0))

@@ -23,7 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pool.ready import new_vm_id
 from shoal import keys, replies, sessions
-from shoal.errors import HostStorageFull, NoHostAvailable, SessionLost, ShoalError
+from shoal.errors import (
+    ForkFailed,
+    HostStorageFull,
+    NoHostAvailable,
+    SessionLost,
+    ShoalError,
+)
 from shoal.pools import Pool, get_pool
 from workers.fork_base import ForkBase
 from workers.running_vm import VMSpec, spec_for
@@ -41,8 +47,8 @@ def _client_error(exc: BaseException, what: str) -> ShoalError:
         return HostStorageFull(f"the host's disk has no room: {what} failed; retry once space "
                                "is freed")  # fmt: skip
     if isinstance(exc, VMError) and "next request restores it" in exc.message:
-        return ShoalError(f"{what} failed; the session is saved and its next request restores it")
-    return ShoalError(f"{what} failed on the host (its worker's log says why)")
+        return ForkFailed(f"{what} failed; the session is saved and its next request restores it")
+    return ForkFailed(f"{what} failed on the host (its worker's log says why); no fork was made")
 
 
 class _Starting:
@@ -92,6 +98,8 @@ class ForksOnHost:
             vm = self._vm(session_id, pool, keep_fork_base=reuse)
             base = self.vms.base_for_forks(vm.vm_id, count, reuse)
             sessions.touch(self.r, session_id, pool.cooldown_s)
+            self._check_request(session_id, fork_ids)  # still wanted after the capture?
+            self.vms.check_fork_disks(base, count)
             self._start_forks(base, vm.vm_id, spec_for(pool), fork_ids, reply_key)
         except Exception as exc:
             if base is not None:
@@ -104,6 +112,31 @@ class ForksOnHost:
                 log.error("session=%s host=%s capturing it for forks failed: %s", session_id,
                           self.host, exc)  # fmt: skip
             replies.send_error(self.r, reply_key, _client_error(exc, "capturing the session"))
+
+    def _activate(self, starting: _Starting) -> list[str]:
+        """Record each fork's VM and make it active; the forks kept (one whose creator gave
+        up and ended it is destroyed)."""
+        for fork_id, vm_id in starting.pairs:
+            self.session_vm[fork_id] = vm_id  # from here a destroy of the session finds it
+        kept = []
+        for fork_id, vm_id in starting.pairs:
+            if sessions.activate(self.r, fork_id, vm_id, warm=False):
+                self.queues.start(fork_id)
+                kept.append(fork_id)
+            else:
+                self.vms.destroy(vm_id)
+                self.session_vm.pop(fork_id, None)
+        return kept
+
+    def _discard(self, starting: _Starting) -> None:
+        """Every fork's VM destroyed, each on its own (libvirt trouble with one spares none
+        of the others); the creator ends the sessions."""
+        for fork_id, vm_id in starting.pairs:
+            try:
+                self.vms.destroy(vm_id)
+            except Exception:
+                log.exception("host=%s destroying fork %s failed", self.host, vm_id)
+            self.session_vm.pop(fork_id, None)
 
     def _check_request(self, session_id: str, fork_ids: list[str]) -> None:
         """The parent still lives and the forks are still wanted (their creator may have given
@@ -131,7 +164,7 @@ class ForksOnHost:
                 )
             memory = self.memory()
             room = memory.room_for(pool.memory_mib) - self._forks_reserved
-            if room < count:
+            if room < count + 1:  # the capture's memory too
                 raise NoHostAvailable(
                     f"host {self.host} is short of memory for {count} forks of "
                     f"{pool.memory_mib} MiB ({memory.available_mib} MiB available, "
@@ -175,34 +208,24 @@ class ForksOnHost:
 
     def _forks_started(self, base: ForkBase, starting: _Starting, reply_key: str) -> None:
         """All starts ended: keep every fork and answer, or, after any failure, none."""
-        self.vms.fork_bases.release(base)
-        self._unreserve(len(starting.pairs))
-        if starting.failures:
-            for _fork_id, vm_id in starting.pairs:
-                self.vms.destroy(vm_id)
-            failure = starting.failures[0]
+        try:
+            self.vms.fork_bases.release(base)
+        finally:
+            self._unreserve(len(starting.pairs))
+        failure = starting.failures[0] if starting.failures else None
+        kept: list[str] = []
+        if failure is None:
+            try:
+                kept = self._activate(starting)
+            except Exception as exc:
+                log.exception("host=%s recording forks failed", self.host)
+                failure = exc
+        if failure is not None:
+            self._discard(starting)
             log.error("host=%s starting forks failed: %s", self.host, failure)
             replies.send_error(self.r, reply_key, _client_error(failure, "starting a fork"))
             return
-        for fork_id, vm_id in starting.pairs:
-            self.session_vm[fork_id] = vm_id  # from here a destroy of the session finds it
-        kept = []
-        try:
-            for fork_id, vm_id in starting.pairs:
-                if sessions.activate(self.r, fork_id, vm_id, warm=False):
-                    self.queues.start(fork_id)
-                    kept.append(fork_id)
-                else:  # its creator gave up and ended it
-                    self.vms.destroy(vm_id)
-                    self.session_vm.pop(fork_id, None)
-            replies.send(self.r, reply_key, {"ok": True})
-        except Exception as exc:
-            log.exception("host=%s recording forks failed", self.host)
-            for fork_id, vm_id in starting.pairs:
-                self.vms.destroy(vm_id)
-                self.session_vm.pop(fork_id, None)
-            replies.send_error(self.r, reply_key, _client_error(exc, "recording the forks"))
-            return
+        replies.send(self.r, reply_key, {"ok": True})
         log.info("host=%s forks running: %s", self.host, kept)
         try:
             self.beat_once()

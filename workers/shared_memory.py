@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +58,13 @@ DEVICE_STATE_FILE = "device.save"
 WRAPPER = Path("/usr/local/libexec/shoal/qemu-wrapper")
 INCOMING_FD_NAME = "shoal-incoming"
 OUTGOING_FD_NAME = "shoal-outgoing"
-# A live migration into a fork's capture: as fast as the host can copy, a short final pause.
+# A live migration into a fork's capture: as fast as the host can copy, a short final pause;
+# a guest that dirties its memory faster than that is paused after LIVE_MIGRATION_PAUSE_AFTER_S
+# so that it ends in one more pass, and the migration given up after LIVE_MIGRATION_TIMEOUT_S.
 MIGRATE_FAST = {"max-bandwidth": 64 << 30, "downtime-limit": 100}
+LIVE_MIGRATION_PAUSE_AFTER_S = 5.0
 LIVE_MIGRATION_TIMEOUT_S = 60.0
+MIGRATION_POLL_S = 0.02
 INCOMING_TIMEOUT_S = 30.0
 SEAL_WAIT_S = 10.0
 IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
@@ -264,20 +269,20 @@ class SharedMemory:
         xml: str,
         identity: VMIdentity,
         memory_mib: int,
+        confine: Callable[[], None],
     ) -> int:
         """Live-migrate the running domain `source` into a new domain `name` (defined by `xml`,
-        started paused, its RAM on a new memfd mapped shared): a writable memfd holding
-        `source`'s memory at the end of the migration, the caller's to close. `source` is left
-        paused (`resume` it), `name` paused with its whole state (`save_device_state`). On
-        failure `name` is destroyed and `source` runs on."""
+        started paused, `confine`d, its RAM on a new memfd mapped shared): a writable memfd
+        holding `source`'s memory at the end of the migration, the caller's to close. `source`
+        is left paused (resume it), `name` paused with its whole state (`save_device_state`).
+        On failure the memfd is closed; the caller destroys `name` and resumes `source`."""
         memory = writable_memfd(f"shoal-fork-{name}", memory_mib << 20)
         try:
             self._start_incoming(conn, name, xml, identity, Grant(memory, shared=True))
+            confine()
             _migrate(conn, source, name)
         except BaseException:
             os.close(memory)
-            with contextlib.suppress(Exception):
-                conn.call(f"destroy {name}", lambda c: c.lookupByName(name).destroy(), retry=False)
             raise
         return memory
 
@@ -444,16 +449,22 @@ def _migrate(conn: LibvirtConnection, source: str, target: str) -> None:
     qmp(conn, source, "migrate-set-capabilities", SAVE_ALL_MEMORY)
     qmp(conn, source, "migrate-set-parameters", MIGRATE_FAST)
     qmp(conn, source, "migrate", {"uri": f"fd:{OUTGOING_FD_NAME}"})
-    deadline = time.monotonic() + LIVE_MIGRATION_TIMEOUT_S
+    started = time.monotonic()
+    paused = False
     while True:
         status = qmp(conn, source, "query-migrate").get("status")
         if status == "completed":
             break
-        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+        waited = time.monotonic() - started
+        if status in ("failed", "cancelled") or waited > LIVE_MIGRATION_TIMEOUT_S:
             with contextlib.suppress(VMStartFailed):
                 qmp(conn, source, "migrate_cancel")
             raise VMStartFailed(f"migrating {source} into {target} ended {status}")
-        time.sleep(0.005)
+        if not paused and waited > LIVE_MIGRATION_PAUSE_AFTER_S:
+            # Its guest dirties memory faster than it is copied: finish in one more pass.
+            conn.call(f"pause {source}", lambda c: c.lookupByName(source).suspend())
+            paused = True
+        time.sleep(MIGRATION_POLL_S)
     wait_for_migration(conn, target)
 
 

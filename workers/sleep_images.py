@@ -52,11 +52,10 @@ def backing_file(overlay: Path) -> str | None:
 
 
 def needed_backing_files(settings: Settings) -> set[str]:
-    """The backing files of every sleeping VM's data disk on this instance."""
-    found = set()
+    """The backing files of every sleeping VM's data disk on this instance, and of every fork
+    base's frozen disk (workers/fork_base.py): the templates they need."""
     directory = sleep_dir(settings)
-    for image in directory.glob("*.save") if directory.is_dir() else ():
-        name = backing_file(dom.vm_paths(settings, image.stem).data_disk)
-        if name:
-            found.add(name)
-    return found
+    disks = [dom.vm_paths(settings, image.stem).data_disk
+             for image in (directory.glob("*.save") if directory.is_dir() else ())]  # fmt: skip
+    disks += settings.instance_vm_dir.glob("forking-*/*/data.qcow2")
+    return {name for name in map(backing_file, disks) if name}

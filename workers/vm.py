@@ -56,6 +56,14 @@ from workers.vm_probes import HostProbes, seccomp_sandbox_setting
 log = logging.getLogger("shoal.vm")
 
 ATTACH_HELLO_S = 10.0
+# A domain paused for one of these reasons was left so by a worker that died mid-way (a fork's
+# capture: workers/fork_base.py); attach resumes it. Any other pause (a full disk, a save or a
+# restore under way) is left alone.
+LEFT_PAUSED = (
+    libvirt.VIR_DOMAIN_PAUSED_UNKNOWN,
+    libvirt.VIR_DOMAIN_PAUSED_USER,
+    libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+)
 
 
 class VMManager(ForkingVMs):
@@ -71,6 +79,7 @@ class VMManager(ForkingVMs):
         self._vms: dict[str, VM] = {}
         self._busy: set[str] = set()
         self._capturing: dict[str, bool] = {}
+        self._one_capture = threading.Lock()
         self.fork_bases = fork_base.ForkBases(FORK_BASE_KEEP_S)
 
     @property
@@ -208,9 +217,8 @@ class VMManager(ForkingVMs):
             if domain is None or not domain.isActive():
                 return None
             state, reason = domain.state()
-            left_paused = (
-                state == libvirt.VIR_DOMAIN_PAUSED and reason != libvirt.VIR_DOMAIN_PAUSED_IOERROR
-            )
+            left_paused = state == libvirt.VIR_DOMAIN_PAUSED and reason in LEFT_PAUSED
+
             return domain.UUIDString(), domain.XMLDesc(0), left_paused
 
         found = self.libvirt.call(f"look up {name}", running)

@@ -46,6 +46,7 @@ class ForkingVMs:
     _vms: dict[str, VM]
     _busy: set[str]
     _capturing: dict[str, bool]  # VM id -> whether it was destroyed during its capture
+    _one_capture: threading.Lock
     fork_bases: fork_base.ForkBases
     if TYPE_CHECKING:
 
@@ -75,27 +76,36 @@ class ForkingVMs:
             self._capturing[vm_id] = False
         try:
             self._check_disk_room(parent, count)
-            base = self._capture(parent)
+            with self._one_capture:  # a host copies one VM's memory at a time
+                base = self._capture(parent)
         finally:
             with self._lock:
                 self._busy.discard(vm_id)
                 ended = self._capturing.pop(vm_id)
             if ended:  # destroyed while it was captured (its forks may still start)
                 self.destroy(vm_id)
-        self.fork_bases.put(vm_id, base, keep=reuse)
+        self.fork_bases.put(vm_id, base, keep=reuse and not ended)
         return base
+
+    def check_fork_disks(self, base: fork_base.ForkBase, count: int) -> None:
+        """Room for `count` copies of the base's frozen disk, FORK_DISK_RESERVE_MIB to spare
+        (its guest may have written more while it was captured); OSError(ENOSPC) if not."""
+        needed = base.disk.stat().st_blocks * 512 * count
+        self._check_free(needed, "the forks' disks")
 
     def _check_disk_room(self, parent: VM, count: int) -> None:
         """Room for its image (its memory, at most), its disk's frozen copy and each fork's,
         with FORK_DISK_RESERVE_MIB to spare: a full disk would pause every VM of the host."""
         disk = parent.paths.data_disk.stat().st_blocks * 512
-        needed = (parent.spec.memory_mib << 20) + disk * (count + 1)
+        self._check_free((parent.spec.memory_mib << 20) + disk * (count + 1), "a capture")
+
+    def _check_free(self, needed: int, what: str) -> None:
         free = shutil.disk_usage(self.settings.instance_vm_dir).free
         if free - needed < FORK_DISK_RESERVE_MIB << 20:
             raise OSError(
                 errno.ENOSPC,
-                f"no space left on device for a capture of {needed >> 20} MiB "
-                f"({free >> 20} MiB free, {FORK_DISK_RESERVE_MIB} MiB kept free)",
+                f"no space left on device for {what} ({needed >> 20} MiB; {free >> 20} MiB "
+                f"free, {FORK_DISK_RESERVE_MIB} MiB kept free)",
             )
 
     def _capture(self, parent: VM) -> fork_base.ForkBase:

@@ -210,6 +210,9 @@ class FakeVMManager:
         base = self.fork_bases.kept[vm_id] = SimpleNamespace(parent=vm_id, capture=self.captures)
         return base
 
+    def check_fork_disks(self, base: Any, count: int) -> None:
+        return None
+
     def start_fork(self, base: Any, vm_id: str, spec: Any, parent_id: str) -> FakeVM:
         if vm_id in self.fork_errors:
             raise self.fork_errors[vm_id]

@@ -13,6 +13,7 @@ import pytest
 
 from shoal import batches, keys, queue, sessions, tenants
 from shoal.errors import (
+    ForkFailed,
     SessionLost,
     ShoalError,
     TenantSessionLimit,
@@ -104,7 +105,7 @@ def test_a_fork_that_fails_to_start_leaves_no_fork_at_all(c, vms, parent, monkey
     ids = iter(["vm_a", "vm_b"])
     monkeypatch.setattr("workers.host_forks.new_vm_id", lambda: next(ids))
     vms.fork_errors["vm_b"] = VMStartFailed("the guest agent did not answer")
-    with pytest.raises(ShoalError, match="starting a fork failed"):
+    with pytest.raises(ForkFailed, match="starting a fork failed"):
         session_cases.fork_session(c, "t1", parent, 2)
     wait_for_threads(c)
     assert vms.get("vm_a") is None and vms.destroyed.get("vm_a")
@@ -226,3 +227,21 @@ def test_copy_file_never_writes_through_an_existing_path(tmp_path):
     with pytest.raises(FileExistsError):
         copy_file(source, tmp_path / "link")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_forks_whose_recording_fails_are_all_destroyed(c, vms, parent, monkeypatch):
+    calls = []
+
+    def activate(r, session_id, vm_id, warm):
+        calls.append(vm_id)
+        if len(calls) == 2:
+            raise ConnectionError("Redis went away")
+        return True
+
+    monkeypatch.setattr("workers.host_forks.sessions.activate", activate)
+    with pytest.raises(ShoalError, match="no fork was made"):
+        session_cases.fork_session(c, "t1", parent, 2)
+    wait_for_threads(c)
+    assert all(vms.get(vm_id) is None and vms.destroyed.get(vm_id) for vm_id in calls)
+    assert c.runtime._forks_reserved == 0
+    assert sessions.count_for_tenant(c.redis, "t1") == 1

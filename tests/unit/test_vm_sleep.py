@@ -45,7 +45,7 @@ def test_images_live_in_the_instances_own_directory(tmp_path):
     assert path.parent != dom.vms_dir(settings)  # not where a VM's uid may enter
 
 
-def test_the_templates_a_sleeping_vm_needs_are_read_from_its_disk(tmp_path):
+def test_the_templates_a_sleeping_vm_or_a_fork_base_needs_are_read_from_its_disk(tmp_path):
     settings = Settings(vm_dir=str(tmp_path), instance="abcd1234")
     base = tmp_path / "template-data.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "1M"], check=True)
@@ -61,6 +61,11 @@ def test_the_templates_a_sleeping_vm_needs_are_read_from_its_disk(tmp_path):
     assert sleep_images.needed_backing_files(settings) == set()  # awake: nothing held
     sleep_images.sleep_dir(settings).mkdir()
     sleep_images.image_path(settings, "0123456789ab").write_bytes(b"image")
+    assert sleep_images.needed_backing_files(settings) == {str(base)}
+    sleep_images.image_path(settings, "0123456789ab").unlink()
+    frozen = settings.instance_vm_dir / "forking-0a1b2c3d" / "0123456789ab-00aa11bb"
+    frozen.mkdir(parents=True)
+    paths.data_disk.rename(frozen / "data.qcow2")  # a fork base's frozen disk holds it too
     assert sleep_images.needed_backing_files(settings) == {str(base)}
     (tmp_path / "garbage.qcow2").write_bytes(b"QFI\xfb" + b"\xff" * 60)
     assert sleep_images.backing_file(tmp_path / "garbage.qcow2") is None
