@@ -1,17 +1,19 @@
 """Forks of a running VM (issue 15): new VMs whose memory and files are another VM's at one
 instant, while that VM runs on.
 
-Capture, on a host that shares memory (workers/shared_memory.py), `capture_live`: the parent is
-live-migrated, whole, into a new *capture* domain whose RAM is a new memfd. The parent runs on
-while its memory is copied; at the end both are paused, the parent's data disk overlay is
-copied (a frozen copy: its files as its memory stands), and the parent is resumed, paused in
-all for a few ms. Nothing in it is restarted or reseeded: its variables, its open files and
-its generators' state are as they were. The capture saves its device state only
-(x-ignore-shared) and ends; its memfd is sealed. That memfd, the device state and the frozen
-disk are the fork *base*. The capture never runs the guest: its disk is an empty scratch disk
-(a disk's contents are no part of its device state) and its socket and console sit beside the
-parent's; a worker that dies meanwhile leaves a capture nobody owns (reconcile destroys it)
-and, at worst, a parent paused (attach confines and resumes it).
+Capture, on a host that shares memory (workers/shared_memory.py), `capture_shared`: the parent is
+paused and migrated, whole, into a new *capture* domain whose RAM is a new memfd (a copy in
+memory, no file); its data disk overlay is copied (a frozen copy: its files as its memory
+stands), and the parent resumed: paused for about as long as its memory takes to copy (half a
+second for 420 MB here), never restarted or reseeded: its variables, open files and
+generators' state are as they were. (Migrating it while it ran was tried: under TCG the pages
+its guest wrote during the copy were not all sent again, and its forks' kernels found their
+memory corrupt.) The capture saves its device state only (x-ignore-shared) and ends; its memfd
+is sealed. That memfd, the device state and the frozen disk are the fork *base*. The capture
+never runs the guest: its disk is an empty scratch disk (a disk's contents are no part of its
+device state) and its socket and console sit beside the parent's; a worker that dies meanwhile
+leaves a capture nobody owns (reconcile destroys it) and, at worst, a parent paused (attach
+confines and resumes it).
 
 Capture without shared memory, `capture_saved`: the parent is saved whole to its sleep image,
 as a sleep saves it (workers/vm_sleep.py), the base made from that image (its frozen disk, the
@@ -131,7 +133,7 @@ def copy_file(source: Path, target: Path) -> None:
             os.close(fd)
 
 
-def capture_live(
+def capture_shared(
     domains: DomainOps,
     workdir: Path,
     name: str,
@@ -142,9 +144,9 @@ def capture_live(
     disk_mib: int,
 ) -> ForkBase:
     """The fork base, in `workdir` (which must not exist), of the running domain `name` whose
-    files are `paths`, on shared memory: `name` is live-migrated into a new domain
-    `capture_name` (confined as a VM is) whose RAM is a new memfd, paused at the end for as
-    long as its disk takes to copy, then resumed; the capture saves its device state and ends.
+    files are `paths`, on shared memory: `name` is paused, migrated into a new domain
+    `capture_name` (confined as a VM is) whose RAM is a new memfd, its disk copied, and
+    resumed; the capture saves its device state and ends.
     On failure nothing of the base or the capture is left and `name` runs on (VMLost if it
     cannot be resumed)."""
     _make_workdir(workdir)

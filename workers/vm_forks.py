@@ -109,25 +109,25 @@ class ForkingVMs:
             )
 
     def _capture(self, parent: VM) -> fork_base.ForkBase:
-        """Live on shared memory (the parent paused for a few ms); else by a save (the parent
-        away for its save and restore)."""
+        """By a migration into shared memory (the parent paused while it is copied); else by a
+        save (the parent away for its save and restore)."""
         started = time.monotonic()
         workdir = fork_base.forks_dir(self.settings) / f"{parent.key}-{secrets.token_hex(4)}"
         if self.domains.shared.active():
-            base = self._capture_live(parent, workdir)
+            base = self._capture_shared(parent, workdir)
         else:
             base = self._capture_saved(parent, workdir)
         log.info("vm=%s host=%s captured for forks (%s) in %.0f ms", parent.vm_id,
-                 self.settings.host_name, "live, memory shared" if base.shares_memory
+                 self.settings.host_name, "memory shared" if base.shares_memory
                  else "saved", (time.monotonic() - started) * 1000)  # fmt: skip
         return base
 
-    def _capture_live(self, parent: VM, workdir: Path) -> fork_base.ForkBase:
+    def _capture_shared(self, parent: VM, workdir: Path) -> fork_base.ForkBase:
         capture_id = f"{parent.vm_id}.capture"  # owned while it runs: no sweep takes it
         with self._lock:
             self._busy.add(capture_id)
         try:
-            return fork_base.capture_live(
+            return fork_base.capture_shared(
                 self.domains, workdir, parent.domain_name,
                 dom.domain_name(self.settings, dom.vm_key(capture_id)), parent.paths,
                 self._identity_of(parent.paths), parent.spec.memory_mib,

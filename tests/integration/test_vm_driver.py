@@ -342,6 +342,28 @@ def test_forks_start_as_the_parent_was_and_go_their_own_ways(settings, manager, 
     assert not list(settings.instance_vm_dir.glob("forking-*/*"))
 
 
+def test_a_guest_writing_its_memory_all_the_time_is_forked_whole(settings, manager, clone):
+    """A guest thread rewriting 200 MB page after page while its VM is captured: every fork must
+    get memory consistent with its CPU state (a capture that copied it while it ran did not)."""
+    parent = clone()
+    churn = (
+        "import threading, numpy as np\nbuf = np.zeros(200_000_000, dtype=np.uint8)\n"
+        "def churn():\n    while True:\n        buf[::4096] += 1\n"
+        "threading.Thread(target=churn, daemon=True).start()"
+    )
+    out(parent, churn)
+    started = time.monotonic()
+    base, forks = _forks(manager, parent.vm_id, 2)
+    print(f"captured a guest rewriting 200 MB in {time.monotonic() - started:.1f} s")
+    try:
+        for fork in forks:
+            assert out(fork, "import time; time.sleep(1); print(buf.shape)") == "(200000000,)"
+        assert out(parent, "print(threading.active_count() > 1)") == "True"  # it runs on
+    finally:
+        for vm in (*forks, parent):
+            manager.destroy(vm.vm_id)
+
+
 def test_forks_without_shared_memory_restore_the_parents_image(settings, template):
     unshared = VMManager(dataclasses.replace(settings, memory_sharing="off"))
     parent = unshared.create(new_vm_id(), SPEC)
