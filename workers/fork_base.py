@@ -72,6 +72,8 @@ DEVICE_STATE_FILE = "device.save"
 SOURCE_SOCKET = "fork.sock"
 SOURCE_LOG = "fork.log"
 SOURCE_DISK = "fork.qcow2"
+RESUME_TRIES = 3
+RESUME_RETRY_S = 0.5
 
 
 def forks_dir(settings: Settings) -> Path:
@@ -175,7 +177,8 @@ def capture_shared(
         domains.shared.save_device_state(
             domains.libvirt, capture_name, base.memory, base.device_state
         )
-    except BaseException:
+    except BaseException as exc:
+        log.warning("fork capture of %s failed: %s", name, exc)
         if base is not None:
             base.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -208,10 +211,16 @@ def _ensure_running(domains: DomainOps, name: str) -> None:
         if domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
             domain.resume()
 
-    try:
-        domains.libvirt.call(f"resume {name}", resume)
-    except VMError as exc:
-        raise VMLost(f"{name} could not be resumed after its fork capture: {exc}") from None
+    for attempt in range(RESUME_TRIES):
+        try:
+            domains.libvirt.call(f"resume {name}", resume)
+            return
+        except VMError as exc:
+            log.warning("resuming %s after its fork capture failed (try %d): %s", name,
+                        attempt + 1, exc)  # fmt: skip
+            failure = exc
+            time.sleep(RESUME_RETRY_S)
+    raise VMLost(f"{name} could not be resumed after its fork capture: {failure}")
 
 
 def capture_saved(

@@ -75,7 +75,8 @@ class HostRuntime(ExecutionsOnHost, FilesOnHost, SleepOnHost, ForksOnHost):
         # to hosts with ready VMs, and a heartbeat can be SHOAL_HEARTBEAT_S old.
         self.ready = ReadyVMs(self._start_ready_vm, settings.restore_parallel, self.beat_once)
         self._stop = threading.Event()
-        self._fork_threads, self._fork_lock, self._forks_reserved = None, threading.Lock(), 0
+        self._fork_threads, self._fork_lock = None, threading.Lock()
+        self._forks_reserved = self._forks_reserved_mib = 0
         # The default pool's snapshot template: "building", "ready" or "failed: <why>". Until it
         # is ready, /healthz says so: a session made before would cold-boot (seconds, not ms).
         self.template_state = "building"

@@ -17,6 +17,7 @@ they have started, so two fork requests at once cannot both take the last room.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,7 @@ from shoal.errors import (
 )
 from shoal.pools import Pool, get_pool
 from workers.fork_base import ForkBase
-from workers.running_vm import VMSpec, spec_for
+from workers.running_vm import spec_for
 from workers.vm_errors import VMError, VMLost, out_of_space
 
 log = logging.getLogger("shoal.host")
@@ -73,6 +74,7 @@ class ForksOnHost:
     _fork_threads: ThreadPoolExecutor | None  # made on the first fork
     _fork_lock: threading.Lock  # the executor's making and the room reserved
     _forks_reserved: int  # VMs of fork requests not started yet (this host, all requests)
+    _forks_reserved_mib: int  # ... and their memory, with their captures'
 
     def fork_session(
         self, session_id: str, pool_name: str, fork_ids: list[str], reply_key: str, reuse: bool
@@ -91,8 +93,10 @@ class ForksOnHost:
             pool = get_pool(self.settings, pool_name)
             self._check_request(session_id, fork_ids)
             self._reserve(pool, count)
-        except ShoalError as exc:
-            replies.send_error(self.r, reply_key, exc)
+        except Exception as exc:
+            if not isinstance(exc, ShoalError):
+                log.exception("session=%s host=%s a fork request failed", session_id, self.host)
+            replies.send_error(self.r, reply_key, _client_error(exc, "checking the fork request"))
             return
         try:
             vm = self._vm(session_id, pool, keep_fork_base=reuse)
@@ -100,11 +104,11 @@ class ForksOnHost:
             sessions.touch(self.r, session_id, pool.cooldown_s)
             self._check_request(session_id, fork_ids)  # still wanted after the capture?
             self.vms.check_fork_disks(base, count)
-            self._start_forks(base, vm.vm_id, spec_for(pool), fork_ids, reply_key)
+            self._start_forks(base, vm.vm_id, pool, fork_ids, reply_key)
         except Exception as exc:
             if base is not None:
                 self.vms.fork_bases.release(base)
-            self._unreserve(count)
+            self._unreserve(pool, count)
             if isinstance(exc, VMLost):
                 reason = self.mark_session_lost(session_id, f"forking it failed: {exc}")
                 exc = SessionLost(f"session {session_id} was lost while it was forked: {reason}")
@@ -153,8 +157,10 @@ class ForksOnHost:
             raise ShoalError("the fork request was given up before its turn came")
 
     def _reserve(self, pool: Pool, count: int) -> None:
-        """Room on this host for `count` more VMs of the pool, by count and by memory (each
-        counted whole, though forks share what they do not write), taken until they start."""
+        """Room on this host for `count` more VMs of the pool and the capture's memory, by
+        count and by memory (each counted whole, though forks share what they do not write),
+        taken until the forks have started."""
+        needed_mib = (count + 1) * pool.memory_mib
         with self._fork_lock:
             taken = len(self.vms.list_vms()) + self._forks_reserved
             if taken + count > self.settings.host_max_vms:
@@ -163,22 +169,26 @@ class ForksOnHost:
                     f"(SHOAL_HOST_MAX_VMS): no room for {count} forks; retry when sessions end"
                 )
             memory = self.memory()
-            room = memory.room_for(pool.memory_mib) - self._forks_reserved
-            if room < count + 1:  # the capture's memory too
+            if memory.spare_mib() - self._forks_reserved_mib < needed_mib:
                 raise NoHostAvailable(
                     f"host {self.host} is short of memory for {count} forks of "
                     f"{pool.memory_mib} MiB ({memory.available_mib} MiB available, "
                     f"{memory.reserve_mib} MiB kept free)"
                 )
             self._forks_reserved += count
+            self._forks_reserved_mib += needed_mib
 
-    def _unreserve(self, count: int) -> None:
+    def _unreserve(self, pool: Pool, count: int) -> None:
         with self._fork_lock:
             self._forks_reserved -= count
+            self._forks_reserved_mib -= (count + 1) * pool.memory_mib
 
     def _start_forks(
-        self, base: ForkBase, parent_vm: str, spec: VMSpec, fork_ids: list[str], reply_key: str
+        self, base: ForkBase, parent_vm: str, pool: Pool, fork_ids: list[str], reply_key: str
     ) -> None:
+        """Start the forks on the fork threads; from the first one handed over, the threads
+        own the base's use and the room reserved, and answer the creator (never this call)."""
+        spec = spec_for(pool)
         with self._fork_lock:
             if self._fork_threads is None:
                 self._fork_threads = ThreadPoolExecutor(
@@ -195,23 +205,37 @@ class ForksOnHost:
             except BaseException as exc:
                 failure = exc
             if starting.one_ended(failure):
-                self._forks_started(base, starting, reply_key)
+                self._forks_started(base, pool, starting, reply_key)
 
         for index, (_fork_id, vm_id) in enumerate(starting.pairs):
             try:
                 threads.submit(start, vm_id)
-            except RuntimeError as exc:  # the worker is shutting down
+            except Exception as exc:  # the worker is shutting down: these never start
                 for _rest in starting.pairs[index:]:
                     if starting.one_ended(exc):
-                        self._forks_started(base, starting, reply_key)
+                        self._forks_started(base, pool, starting, reply_key)
                 return
 
-    def _forks_started(self, base: ForkBase, starting: _Starting, reply_key: str) -> None:
-        """All starts ended: keep every fork and answer, or, after any failure, none."""
+    def _forks_started(
+        self, base: ForkBase, pool: Pool, starting: _Starting, reply_key: str
+    ) -> None:
+        """All starts ended: keep every fork and answer, or, after any failure, none. Answers
+        the creator on every path (it runs on a fork thread: nothing above it would)."""
+        try:
+            self._keep_or_discard(base, pool, starting, reply_key)
+        except Exception as exc:
+            log.exception("host=%s finishing forks failed", self.host)
+            self._discard(starting)
+            with contextlib.suppress(Exception):
+                replies.send_error(self.r, reply_key, _client_error(exc, "finishing the forks"))
+
+    def _keep_or_discard(
+        self, base: ForkBase, pool: Pool, starting: _Starting, reply_key: str
+    ) -> None:
         try:
             self.vms.fork_bases.release(base)
         finally:
-            self._unreserve(len(starting.pairs))
+            self._unreserve(pool, len(starting.pairs))
         failure = starting.failures[0] if starting.failures else None
         kept: list[str] = []
         if failure is None:

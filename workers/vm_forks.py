@@ -76,16 +76,31 @@ class ForkingVMs:
             self._capturing[vm_id] = False
         try:
             self._check_disk_room(parent, count)
-            with self._one_capture:  # a host copies one VM's memory at a time
+            with self._one_capture:  # a worker copies one VM's memory at a time
                 base = self._capture(parent)
-        finally:
-            with self._lock:
-                self._busy.discard(vm_id)
-                ended = self._capturing.pop(vm_id)
-            if ended:  # destroyed while it was captured (its forks may still start)
-                self.destroy(vm_id)
+        except BaseException:
+            if self._capture_over(vm_id):
+                self._destroy_quietly(vm_id)
+            raise
+        ended = self._capture_over(vm_id)
         self.fork_bases.put(vm_id, base, keep=reuse and not ended)
+        if ended:  # destroyed while it was captured (its forks may still start)
+            self._destroy_quietly(vm_id)
         return base
+
+    def _capture_over(self, vm_id: str) -> bool:
+        """The VM is no longer being captured; whether it was destroyed meanwhile."""
+        with self._lock:
+            self._busy.discard(vm_id)
+            return self._capturing.pop(vm_id)
+
+    def _destroy_quietly(self, vm_id: str) -> None:
+        """Carry out a destroy that came during a capture (a failure is logged, not raised:
+        the capture's own outcome is what its caller must hear)."""
+        try:
+            self.destroy(vm_id)
+        except Exception:
+            log.exception("vm=%s destroying it after its capture failed", vm_id)
 
     def check_fork_disks(self, base: fork_base.ForkBase, count: int) -> None:
         """Room for `count` copies of the base's frozen disk, FORK_DISK_RESERVE_MIB to spare
@@ -148,9 +163,10 @@ class ForkingVMs:
         image = sleep_images.image_path(self.settings, parent.key)
         try:
             vm_sleep.save(domains, parent.domain_name, image)
-        except BaseException:
+        except BaseException as exc:
             if self._still_running(parent.domain_name):
                 raise  # not saved: it runs on, untouched
+            log.error("vm=%s saving it for forks failed: %s", parent.vm_id, exc)
             self._forget_asleep(parent, "the VM is being forked")
             self._recover(parent, image, identity)
             raise

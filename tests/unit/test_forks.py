@@ -55,8 +55,8 @@ def c(vms):
 class _Roomy:
     available_mib, reserve_mib = 100_000, 0
 
-    def room_for(self, memory_mib: int) -> int:
-        return 100
+    def spare_mib(self) -> int:
+        return self.available_mib - self.reserve_mib
 
 
 @pytest.fixture()
@@ -128,7 +128,17 @@ def test_a_fork_request_given_up_before_its_turn_captures_nothing(c, vms, parent
     sessions.end(c.redis, entry, sessions.DELETED)  # its creator stopped waiting
     c.runtime.fork_session(parent["id"], "default", [entry["id"]], "reply-1", False)
     assert vms.captures == 0 and "given up" in c.redis.lpop("reply-1")
-    assert c.runtime._forks_reserved == 0
+    assert c.runtime._forks_reserved == c.runtime._forks_reserved_mib == 0
+
+
+def test_room_is_reserved_in_memory_as_well_as_in_vms(c, vms, parent):
+    c.runtime.memory = lambda: _Roomy()  # 100,000 MiB: room for 194 VMs of 512 MiB and a capture
+    c.runtime._forks_reserved_mib = 100_000 - 3 * 512  # another request's forks of a big pool
+    with pytest.raises(ShoalError, match="short of memory for 3 forks"):
+        session_cases.fork_session(c, "t1", parent, 3)  # 3 forks + the capture: 4 x 512 MiB
+    session_cases.fork_session(c, "t1", parent, 2)
+    wait_for_threads(c)
+    assert c.runtime._forks_reserved == 0 and c.runtime._forks_reserved_mib == 100_000 - 1536
 
 
 def test_a_host_without_room_refuses_before_capturing(c, vms, parent):
@@ -243,5 +253,5 @@ def test_forks_whose_recording_fails_are_all_destroyed(c, vms, parent, monkeypat
         session_cases.fork_session(c, "t1", parent, 2)
     wait_for_threads(c)
     assert all(vms.get(vm_id) is None and vms.destroyed.get(vm_id) for vm_id in calls)
-    assert c.runtime._forks_reserved == 0
+    assert c.runtime._forks_reserved == c.runtime._forks_reserved_mib == 0
     assert sessions.count_for_tenant(c.redis, "t1") == 1
