@@ -339,8 +339,8 @@ class TemplateStore:
                 continue
             if meta.get("group") == group and meta.get("key") != keep:
                 if str(directory / DISK_FILE) in needed:
-                    log.info("keeping template %s: a sleeping session's disk is based on it",
-                             meta.get("key"))  # fmt: skip
+                    log.info("keeping template %s: a sleeping session's or a fork base's disk "
+                             "is based on it", meta.get("key"))  # fmt: skip
                     continue
                 log.info("removing template %s, replaced by %s", meta.get("key"), keep)
                 shutil.rmtree(directory, ignore_errors=True)

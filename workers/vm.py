@@ -28,6 +28,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -260,21 +261,38 @@ class VMManager(ForkingVMs):
             self._busy.add(vm_id)
         self.fork_bases.drop(vm_id)
         try:
-            try:
-                image = vm_sleep.save(
-                    self.domains, vm.domain_name, sleep_images.image_path(self.settings, vm.key)
-                )
-            except BaseException:
-                if not self.domains.is_active(vm.domain_name):
-                    self._forget_asleep(vm)  # saved after all: a wake will find its image
-                raise
-            self._forget_asleep(vm)
+            image = self._save(
+                vm, sleep_images.image_path(self.settings, vm.key), "the VM is asleep"
+            )
         finally:
             with self._lock:
                 self._busy.discard(vm_id)
         log.info("vm=%s host=%s asleep: %d bytes in %.0f ms", vm_id, self.settings.host_name,
                  image.bytes, image.seconds * 1000)  # fmt: skip
         return image
+
+    def _save(self, vm: VM, image: Path, why: str) -> vm_sleep.SleepImage:
+        """Save the running VM to `image` (workers/vm_sleep.py) and forget its VM object, its
+        domain gone. A save that failed with the domain still running leaves both as they
+        were; one that failed past the domain's stop forgets it too (its image may be whole:
+        a wake finds it)."""
+        try:
+            saved = vm_sleep.save(self.domains, vm.domain_name, image)
+        except BaseException:
+            if not self._still_running(vm.domain_name):
+                self._forget_asleep(vm, why)
+            raise
+        self._forget_asleep(vm, why)
+        return saved
+
+    def _still_running(self, name: str) -> bool:
+        """After a failed save: whether the domain runs on. Unsure (libvirtd down): taken as
+        saved, which heals either way: a request finds the domain running and adopts it, or
+        wakes it from its image."""
+        try:
+            return self.domains.is_active(name)
+        except VMError:
+            return False
 
     def _forget_asleep(self, vm: VM, why: str = "the VM is asleep") -> None:
         """A VM whose domain was saved and stopped: this VM object is done with."""

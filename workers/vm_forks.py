@@ -2,7 +2,8 @@
 fork base, keep it for later forks, start forks from it (workers/fork_base.py has the
 mechanism), and sweep the bases a dead worker left.
 
-Uses the manager's `settings`, `domains`, `_lock`, `_vms`, `_busy` and `_forget_asleep`.
+Uses the manager's `settings`, `domains`, `_lock`, `_vms`, `_busy`, `get`, `destroy`, `_save` and
+`_forget_asleep`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class ForkingVMs:
     fork_bases: fork_base.ForkBases
     if TYPE_CHECKING:
 
+        def _save(self, vm: VM, image: Path, why: str) -> vm_sleep.SleepImage: ...
         def _forget_asleep(self, vm: VM, why: str = "") -> None: ...
+        def get(self, vm_id: str) -> VM | None: ...
 
     def base_for_forks(self, vm_id: str, count: int, reuse: bool = False) -> fork_base.ForkBase:
         """The running VM's state as a fork base for `count` forks (workers/fork_base.py),
@@ -162,15 +165,13 @@ class ForkingVMs:
         domains, identity = self.domains, self._identity_of(parent.paths)
         image = sleep_images.image_path(self.settings, parent.key)
         try:
-            vm_sleep.save(domains, parent.domain_name, image)
+            self._save(parent, image, "the VM is being forked")
         except BaseException as exc:
-            if self._still_running(parent.domain_name):
+            if self.get(parent.vm_id) is parent:
                 raise  # not saved: it runs on, untouched
             log.error("vm=%s saving it for forks failed: %s", parent.vm_id, exc)
-            self._forget_asleep(parent, "the VM is being forked")
             self._recover(parent, image, identity)
             raise
-        self._forget_asleep(parent, "the VM is being forked")
         try:
             base = fork_base.capture_saved(
                 domains, workdir, image, parent.paths, parent.spec.memory_mib
@@ -186,15 +187,6 @@ class ForkingVMs:
         fork_base.adopt_image(base, image)
         self._rejoin(parent, agent, {})
         return base
-
-    def _still_running(self, name: str) -> bool:
-        """After a failed save: whether the domain runs on. Unsure (libvirtd down): taken as
-        saved, which heals either way: a request finds the domain running and adopts it, or
-        wakes it from its image."""
-        try:
-            return self.domains.is_active(name)
-        except VMError:
-            return False
 
     def _restore(self, parent: VM, image: Path, identity: VMIdentity) -> AgentClient:
         """The parent from its image, as a wake does; the image stays on failure (VMError

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from shoal import batch_turns, batches, executions, keys, leases, queue, sessions
 from shoal.context import Context
-from shoal.errors import SessionBusy, TooManyBatches, ValidationFailed
+from shoal.errors import TooManyBatches, ValidationFailed
 from shoal.pools import get_pool
 from shoal.records import BatchMeta
 from shoal.use_cases.executions import cancel_execution
-from shoal.use_cases.sessions import check_reachable
+from shoal.use_cases.sessions import check_forkable
 
 
 def submit_batch(
@@ -38,9 +38,7 @@ def submit_batch(
                 f"pool: the batch runs in forks of {from_session}, a session of pool "
                 f"{parent['pool']!r}; leave pool out or name that one"
             )
-        check_reachable(c, parent)
-        if parent["state"] == sessions.CREATING:
-            raise SessionBusy(f"session {from_session} is still being made")
+        check_forkable(c, parent)
         pool = parent["pool"]
     pool = pool or "default"
     get_pool(c.settings, pool)

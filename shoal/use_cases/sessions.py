@@ -64,9 +64,7 @@ def fork_session(
     (docs/api.md "Forks"), on its host, each within the tenant's and the pool's caps; the
     session runs on. All or none: a failure ends the forks already registered. `reuse` (batches
     from a session): a capture of an earlier fork serves if the session ran nothing since."""
-    check_reachable(c, entry)
-    if entry["state"] == sessions.CREATING:
-        raise SessionBusy(f"session {entry['id']} is still being made; fork it once it runs")
+    check_forkable(c, entry)
     pool = get_pool(c.settings, entry["pool"])
     forks: list[SessionEntry] = []
     try:
@@ -145,6 +143,13 @@ def wake_session(c: Context, entry: SessionEntry) -> SessionEntry:
             c.celery, host=entry["host"], session_id=entry["id"], pool_name=entry["pool"]
         )
     return entry
+
+
+def check_forkable(c: Context, entry: SessionEntry) -> None:
+    """check_reachable, and SessionBusy for a session still being made (nothing to copy yet)."""
+    check_reachable(c, entry)
+    if entry["state"] == sessions.CREATING:
+        raise SessionBusy(f"session {entry['id']} is still being made; fork it once it runs")
 
 
 def check_reachable(c: Context, entry: SessionEntry) -> None:
