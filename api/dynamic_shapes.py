@@ -11,6 +11,7 @@ import math
 import mimetypes
 from typing import Any
 
+from shoal import sessions
 from shoal.timeutil import iso
 
 LEGACY_VERSIONS = frozenset({"2024-02-02-preview", "2024-08-02-preview"})
@@ -171,12 +172,10 @@ def current_file_list(infos: list[dict]) -> dict:
 def session_view(entry: dict, expires_key: str = "expireAt") -> dict:
     """A session as the reference service shows one; a sleeping session expires at the end of
     its retention (docs/api.md, "Sleeping sessions")."""
-    last_used = float(entry["last_used_at"])
-    expires = entry.get("sleep_expires_at") or last_used + int(entry.get("cooldown_s") or 300)
     return {
         "identifier": entry["identifier"],
         "createdAt": iso(float(entry["created_at"])),
-        "lastAccessedAt": iso(last_used),
-        expires_key: iso(float(expires)),
+        "lastAccessedAt": iso(float(entry["last_used_at"])),
+        expires_key: iso(sessions.expires_at(entry)),
         "etag": f'"{entry["id"]}-{entry["last_used_at"]}"',
     }

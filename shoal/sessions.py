@@ -386,15 +386,14 @@ def host_session_ids(r: redis.Redis, host: str) -> set[str]:
 
 def public_view(entry: SessionEntry) -> dict[str, Any]:
     """The session object of the native API."""
-    last_used = float(entry["last_used_at"])
     view: dict[str, Any] = {
         "id": entry["id"],
         "pool": entry["pool"],
         "host": entry["host"],
         "state": entry["state"],
         "created_at": iso(float(entry["created_at"])),
-        "last_used_at": iso(last_used),
-        "expires_at": iso(last_used + int(entry.get("cooldown_s") or 300)),
+        "last_used_at": iso(float(entry["last_used_at"])),
+        "expires_at": iso(expires_at(entry)),
         "identifier": entry.get("identifier") or None,
     }
     if entry.get("forked_from"):
@@ -403,6 +402,12 @@ def public_view(entry: SessionEntry) -> dict[str, Any]:
         view["reason"] = entry.get("reason", "")
     if entry["state"] in (SLEEPING, WAKING) and entry.get("sleep_expires_at"):
         view["slept_at"] = iso(float(entry["slept_at"]))
-        view["sleep_expires_at"] = iso(float(entry["sleep_expires_at"]))
-        view["expires_at"] = view["sleep_expires_at"]
+        view["sleep_expires_at"] = view["expires_at"]
     return view
+
+
+def expires_at(entry: SessionEntry) -> float:
+    """When the session ends unless used: its idle cooldown's end, or, asleep, its retention's."""
+    if entry.get("state") in (SLEEPING, WAKING) and entry.get("sleep_expires_at"):
+        return float(entry["sleep_expires_at"])
+    return float(entry["last_used_at"]) + int(entry.get("cooldown_s") or 300)
